@@ -1,0 +1,121 @@
+"""Online topology for Juliet: variance-triggered growth (Algorithm 2) and EMA pruning (Algorithm 3).
+
+Paper §3.1.1 (Eq. 2, Eq. 3), §4.2, §4.3; DESIGN §3 "Growth", "Pruning". A training loop calls
+
+    events += grow(net, cfg, step, optimizer)             # after every mini-batch; acts every grow_every
+    events += end_epoch(net, cfg, epoch, step, optimizer)  # after every epoch; sweeps every prune_every
+
+Both return one record per event: {"kind", "node", "step", "statistic", "value", "threshold"}.
+Both keep the optimizer in step with the trie (`sync_optimizer`): a grown child's parameters are
+learned from the next step on, and a pruned subtree's parameters leave the optimizer with their state.
+
+Growth (Alg. 2) happens at the leaf reached by most samples of the last training batch (the batched
+reading of "traverse ... to the deepest active node on the current input", §4.2): if its EMA sigma^2
+exceeds theta_grow, it has fewer than M_max stage children and is above max_depth, it gets one freshly
+initialised stage child with alpha = 0. A stop leaf grows at its parent, whose features it shares.
+
+Pruning (Alg. 3): each epoch, a child whose EMA usage alpha is below theta_prune has its age counter
+incremented (otherwise reset). Every E_prune epochs a sweep deletes each stage child whose counter
+reached t_min, with its subtree. The root is never pruned, nor is a stop child.
+"""
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from trie import JulietNet, TrieNode
+
+MODES = ("both", "grow-only", "prune-only", "off")  # §5.3 ablation; "off" is static Juliet
+
+
+@dataclass
+class GrowPruneConfig:
+    mode: str = "both"
+    theta_grow: float = 0.4    # Table 2 (CIFAR-10); Table 3 uses 0.5 (ImageNet)
+    theta_prune: float = 0.1   # Tables 2 and 3
+    grow_every: int = 10       # mini-batches between growth attempts (Table 3; not given for CIFAR)
+    prune_every: int = 3       # E_prune, epochs between sweeps (Table 2; Table 3 uses 5)
+    t_min: int = 3             # epochs a child's alpha must stay below theta_prune (Alg. 3)
+    m_max: int = 3             # M_max, stage children per node (Alg. 2); not given in the paper
+    max_depth: int | None = None  # deepest node depth; None: the backbone's last stage
+
+    def __post_init__(self):
+        if self.mode not in MODES:
+            raise ValueError(f"unknown grow/prune mode {self.mode!r}; choose one of: {', '.join(MODES)}")
+        for name in ("theta_grow", "theta_prune"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ValueError(f"{name} must be in [0, 1], got {getattr(self, name)}")
+        for name in ("grow_every", "prune_every", "t_min", "m_max"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.max_depth is not None and self.max_depth < 0:
+            raise ValueError(f"max_depth must be >= 0, got {self.max_depth}")
+
+
+def _event(kind: str, node: TrieNode, step: int, statistic: str, value: float, threshold: float) -> dict:
+    return {"kind": kind, "node": node.node_id, "step": step, "statistic": statistic,
+            "value": round(value, 6), "threshold": threshold}
+
+
+def sync_optimizer(optimizer: torch.optim.Optimizer, net: JulietNet) -> None:
+    """Make the optimizer's single param group equal `net.parameters()`, in that order.
+
+    New parameters join (their state is created on their first step); parameters no longer in the
+    net leave, with their state. One group keeps a scheduler's per-group learning rate valid for grown
+    children, and the fixed order lets a checkpointed optimizer load into a rebuilt net.
+    """
+    if len(optimizer.param_groups) != 1:
+        raise ValueError("sync_optimizer expects an optimizer with one param group over net.parameters()")
+    params = list(net.parameters())
+    alive = set(params)
+    for p in [p for p in optimizer.state if p not in alive]:
+        del optimizer.state[p]
+    optimizer.param_groups[0]["params"] = params
+
+
+def grow(net: JulietNet, cfg: GrowPruneConfig, step: int, optimizer=None) -> list[dict]:
+    """Algorithm 2 at the leaf reached by the last training batch, every `cfg.grow_every` steps."""
+    if cfg.mode not in ("both", "grow-only") or step % cfg.grow_every or not net.last_leaf_counts:
+        return []
+    leaf = net.node(max(net.last_leaf_counts, key=net.last_leaf_counts.get))
+    node = net.parent(leaf) if leaf.is_stop else leaf  # a stop leaf shares its parent's features
+    sigma2 = float(node.sigma2)
+    max_depth = min(len(net.backbone.stages) - 1, math.inf if cfg.max_depth is None else cfg.max_depth)
+    # Alg. 2 line 1, plus the depth bound: a child lives one stage deeper than its parent.
+    if not (sigma2 > cfg.theta_grow and len(node.stage_kids) < cfg.m_max and node.depth < max_depth):
+        return []
+    child = net.add_child(node)  # lines 2-4: fresh torchvision init, alpha = 0
+    if optimizer is not None:
+        sync_optimizer(optimizer, net)
+    return [_event("grow", child, step, "sigma2", sigma2, cfg.theta_grow)]
+
+
+def prune_sweep(net: JulietNet, cfg: GrowPruneConfig, step: int, optimizer=None) -> list[dict]:
+    """Algorithm 3: delete each stage child whose alpha stayed below theta_prune for t_min epochs."""
+    events = []
+
+    def sweep(node: TrieNode) -> None:
+        for kid in node.stage_kids:
+            if int(kid.low_epochs) >= cfg.t_min:
+                events.append(_event("prune", kid, step, "alpha", float(kid.alpha), cfg.theta_prune))
+                net.remove_child(node, kid)  # line 3, with its subtree
+            else:
+                sweep(kid)  # line 5
+
+    sweep(net.root)
+    if events and optimizer is not None:
+        sync_optimizer(optimizer, net)
+    return events
+
+
+@torch.no_grad()
+def end_epoch(net: JulietNet, cfg: GrowPruneConfig, epoch: int, step: int, optimizer=None) -> list[dict]:
+    """Age every child's low-usage counter, then run the sweep every `cfg.prune_every` epochs (1-based)."""
+    for node in net.nodes():
+        if node is not net.root and not node.is_stop:
+            low = bool(node.alpha < cfg.theta_prune)
+            node.low_epochs.copy_(node.low_epochs + 1 if low else torch.zeros_like(node.low_epochs))
+    if cfg.mode not in ("both", "prune-only") or epoch % cfg.prune_every:
+        return []
+    return prune_sweep(net, cfg, step, optimizer)

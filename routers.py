@@ -1,0 +1,100 @@
+"""Path selectors: score a node's candidate children from the node's features (paper §3.1.2, §4.1, §5.3).
+
+Every selector has one interface, `selector(f, signatures, stop) -> logits (B, K)`:
+
+  f           (B, C, H, W)   the node's post-sub-module activations
+  signatures  (K_s, S)       one weight signature per stage child: the mean of its last conv's weights
+                             over (C_in, kH, kW), detached -- "a compact weight signature from the
+                             child's sub-module (e.g., averaging a representative convolution's weights)"
+  stop        bool           whether the node has a stop child (DESIGN §3); it gets a learned token
+
+Each child becomes a *branch token* (LayerNorm + Linear of its signature, or the stop token), so a
+selector handles any number of children, and a child grown later (Alg. 2) is scored from the first
+step without resizing anything. The three selectors differ only in how they read `f`:
+
+  transformer  §4.1: feature token Linear(LayerNorm(GAP(f))); TransformerEncoderLayer over
+               [feature || branches]; a linear head on each branch output gives its logit.
+  mlp          §5.3: a 2-layer MLP embeds GAP(f); logit = <embedding, branch token> / sqrt(d).
+  conv         §5.3: depthwise 3x3 conv + ReLU + GAP, projected, scored like `mlp`.
+"""
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+class Selector(nn.Module):
+    """Shared part: branch tokens from child weight signatures plus a learned stop token."""
+
+    def __init__(self, channels: int, sig_dim: int, d_model: int):
+        super().__init__()
+        self.d_model = d_model
+        self.sig_proj = nn.Sequential(nn.LayerNorm(sig_dim), nn.Linear(sig_dim, d_model))
+        self.stop_token = nn.Parameter(0.02 * torch.randn(d_model))
+
+    def branch_tokens(self, signatures: torch.Tensor, stop: bool) -> torch.Tensor:
+        tokens = self.sig_proj(signatures)  # (K_s, d)
+        if stop:
+            tokens = torch.cat([tokens, self.stop_token[None]], 0)  # (K, d), stop child last
+        return tokens
+
+    def score(self, embedding: torch.Tensor, signatures: torch.Tensor, stop: bool) -> torch.Tensor:
+        """Scaled dot product of a per-sample embedding (B, d) with each branch token -> (B, K)."""
+        return embedding @ self.branch_tokens(signatures, stop).T / math.sqrt(self.d_model)
+
+
+class TransformerSelector(Selector):
+    """§4.1: a small TransformerEncoderLayer over [feature token || branch tokens]."""
+
+    def __init__(self, channels: int, sig_dim: int, d_model: int = 64, n_head: int = 4):
+        super().__init__(channels, sig_dim, d_model)
+        self.feature = nn.Sequential(nn.LayerNorm(channels), nn.Linear(channels, d_model))
+        # dropout=0: routing is a discrete decision, and noise in it would make top-1 non-deterministic.
+        self.encoder = nn.TransformerEncoderLayer(
+            d_model, n_head, dim_feedforward=2 * d_model, dropout=0.0, batch_first=True
+        )
+        self.head = nn.Linear(d_model, 1)
+
+    def forward(self, f: torch.Tensor, signatures: torch.Tensor, stop: bool) -> torch.Tensor:
+        feat = self.feature(f.mean((2, 3)))  # (B, d)
+        branches = self.branch_tokens(signatures, stop)  # (K, d)
+        tokens = torch.cat([feat[:, None], branches.expand(f.shape[0], -1, -1)], 1)  # (B, 1+K, d)
+        out = self.encoder(tokens)  # (B, 1+K, d)
+        return self.head(out[:, 1:]).squeeze(-1)  # (B, K)
+
+
+class MLPSelector(Selector):
+    """§5.3 ablation: 2-layer MLP on GAP(f), scored against the branch tokens."""
+
+    def __init__(self, channels: int, sig_dim: int, d_model: int = 64, n_head: int = 4):
+        super().__init__(channels, sig_dim, d_model)
+        self.mlp = nn.Sequential(
+            nn.LayerNorm(channels), nn.Linear(channels, d_model), nn.ReLU(), nn.Linear(d_model, d_model)
+        )
+
+    def forward(self, f: torch.Tensor, signatures: torch.Tensor, stop: bool) -> torch.Tensor:
+        return self.score(self.mlp(f.mean((2, 3))), signatures, stop)  # (B, K)
+
+
+class ConvSelector(Selector):
+    """§5.3 ablation: depthwise 3x3 conv + GAP, scored against the branch tokens."""
+
+    def __init__(self, channels: int, sig_dim: int, d_model: int = 64, n_head: int = 4):
+        super().__init__(channels, sig_dim, d_model)
+        self.dw = nn.Conv2d(channels, channels, 3, padding=1, groups=channels)
+        self.proj = nn.Sequential(nn.LayerNorm(channels), nn.Linear(channels, d_model))
+
+    def forward(self, f: torch.Tensor, signatures: torch.Tensor, stop: bool) -> torch.Tensor:
+        pooled = F.relu(self.dw(f)).mean((2, 3))  # (B, C)
+        return self.score(self.proj(pooled), signatures, stop)  # (B, K)
+
+
+SELECTORS = {"transformer": TransformerSelector, "mlp": MLPSelector, "conv": ConvSelector}
+
+
+def make_selector(name: str, channels: int, sig_dim: int, d_model: int = 64, n_head: int = 4) -> Selector:
+    if name not in SELECTORS:
+        raise ValueError(f"unknown router {name!r}; choose one of: {', '.join(SELECTORS)}")
+    return SELECTORS[name](channels, sig_dim, d_model, n_head)

@@ -1,0 +1,358 @@
+"""The Juliet trie: `TrieNode`, `JulietNet`, batched top-1 routing (paper §3.1, §4.1, Algorithm 1).
+
+A node at depth d runs a copy of backbone stage d (the root runs the stem). An internal node has a
+selector (routers.py) that picks one child per sample; siblings are independent copies of the same
+stage (specialists). Each internal node also has a *stop* child whose sub-module is the identity, so
+a sample may end its path early: paths have different depths and different costs (Table 1 "dynamic
+depth"; §2.1, E[C] = p_e C_e + (1 - p_e) C_h). A leaf's features are pooled, mapped to the head width
+by a channel adapter cached per channel count (§4.1), and classified by one shared head.
+
+Algorithm 1, batched: at a node, f = sub(x); P = softmax(selector(f)) (Eq. 1); i* = argmax P; the
+batch is partitioned by i* with one sort, each child runs once on its own sub-batch, and the leaf
+outputs are scattered back into batch order once, at the end. No per-sample Python loop, and no child
+ever runs on samples that did not choose it.
+
+Gradient reaches the selectors through a straight-through gate per decision, g = 1 + (P_i* - sg(P_i*)):
+exactly 1 in the forward pass (the bracket is exactly 0), dP_i* in the backward pass. The product of
+a sample's gates scales its pooled leaf feature, as an MoE gate scales an expert's output, so routing
+decides which modules run but never changes a value.
+
+Training-mode bookkeeping for grow_prune.py: EMA usage alpha per child (Alg. 1 line 6, lambda = 1 - beta)
+and EMA sigma^2 per node (§4.2), on L2-normalised GAP features so that sigma^2 lies in [0, 1].
+
+    net = JulietNet(make_backbone("resnet18"), router="transformer", policy="top1")
+    logits, paths = net(x, return_paths=True)      # paths[i]: leaf id reached by sample i, e.g. "0/0/stop"
+    loss = F.cross_entropy(logits, y) + lam_c * net.cost_loss() + lam_b * net.balance_loss()
+"""
+
+import collections
+import copy
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.flop_counter import FlopCounterMode
+
+from routers import SELECTORS, make_selector
+
+POLICIES = ("top1", "gumbel")
+STOP = "stop"  # local id of a node's stop child
+
+
+def run_sub(sub: nn.Module, x: torch.Tensor, training: bool) -> torch.Tensor:
+    """sub(x), except that a lone training sample is normalised with BatchNorm's running statistics.
+
+    Routing makes sub-batches of one sample, and BatchNorm cannot normalise a single value per channel
+    (ResNet's layer4 maps 32x32 inputs to 1x1), so for B=1 in training its BatchNorm layers run in eval.
+    """
+    if not (training and x.shape[0] == 1):
+        return sub(x)
+    bns = [m for m in sub.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training]
+    for m in bns:
+        m.eval()
+    try:
+        return sub(x)
+    finally:
+        for m in bns:
+            m.train()
+
+
+def gumbel_tau(epoch: int, epochs: int, tau0: float = 1.0, tau_min: float = 0.1) -> float:
+    """Gumbel temperature annealed geometrically from tau0 to tau_min over training (§3.1.3, §5.3)."""
+    return tau0 * (tau_min / tau0) ** (epoch / max(1, epochs - 1))
+
+
+class TrieNode(nn.Module):
+    """A trie node: a stage sub-module (N.sub), children (N.children) and, if it routes, a selector (N.PS)."""
+
+    def __init__(self, node_id: str, depth: int, sub: nn.Module, stop: bool = False):
+        super().__init__()
+        self.node_id = node_id  # e.g. "0/1/3": per-parent child ids, never reused (DESIGN §3)
+        self.depth = depth      # stage index of `sub`; a stop child keeps its parent's depth
+        self.is_stop = stop
+        self.sub = sub
+        self.branches = nn.ModuleDict()  # N.children (the name `children` is nn.Module's)
+        self.selector = None
+        self.next_child = 0
+        self.register_buffer("alpha", torch.zeros(()))   # EMA usage, as seen by the parent (Eq. 3)
+        self.register_buffer("sigma2", torch.zeros(()))  # EMA uncertainty proxy (§4.2)
+        self.register_buffer("low_epochs", torch.zeros((), dtype=torch.long))  # Alg. 3 age counter
+
+    @property
+    def stage_kids(self) -> list["TrieNode"]:
+        return [k for k in self.branches.values() if not k.is_stop]
+
+    @property
+    def kids(self) -> list["TrieNode"]:
+        """Children in the selector's logit order: stage children by age, then the stop child."""
+        return self.stage_kids + ([self.branches[STOP]] if STOP in self.branches else [])
+
+    def extra_repr(self) -> str:
+        return f"id={self.node_id!r}, depth={self.depth}" + (", stop" if self.is_stop else "")
+
+
+class JulietNet(nn.Module):
+    """A backbone grafted onto a trie of routed nodes.
+
+    backbone  a `backbones.Backbone` (stages, their channels, factories for fresh copies, the head)
+    router    selector architecture: "transformer" (§4.1), "mlp" or "conv" (§5.3)
+    policy    "top1" (paper default, §4.1) or "gumbel" (hard Gumbel-softmax in training, §5.3)
+    prebuild  nodes in the initial chain (§5.3 "Initialisation": 5 for ResNet-18, 10 for ResNet-101);
+              default: one per stage
+    stop      give every internal node a stop child (dynamic depth, DESIGN §3)
+    beta      EMA decay of alpha and sigma^2 (Alg. 1 uses lambda = 1 - beta)
+    init_from a static model of the same backbone whose weights seed the prebuilt chain
+    """
+
+    def __init__(self, backbone, router: str = "transformer", policy: str = "top1", prebuild: int | None = None,
+                 stop: bool = True, d_model: int = 64, n_head: int = 4, beta: float = 0.99,
+                 init_from: nn.Module | None = None):
+        super().__init__()
+        n_stages = len(backbone.stages)
+        prebuild = n_stages if prebuild is None else prebuild
+        if router not in SELECTORS:
+            raise ValueError(f"unknown router {router!r}; choose one of: {', '.join(SELECTORS)}")
+        if policy not in POLICIES:
+            raise ValueError(f"unknown policy {policy!r}; choose one of: {', '.join(POLICIES)}")
+        if not 1 <= prebuild <= n_stages:
+            raise ValueError(f"prebuild must be in [1, {n_stages}] for {backbone.name}, got {prebuild}")
+        if not 0.0 <= beta < 1.0:
+            raise ValueError(f"beta must be in [0, 1), got {beta}")
+        if d_model % n_head:
+            raise ValueError(f"d_model ({d_model}) must be divisible by n_head ({n_head})")
+        self.backbone = backbone
+        self.options = dict(router=router, policy=policy, stop=stop, d_model=d_model, n_head=n_head, beta=beta)
+        self.tau = 1.0  # Gumbel temperature; the training loop anneals it (gumbel_tau)
+        stages, self.head = backbone.initial(init_from)
+        self.adapters = nn.ModuleDict()
+        self.root = TrieNode("0", 0, stages[0])
+        self.ensure_adapter(backbone.stages[0].channels)
+        node = self.root
+        for d in range(1, prebuild):
+            node = self.add_child(node, sub=stages[d])
+            node.alpha.fill_(1.0)  # a prebuilt chain child starts as the parent's only choice
+        self.visits = collections.Counter()  # samples that entered each node (train and eval)
+        self.last_leaf_counts: dict[str, int] = {}
+        self._decisions = []  # (node, P) of the last training forward, for the auxiliary losses
+        self._last_input = (0, (32, 32))  # (batch size, (H, W)) of the last forward
+        self._stage_macs = {}
+
+    # --------------------------------------------------------------------- structure
+
+    def nodes(self, node: TrieNode | None = None):
+        """All nodes, pre-order."""
+        node = self.root if node is None else node
+        yield node
+        for k in node.kids:
+            yield from self.nodes(k)
+
+    def node(self, node_id: str) -> TrieNode:
+        parts = node_id.split("/")
+        if parts[0] != self.root.node_id:
+            raise KeyError(node_id)
+        node = self.root
+        for p in parts[1:]:
+            node = node.branches[p]
+        return node
+
+    def parent(self, node: TrieNode) -> TrieNode | None:
+        return None if node is self.root else self.node(node.node_id.rsplit("/", 1)[0])
+
+    def ensure_adapter(self, channels: int) -> None:
+        """A 1x1 channel adapter to the head width, one per channel count (§4.1); none at head width."""
+        if channels != self.backbone.head_width and str(channels) not in self.adapters:
+            linear = nn.Linear(channels, self.backbone.head_width)
+            self.adapters[str(channels)] = linear.to(self.root.alpha.device)
+
+    def add_child(self, parent: TrieNode, sub: nn.Module | None = None, local_id: str | None = None) -> TrieNode:
+        """Attach a stage-(d+1) child to `parent` (fresh torchvision init unless `sub` is given).
+
+        A leaf that gets its first child becomes internal: it gains a stop child and a selector.
+        """
+        d = parent.depth + 1
+        if d >= len(self.backbone.stages):
+            raise ValueError(f"node {parent.node_id} is at the last stage; it cannot have children")
+        stage = self.backbone.stages[d]
+        device = parent.alpha.device
+        if local_id is None:
+            local_id = str(parent.next_child)
+            parent.next_child += 1
+        sub = stage.make() if sub is None else sub
+        child = TrieNode(f"{parent.node_id}/{local_id}", d, sub).to(device)
+        first = not parent.branches
+        parent.branches[local_id] = child
+        self.ensure_adapter(stage.channels)
+        if first and self.options["stop"]:
+            stop = TrieNode(f"{parent.node_id}/{STOP}", parent.depth, nn.Identity(), stop=True)
+            parent.branches[STOP] = stop.to(device)
+        if parent.selector is None and len(parent.kids) > 1:
+            o = self.options
+            in_ch, sig_dim = self.backbone.stages[parent.depth].channels, stage.sig_dim
+            parent.selector = make_selector(o["router"], in_ch, sig_dim, o["d_model"], o["n_head"]).to(device)
+        return child
+
+    def remove_child(self, parent: TrieNode, child: TrieNode) -> None:
+        """Delete `child` and its subtree (Alg. 3 line 3); a parent left with no stage child is a leaf again."""
+        del parent.branches[child.node_id.rsplit("/", 1)[1]]
+        if not parent.stage_kids:
+            if STOP in parent.branches:
+                del parent.branches[STOP]
+            parent.selector = None
+
+    def structure(self) -> dict:
+        """The trie as JSON-able data: enough, with the backbone name, to rebuild it (from_structure)."""
+
+        def rec(n: TrieNode) -> dict:
+            return {"id": n.node_id, "depth": n.depth, "stop": n.is_stop, "next_child": n.next_child,
+                    "children": [rec(k) for k in n.kids]}
+
+        return {"format": "juliet-trie/1", "backbone": self.backbone.name, "num_classes": self.backbone.num_classes,
+                "options": dict(self.options), "adapters": [int(c) for c in self.adapters],
+                "root": rec(self.root)}
+
+    @classmethod
+    def from_structure(cls, s: dict, backbone=None) -> "JulietNet":
+        """Rebuild the trie of `structure()`; then `load_state_dict` restores the weights and statistics."""
+        if backbone is None:
+            from backbones import make_backbone  # local: trie.py works with any backbone object
+
+            backbone = make_backbone(s["backbone"], s["num_classes"])
+        net = cls(backbone, prebuild=1, **s["options"])
+        templates, _ = backbone.initial()  # one constructor call; load_state_dict overwrites the weights
+        for c in s["adapters"]:  # first, in their original order, so net.parameters() keeps its order
+            net.ensure_adapter(c)
+
+        def rec(node: TrieNode, spec: dict) -> None:
+            node.next_child = spec["next_child"]
+            for c in spec["children"]:
+                if not c["stop"]:
+                    kid = net.add_child(node, copy.deepcopy(templates[c["depth"]]), c["id"].rsplit("/", 1)[1])
+                    rec(kid, c)
+
+        rec(net.root, s["root"])
+        return net
+
+    # --------------------------------------------------------------------- forward (Algorithm 1)
+
+    def forward(self, x: torch.Tensor, return_paths: bool = False):
+        if x.ndim != 4 or x.shape[1] != self.backbone.in_channels:
+            raise ValueError(f"input x must be (B, in_channels={self.backbone.in_channels}, H, W); "
+                             f"got shape {tuple(x.shape)}")
+        B = x.shape[0]
+        self._decisions, self._last_input = [], (B, tuple(x.shape[-2:]))
+        leaves = []  # (leaf id, sample indices (B_l,), pooled gated features (B_l, W))
+        gate = torch.ones(B, device=x.device)  # product of straight-through gates along each path
+        self._route(self.root, x, torch.arange(B, device=x.device), gate, leaves)
+        idx = torch.cat([i for _, i, _ in leaves])  # (B,) sample index of each row
+        z = torch.cat([z for _, _, z in leaves])  # (B, W) in leaf order
+        z = z.new_empty(z.shape).index_copy(0, idx, z)  # (B, W) scattered back to batch order
+        logits = self.head(z)  # (B, num_classes)
+        self.last_leaf_counts = {leaf: i.shape[0] for leaf, i, _ in leaves}
+        if not return_paths:
+            return logits
+        leaf_of = torch.cat([torch.full_like(i, k) for k, (_, i, _) in enumerate(leaves)])  # (B,) leaf number
+        order = leaf_of.new_empty(B).index_copy(0, idx, leaf_of).tolist()
+        return logits, [leaves[k][0] for k in order]
+
+    def _route(self, node: TrieNode, x: torch.Tensor, idx: torch.Tensor, gate: torch.Tensor, leaves: list):
+        f = run_sub(node.sub, x, self.training)  # Alg. 1 line 2: (B_n, C, H, W)
+        n = f.shape[0]
+        self.visits[node.node_id] += n
+        if self.training and not node.is_stop and n > 1:
+            self._update_sigma2(node, f)
+        kids = node.kids
+        if not kids:  # Alg. 1 line 3: a leaf
+            pooled = f.mean((2, 3))  # (B_n, C)
+            # 1x1 adapter after GAP: a 1x1 conv commutes with global average pooling, so this is the
+            # §4.1 adapter at HW-times fewer MACs.
+            adapter = self.adapters[str(f.shape[1])] if str(f.shape[1]) in self.adapters else nn.Identity()
+            leaves.append((node.node_id, idx, adapter(pooled) * gate[:, None].to(pooled.dtype)))
+            return
+        if len(kids) == 1:
+            choice = None
+        else:
+            logits = node.selector(f, self._signatures(node), STOP in node.branches)  # (B_n, K)
+            choice, q, P = self._choose(logits)  # (B_n,), (B_n,), (B_n, K)
+            gate = gate * (1.0 + (q - q.detach()))  # straight-through: exactly 1 forward, dP_i* backward
+            if self.training:
+                self._decisions.append((node, P))
+                self._update_alpha(kids, choice)
+        # Partition the sub-batch by chosen child: one sort, one gather, K contiguous slices.
+        if choice is None:
+            groups = [(kids[0], f, idx, gate)]
+        else:
+            counts = torch.bincount(choice, minlength=len(kids)).tolist()
+            if max(counts) == n:  # everyone chose the same child: no gather needed
+                groups = [(kids[counts.index(n)], f, idx, gate)]
+            else:
+                perm = torch.argsort(choice, stable=True)  # (B_n,)
+                parts = [t[perm].split(counts) for t in (f, idx, gate)]  # K slices of (B_j, ...)
+                groups = [(k, *(p[j] for p in parts)) for j, k in enumerate(kids) if counts[j]]
+        for kid, fk, ik, gk in groups:
+            self._route(kid, fk, ik, gk, leaves)
+
+    def _signatures(self, node: TrieNode) -> torch.Tensor:
+        """Weight signature of each stage child: its last conv's weights averaged to (C_out,) (§4.1)."""
+        name = self.backbone.stages[node.depth + 1].sig_name
+        ws = [k.sub.get_submodule(name).weight.detach() for k in node.stage_kids]
+        return torch.stack([w.float().mean((1, 2, 3)) for w in ws])  # (K_s, S)
+
+    def _choose(self, logits: torch.Tensor):
+        """Top-1 (Alg. 1 line 5) or, in training with policy "gumbel", a hard Gumbel-softmax sample."""
+        P = logits.float().softmax(-1)  # Eq. 1: (B_n, K)
+        y = P
+        if self.training and self.options["policy"] == "gumbel":
+            y = F.gumbel_softmax(logits.float(), tau=self.tau)  # (B_n, K) relaxed sample
+        choice = y.argmax(-1)  # (B_n,)
+        return choice, y.gather(1, choice[:, None]).squeeze(1), P
+
+    @torch.no_grad()
+    def _update_alpha(self, kids: list[TrieNode], choice: torch.Tensor) -> None:
+        """Alg. 1 line 6 over a batch: alpha <- beta*alpha + (1-beta)*(fraction of samples choosing the child)."""
+        beta = self.options["beta"]
+        frac = torch.bincount(choice, minlength=len(kids)).float() / choice.shape[0]  # (K,)
+        for kid, fr in zip(kids, frac):
+            kid.alpha.mul_(beta).add_((1 - beta) * fr)
+
+    @torch.no_grad()
+    def _update_sigma2(self, node: TrieNode, f: torch.Tensor) -> None:
+        """§4.2 proxy on unit-norm GAP features: mean ||u_i - mean(u)||^2 = 1 - ||mean(u)||^2, in [0, 1]."""
+        u = F.normalize(f.float().mean((2, 3)), dim=1)  # (B_n, C)
+        s2 = (u - u.mean(0)).pow(2).sum(1).mean()
+        beta = self.options["beta"]
+        node.sigma2.mul_(beta).add_((1 - beta) * s2)
+
+    # --------------------------------------------------------------------- auxiliary losses (DESIGN §3)
+
+    def stage_macs(self, hw: tuple[int, int]) -> list[float]:
+        """MACs of each stage at input size `hw`, counted once with torch's FlopCounterMode (FLOPs / 2)."""
+        if hw not in self._stage_macs:
+            stages, _ = self.backbone.initial()
+            x, macs = torch.zeros(1, self.backbone.in_channels, *hw), []
+            with torch.no_grad():
+                for s in stages:
+                    with FlopCounterMode(display=False) as counter:
+                        x = s.eval()(x)
+                    macs.append(counter.get_total_flops() / 2)
+            self._stage_macs[hw] = macs
+        return self._stage_macs[hw]
+
+    def cost_loss(self) -> torch.Tensor:
+        """Expected per-sample stage cost under the selectors' P, as a fraction of the static backbone's.
+
+        Each routing decision adds sum_j P_j c_j, c_j = MACs of child j's stage (0 for a stop child); the stem,
+        which every sample runs, is a constant. Differentiable in P: the training-time twin of the §6.2
+        objective L = (1 - acc) + lambda c. Call it after a training forward pass.
+        """
+        B, hw = self._last_input
+        macs = self.stage_macs(hw)
+        total = torch.tensor(macs[0] * B, device=self.root.alpha.device)
+        for node, P in self._decisions:
+            c = torch.tensor([0.0 if k.is_stop else macs[k.depth] for k in node.kids], device=P.device)
+            total = total + (P @ c).sum()
+        return total / (B * sum(macs))
+
+    def balance_loss(self) -> torch.Tensor:
+        """§2.2 load-balancing loss M sum_m (f_m - 1/M)^2 per routing node (f_m: mean P), averaged over nodes."""
+        terms = [P.shape[1] * (P.mean(0) - 1.0 / P.shape[1]).pow(2).sum() for _, P in self._decisions]
+        return torch.stack(terms).mean() if terms else torch.zeros((), device=self.root.alpha.device)
