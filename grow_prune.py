@@ -9,10 +9,13 @@ Both return one record per event: {"kind", "node", "step", "statistic", "value",
 Both keep the optimizer in step with the trie (`sync_optimizer`): a grown child's parameters are
 learned from the next step on, and a pruned subtree's parameters leave the optimizer with their state.
 
-Growth (Alg. 2) happens at the leaf reached by most samples of the last training batch (the batched
-reading of "traverse ... to the deepest active node on the current input", §4.2): if its EMA sigma^2
-exceeds theta_grow, it has fewer than M_max stage children and is above max_depth, it gets one freshly
-initialised stage child with alpha = 0. A stop leaf grows at its parent, whose features it shares.
+Growth (Alg. 2) happens at the leaf L reached by most samples of the last training batch (the batched
+reading of "traverse ... to the deepest active node on the current input", §4.2): if L's EMA sigma^2
+exceeds theta_grow, one freshly initialised child with alpha = 0 is attached, at most M_max stage
+children per node. It goes under L when L can deepen (depth < max_depth); a leaf at the last stage
+grows a sibling instead, a fresh copy of its own stage ("the same sub-module family as L"), and a stop
+leaf grows at its parent, whose features it shares. Without that, a prebuilt full-depth chain, whose
+busiest leaf is the last stage, could never grow.
 
 Pruning (Alg. 3): each epoch, a child whose EMA usage alpha is below theta_prune has its age counter
 incremented (otherwise reset). Every E_prune epochs a sweep deletes each stage child whose counter
@@ -79,11 +82,14 @@ def grow(net: JulietNet, cfg: GrowPruneConfig, step: int, optimizer=None) -> lis
     if cfg.mode not in ("both", "grow-only") or step % cfg.grow_every or not net.last_leaf_counts:
         return []
     leaf = net.node(max(net.last_leaf_counts, key=net.last_leaf_counts.get))
-    node = net.parent(leaf) if leaf.is_stop else leaf  # a stop leaf shares its parent's features
-    sigma2 = float(node.sigma2)
     max_depth = min(len(net.backbone.stages) - 1, math.inf if cfg.max_depth is None else cfg.max_depth)
-    # Alg. 2 line 1, plus the depth bound: a child lives one stage deeper than its parent.
-    if not (sigma2 > cfg.theta_grow and len(node.stage_kids) < cfg.m_max and node.depth < max_depth):
+    # Where the new child goes: under the leaf if it can deepen; otherwise it becomes the leaf's sibling,
+    # "a child of the same sub-module family as L" (Alg. 2 line 2). A stop leaf shares its parent's
+    # features and stage, so it always grows at the parent.
+    node = leaf if not leaf.is_stop and leaf.depth < max_depth else net.parent(leaf)
+    sigma2 = float(net.parent(leaf).sigma2 if leaf.is_stop else leaf.sigma2)
+    # Alg. 2 line 1, with the depth bound: a child lives one stage below its parent.
+    if node is None or not (sigma2 > cfg.theta_grow and len(node.stage_kids) < cfg.m_max and node.depth < max_depth):
         return []
     child = net.add_child(node)  # lines 2-4: fresh torchvision init, alpha = 0
     if optimizer is not None:

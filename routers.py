@@ -8,6 +8,10 @@ Every selector has one interface, `selector(f, signatures, stop) -> logits (B, K
                              child's sub-module (e.g., averaging a representative convolution's weights)"
   stop        bool           whether the node has a stop child (DESIGN §3); it gets a learned token
 
+The stop child's logit also gets a learned offset, `stop_bias`. Initialised negative, it makes a new
+trie behave like its backbone (every sample runs every stage, so every stage gets trained) and lets
+exits be learned, rather than letting an untrained selector send whole batches to a stop leaf.
+
 Each child becomes a *branch token* (LayerNorm + Linear of its signature, or the stop token), so a
 selector handles any number of children, and a child grown later (Alg. 2) is scored from the first
 step without resizing anything. The three selectors differ only in how they read `f`:
@@ -28,11 +32,18 @@ import torch.nn.functional as F
 class Selector(nn.Module):
     """Shared part: branch tokens from child weight signatures plus a learned stop token."""
 
-    def __init__(self, channels: int, sig_dim: int, d_model: int):
+    def __init__(self, channels: int, sig_dim: int, d_model: int, stop_bias: float = 0.0):
         super().__init__()
         self.d_model = d_model
         self.sig_proj = nn.Sequential(nn.LayerNorm(sig_dim), nn.Linear(sig_dim, d_model))
         self.stop_token = nn.Parameter(0.02 * torch.randn(d_model))
+        self.stop_bias = nn.Parameter(torch.tensor(float(stop_bias)))
+
+    def forward(self, f: torch.Tensor, signatures: torch.Tensor, stop: bool) -> torch.Tensor:
+        logits = self.logits(f, signatures, stop)  # (B, K)
+        if stop:  # the stop child is last
+            logits = torch.cat([logits[:, :-1], logits[:, -1:] + self.stop_bias], 1)
+        return logits
 
     def branch_tokens(self, signatures: torch.Tensor, stop: bool) -> torch.Tensor:
         tokens = self.sig_proj(signatures)  # (K_s, d)
@@ -48,8 +59,8 @@ class Selector(nn.Module):
 class TransformerSelector(Selector):
     """§4.1: a small TransformerEncoderLayer over [feature token || branch tokens]."""
 
-    def __init__(self, channels: int, sig_dim: int, d_model: int = 64, n_head: int = 4):
-        super().__init__(channels, sig_dim, d_model)
+    def __init__(self, channels: int, sig_dim: int, d_model: int = 64, n_head: int = 4, stop_bias: float = 0.0):
+        super().__init__(channels, sig_dim, d_model, stop_bias)
         self.feature = nn.Sequential(nn.LayerNorm(channels), nn.Linear(channels, d_model))
         # dropout=0: routing is a discrete decision, and noise in it would make top-1 non-deterministic.
         self.encoder = nn.TransformerEncoderLayer(
@@ -57,7 +68,7 @@ class TransformerSelector(Selector):
         )
         self.head = nn.Linear(d_model, 1)
 
-    def forward(self, f: torch.Tensor, signatures: torch.Tensor, stop: bool) -> torch.Tensor:
+    def logits(self, f: torch.Tensor, signatures: torch.Tensor, stop: bool) -> torch.Tensor:
         feat = self.feature(f.mean((2, 3)))  # (B, d)
         branches = self.branch_tokens(signatures, stop)  # (K, d)
         tokens = torch.cat([feat[:, None], branches.expand(f.shape[0], -1, -1)], 1)  # (B, 1+K, d)
@@ -68,25 +79,25 @@ class TransformerSelector(Selector):
 class MLPSelector(Selector):
     """§5.3 ablation: 2-layer MLP on GAP(f), scored against the branch tokens."""
 
-    def __init__(self, channels: int, sig_dim: int, d_model: int = 64, n_head: int = 4):
-        super().__init__(channels, sig_dim, d_model)
+    def __init__(self, channels: int, sig_dim: int, d_model: int = 64, n_head: int = 4, stop_bias: float = 0.0):
+        super().__init__(channels, sig_dim, d_model, stop_bias)
         self.mlp = nn.Sequential(
             nn.LayerNorm(channels), nn.Linear(channels, d_model), nn.ReLU(), nn.Linear(d_model, d_model)
         )
 
-    def forward(self, f: torch.Tensor, signatures: torch.Tensor, stop: bool) -> torch.Tensor:
+    def logits(self, f: torch.Tensor, signatures: torch.Tensor, stop: bool) -> torch.Tensor:
         return self.score(self.mlp(f.mean((2, 3))), signatures, stop)  # (B, K)
 
 
 class ConvSelector(Selector):
     """§5.3 ablation: depthwise 3x3 conv + GAP, scored against the branch tokens."""
 
-    def __init__(self, channels: int, sig_dim: int, d_model: int = 64, n_head: int = 4):
-        super().__init__(channels, sig_dim, d_model)
+    def __init__(self, channels: int, sig_dim: int, d_model: int = 64, n_head: int = 4, stop_bias: float = 0.0):
+        super().__init__(channels, sig_dim, d_model, stop_bias)
         self.dw = nn.Conv2d(channels, channels, 3, padding=1, groups=channels)
         self.proj = nn.Sequential(nn.LayerNorm(channels), nn.Linear(channels, d_model))
 
-    def forward(self, f: torch.Tensor, signatures: torch.Tensor, stop: bool) -> torch.Tensor:
+    def logits(self, f: torch.Tensor, signatures: torch.Tensor, stop: bool) -> torch.Tensor:
         pooled = F.relu(self.dw(f)).mean((2, 3))  # (B, C)
         return self.score(self.proj(pooled), signatures, stop)  # (B, K)
 
@@ -94,7 +105,8 @@ class ConvSelector(Selector):
 SELECTORS = {"transformer": TransformerSelector, "mlp": MLPSelector, "conv": ConvSelector}
 
 
-def make_selector(name: str, channels: int, sig_dim: int, d_model: int = 64, n_head: int = 4) -> Selector:
+def make_selector(name: str, channels: int, sig_dim: int, d_model: int = 64, n_head: int = 4,
+                  stop_bias: float = 0.0) -> Selector:
     if name not in SELECTORS:
         raise ValueError(f"unknown router {name!r}; choose one of: {', '.join(SELECTORS)}")
-    return SELECTORS[name](channels, sig_dim, d_model, n_head)
+    return SELECTORS[name](channels, sig_dim, d_model, n_head, stop_bias)

@@ -27,6 +27,7 @@ and EMA sigma^2 per node (§4.2), on L2-normalised GAP features so that sigma^2 
 
 import collections
 import copy
+import time
 
 import torch
 import torch.nn as nn
@@ -100,13 +101,14 @@ class JulietNet(nn.Module):
     prebuild  nodes in the initial chain (§5.3 "Initialisation": 5 for ResNet-18, 10 for ResNet-101);
               default: one per stage
     stop      give every internal node a stop child (dynamic depth, DESIGN §3)
+    stop_bias initial offset of the stop child's logit (routers.py); negative: start at full depth
     beta      EMA decay of alpha and sigma^2 (Alg. 1 uses lambda = 1 - beta)
     init_from a static model of the same backbone whose weights seed the prebuilt chain
     """
 
     def __init__(self, backbone, router: str = "transformer", policy: str = "top1", prebuild: int | None = None,
-                 stop: bool = True, d_model: int = 64, n_head: int = 4, beta: float = 0.99,
-                 init_from: nn.Module | None = None):
+                 stop: bool = True, stop_bias: float = 0.0, d_model: int = 64, n_head: int = 4,
+                 beta: float = 0.99, init_from: nn.Module | None = None):
         super().__init__()
         n_stages = len(backbone.stages)
         prebuild = n_stages if prebuild is None else prebuild
@@ -121,7 +123,8 @@ class JulietNet(nn.Module):
         if d_model % n_head:
             raise ValueError(f"d_model ({d_model}) must be divisible by n_head ({n_head})")
         self.backbone = backbone
-        self.options = dict(router=router, policy=policy, stop=stop, d_model=d_model, n_head=n_head, beta=beta)
+        self.options = dict(router=router, policy=policy, stop=stop, stop_bias=stop_bias, d_model=d_model,
+                            n_head=n_head, beta=beta)
         self.tau = 1.0  # Gumbel temperature; the training loop anneals it (gumbel_tau)
         stages, self.head = backbone.initial(init_from)
         self.adapters = nn.ModuleDict()
@@ -132,8 +135,11 @@ class JulietNet(nn.Module):
             node = self.add_child(node, sub=stages[d])
             node.alpha.fill_(1.0)  # a prebuilt chain child starts as the parent's only choice
         self.visits = collections.Counter()  # samples that entered each node (train and eval)
+        self.time_nodes = False  # when True, node_seconds accumulates each node's sub-module time
+        self.node_seconds = collections.Counter()
         self.last_leaf_counts: dict[str, int] = {}
         self._decisions = []  # (node, P) of the last training forward, for the auxiliary losses
+        self._exits = []  # (sample indices, pooled features, P_stop) at nodes with a stop child
         self._last_input = (0, (32, 32))  # (batch size, (H, W)) of the last forward
         self._stage_macs = {}
 
@@ -157,6 +163,14 @@ class JulietNet(nn.Module):
 
     def parent(self, node: TrieNode) -> TrieNode | None:
         return None if node is self.root else self.node(node.node_id.rsplit("/", 1)[0])
+
+    def path(self, node_id: str) -> list[TrieNode]:
+        """The nodes from the root to `node_id`, inclusive: what a sample ending there ran."""
+        parts = node_id.split("/")
+        return [self.node("/".join(parts[:i])) for i in range(1, len(parts) + 1)]
+
+    def leaves(self) -> list[TrieNode]:
+        return [n for n in self.nodes() if not n.kids]
 
     def ensure_adapter(self, channels: int) -> None:
         """A 1x1 channel adapter to the head width, one per channel count (§4.1); none at head width."""
@@ -188,7 +202,8 @@ class JulietNet(nn.Module):
         if parent.selector is None and len(parent.kids) > 1:
             o = self.options
             in_ch, sig_dim = self.backbone.stages[parent.depth].channels, stage.sig_dim
-            parent.selector = make_selector(o["router"], in_ch, sig_dim, o["d_model"], o["n_head"]).to(device)
+            selector = make_selector(o["router"], in_ch, sig_dim, o["d_model"], o["n_head"], o["stop_bias"])
+            parent.selector = selector.to(device)
         return child
 
     def remove_child(self, parent: TrieNode, child: TrieNode) -> None:
@@ -239,7 +254,7 @@ class JulietNet(nn.Module):
             raise ValueError(f"input x must be (B, in_channels={self.backbone.in_channels}, H, W); "
                              f"got shape {tuple(x.shape)}")
         B = x.shape[0]
-        self._decisions, self._last_input = [], (B, tuple(x.shape[-2:]))
+        self._decisions, self._exits, self._last_input = [], [], (B, tuple(x.shape[-2:]))
         leaves = []  # (leaf id, sample indices (B_l,), pooled gated features (B_l, W))
         gate = torch.ones(B, device=x.device)  # product of straight-through gates along each path
         self._route(self.root, x, torch.arange(B, device=x.device), gate, leaves)
@@ -255,28 +270,30 @@ class JulietNet(nn.Module):
         return logits, [leaves[k][0] for k in order]
 
     def _route(self, node: TrieNode, x: torch.Tensor, idx: torch.Tensor, gate: torch.Tensor, leaves: list):
-        f = run_sub(node.sub, x, self.training)  # Alg. 1 line 2: (B_n, C, H, W)
+        if self.time_nodes:
+            f = self._timed_sub(node, x)
+        else:
+            f = run_sub(node.sub, x, self.training)  # Alg. 1 line 2: (B_n, C, H, W)
         n = f.shape[0]
         self.visits[node.node_id] += n
         if self.training and not node.is_stop and n > 1:
             self._update_sigma2(node, f)
         kids = node.kids
         if not kids:  # Alg. 1 line 3: a leaf
-            pooled = f.mean((2, 3))  # (B_n, C)
-            # 1x1 adapter after GAP: a 1x1 conv commutes with global average pooling, so this is the
-            # §4.1 adapter at HW-times fewer MACs.
-            adapter = self.adapters[str(f.shape[1])] if str(f.shape[1]) in self.adapters else nn.Identity()
-            leaves.append((node.node_id, idx, adapter(pooled) * gate[:, None].to(pooled.dtype)))
+            z = self.adapt(f.mean((2, 3)))  # (B_n, W)
+            leaves.append((node.node_id, idx, z * gate[:, None].to(z.dtype)))
             return
         if len(kids) == 1:
             choice = None
         else:
-            logits = node.selector(f, self._signatures(node), STOP in node.branches)  # (B_n, K)
+            logits = node.selector(f, self.signatures(node), STOP in node.branches)  # (B_n, K)
             choice, q, P = self._choose(logits)  # (B_n,), (B_n,), (B_n, K)
             gate = gate * (1.0 + (q - q.detach()))  # straight-through: exactly 1 forward, dP_i* backward
             if self.training:
                 self._decisions.append((node, P))
                 self._update_alpha(kids, choice)
+                if STOP in node.branches:  # this node's exit, for exit_loss and route_loss
+                    self._exits.append((idx, f.mean((2, 3)), P[:, -1]))  # (B_n,), (B_n, C), (B_n,)
         # Partition the sub-batch by chosen child: one sort, one gather, K contiguous slices.
         if choice is None:
             groups = [(kids[0], f, idx, gate)]
@@ -291,7 +308,24 @@ class JulietNet(nn.Module):
         for kid, fk, ik, gk in groups:
             self._route(kid, fk, ik, gk, leaves)
 
-    def _signatures(self, node: TrieNode) -> torch.Tensor:
+    def adapt(self, pooled: torch.Tensor) -> torch.Tensor:
+        """The §4.1 channel adapter, after GAP: a 1x1 conv commutes with global average pooling, so
+        pooling first gives the same output at HW-times fewer MACs. (B, C) -> (B, head width)."""
+        key = str(pooled.shape[1])
+        return self.adapters[key](pooled) if key in self.adapters else pooled
+
+    def _timed_sub(self, node: TrieNode, x: torch.Tensor) -> torch.Tensor:
+        """run_sub, timed for per-node throughput (synchronising CUDA, so only when asked for)."""
+        if x.is_cuda:
+            torch.cuda.synchronize(x.device)
+        t0 = time.perf_counter()
+        f = run_sub(node.sub, x, self.training)
+        if x.is_cuda:
+            torch.cuda.synchronize(x.device)
+        self.node_seconds[node.node_id] += time.perf_counter() - t0
+        return f
+
+    def signatures(self, node: TrieNode) -> torch.Tensor:
         """Weight signature of each stage child: its last conv's weights averaged to (C_out,) (§4.1)."""
         name = self.backbone.stages[node.depth + 1].sig_name
         ws = [k.sub.get_submodule(name).weight.detach() for k in node.stage_kids]
@@ -327,7 +361,8 @@ class JulietNet(nn.Module):
     def stage_macs(self, hw: tuple[int, int]) -> list[float]:
         """MACs of each stage at input size `hw`, counted once with torch's FlopCounterMode (FLOPs / 2)."""
         if hw not in self._stage_macs:
-            stages, _ = self.backbone.initial()
+            with torch.random.fork_rng(devices=[]):  # building modules draws random weights: not from our stream
+                stages, _ = self.backbone.initial()
             x, macs = torch.zeros(1, self.backbone.in_channels, *hw), []
             with torch.no_grad():
                 for s in stages:
@@ -351,6 +386,34 @@ class JulietNet(nn.Module):
             c = torch.tensor([0.0 if k.is_stop else macs[k.depth] for k in node.kids], device=P.device)
             total = total + (P @ c).sum()
         return total / (B * sum(macs))
+
+    def exit_loss(self, y: torch.Tensor) -> torch.Tensor:
+        """Deep supervision of the early exits (BranchyNet-style; ours, not the paper's): the cross-entropy of
+        every stop child's classifier (GAP, adapter, head) on all samples that reached its parent, whether
+        they stopped there or not, averaged over exits. Trained exits give the selectors something to learn
+        from: a sample whose exit is already right is reinforced there by the straight-through gate."""
+        terms = [F.cross_entropy(self.head(self.adapt(pooled)), y[idx]) for idx, pooled, _ in self._exits]
+        return torch.stack(terms).mean() if terms else torch.zeros((), device=y.device)
+
+    def route_loss(self, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """Expected loss of each stop decision under P (ours): mean P_stop l_exit + (1 - P_stop) l_path.
+
+        At a node with a stop child both outcomes of a sample are known: l_exit, the cross-entropy of the
+        node's exit classifier (one linear head on pooled features), and l_path, the cross-entropy of the
+        sample's actual prediction. The gradient in P_stop is l_exit - l_path: towards stopping where the exit
+        is as good as the rest of the path. The straight-through gate alone has no baseline: its signal
+        pushes every sample away from whatever path the misclassified ones took, so a shared route collapses
+        as a whole. With cost_loss, a sample stops where its exit costs less than lambda_c x (fraction of the
+        backbone's MACs saved) in nats. Choices between sibling stages keep the straight-through gate.
+        """
+        with torch.no_grad():
+            path_ce = F.cross_entropy(logits.float(), y, reduction="none")  # (B,)
+        terms = []
+        for idx, pooled, p_stop in self._exits:
+            with torch.no_grad():
+                exit_ce = F.cross_entropy(self.head(self.adapt(pooled)).float(), y[idx], reduction="none")  # (B_n,)
+            terms.append((p_stop * exit_ce + (1 - p_stop) * path_ce[idx]).mean())
+        return torch.stack(terms).mean() if terms else torch.zeros((), device=y.device)
 
     def balance_loss(self) -> torch.Tensor:
         """§2.2 load-balancing loss M sum_m (f_m - 1/M)^2 per routing node (f_m: mean P), averaged over nodes."""
