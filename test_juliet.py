@@ -5,22 +5,32 @@ equals each sample run alone, pruning an unused branch leaves logits unchanged, 
 """
 
 import copy
+import hashlib
 import io
 import json
+import math
 import os
+import pickle
+import profile as prof  # Juliet's profile.py, first on sys.path (DESIGN §1)
 import subprocess
 import sys
+import time
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+import torchvision
+from PIL import Image
 
+import train_cifar
 from backbones import BACKBONES, make_backbone, static_model
 from grow_prune import GrowPruneConfig, end_epoch, grow, prune_sweep, sync_optimizer
-from routers import SELECTORS
+from routers import SELECTORS, make_selector
 from trie import JulietNet
 
 REPO = os.path.dirname(os.path.abspath(__file__))
+assert hasattr(prof, "paper_macs"), "the stdlib profile module shadowed Juliet's profile.py"
 torch.set_num_threads(min(2, torch.get_num_threads()))
 
 
@@ -147,19 +157,12 @@ def test_straight_through_gate_is_exactly_one_in_the_forward_pass(r18):
     x = varied_batch(8, torch.Generator().manual_seed(123))
     with torch.no_grad():
         logits, paths = net(x, return_paths=True)
-        leaf = net.node(paths[0])
-        assert leaf.depth > 0
-        chain, node = [], leaf
-        while node is not None:
-            chain.insert(0, node)
-            node = net.parent(node)
+        chain = net.path(paths[0])
+        assert chain[-1].depth > 0 and chain[0] is net.root
         h = x[:1]
         for node in chain:
             h = node.sub(h)
-        pooled = h.mean((2, 3))
-        key = str(pooled.shape[1])
-        z = net.adapters[key](pooled) if key in net.adapters else pooled
-        torch.testing.assert_close(net.head(z)[0], logits[0], rtol=0, atol=1e-5)
+        torch.testing.assert_close(net.head(net.adapt(h.mean((2, 3))))[0], logits[0], rtol=0, atol=1e-5)
 
 
 def test_gumbel_policy_is_top1_at_eval(r18):
@@ -210,6 +213,52 @@ def test_auxiliary_losses(r18):
     assert float(cost) < 1
 
 
+def test_exit_loss_trains_every_exit_on_every_sample_that_reached_it(r18):
+    net = grown_trie(r18).train()
+    x, y = torch.randn(16, 3, 32, 32), torch.randint(0, 10, (16,))
+    net(x)
+    exits = {len(idx) for idx, _, _ in net._exits}
+    assert 16 in exits  # the root's exit sees the whole batch, whatever the root chose
+    loss = net.exit_loss(y)
+    loss.backward()
+    assert float(loss) > 0 and net.adapters["64"].weight.grad.abs().sum() > 0
+    assert net.root.sub[0].weight.grad.abs().sum() > 0  # deep supervision reaches the stem
+
+
+def test_route_loss_gradient_is_exit_loss_minus_path_loss(r18):
+    """d route_loss / d P_stop = (l_exit - l_path) / (B_n * number of exits): stop where the exit is as good."""
+    net = routed_trie(r18).train()
+    x, y = varied_batch(24, torch.Generator().manual_seed(1)), torch.randint(0, 10, (24,))
+    logits = net(x)
+    for _, _, p_stop in net._exits:
+        p_stop.retain_grad()
+    net.route_loss(logits, y).backward()
+    with torch.no_grad():
+        path_ce = F.cross_entropy(logits, y, reduction="none")
+        for idx, pooled, p_stop in net._exits:
+            exit_ce = F.cross_entropy(net.head(net.adapt(pooled)), y[idx], reduction="none")
+            want = (exit_ce - path_ce[idx]) / len(idx) / len(net._exits)
+            torch.testing.assert_close(p_stop.grad, want, rtol=1e-4, atol=1e-6)
+
+
+def test_routing_warmup_freezes_selectors_only(r18):
+    net = grown_trie(r18, stop_bias=-2.0)
+    opt = torch.optim.Adam(net.parameters(), 1e-2)
+    x, y = torch.randn(8, 3, 32, 32), torch.randint(0, 10, (8,))
+    train_cifar.freeze_routing(net, True)
+    sel0 = [p.detach().clone() for p in net.root.selector.parameters()]
+    stem0 = net.root.sub[0].weight.detach().clone()
+    train_step(net, opt, x, y)
+    assert all(torch.equal(a, b) for a, b in zip(sel0, net.root.selector.parameters()))
+    assert not torch.equal(stem0, net.root.sub[0].weight)
+    net.eval()
+    with torch.no_grad():  # a new trie with stop_bias -2 runs every sample at full depth
+        assert set(net(x, return_paths=True)[1]) <= {"0/0/0/0/0", "0/0/1", "0/1/0"}
+    train_cifar.freeze_routing(net, False)
+    train_step(net, opt, x, y)
+    assert any(not torch.equal(a, b) for a, b in zip(sel0, net.root.selector.parameters()))
+
+
 # ----------------------------------------------------------------------------- growth and pruning
 
 
@@ -248,10 +297,17 @@ def test_growth_respects_m_max_and_max_depth(r18):
         net.last_leaf_counts = {"0/0": 8}
         events += grow(net, cfg, step)
     assert [e["node"] for e in events] == ["0/0/0", "0/0/1"]  # M_max = 2 stage children
-    net.last_leaf_counts = {"0/0/0": 8}
-    assert grow(net, cfg, 12) == []  # depth 2 is max_depth
+    net.last_leaf_counts = {"0/0/0": 8}  # depth 2 is max_depth: it grows a sibling, but 0/0 is full
+    assert grow(net, cfg, 12) == []
     net.last_leaf_counts = {"0/stop": 8}  # a stop leaf grows at its parent
     assert [e["node"] for e in grow(net, cfg, 13)] == ["0/1"]
+    net.node("0/1").sigma2.fill_(1.0)
+    net.last_leaf_counts = {"0/1": 8}  # 0/1 can deepen
+    assert [e["node"] for e in grow(net, cfg, 14)] == ["0/1/0"]
+    net.node("0/1/0").sigma2.fill_(1.0)
+    net.last_leaf_counts = {"0/1/0": 8}  # at max_depth: a sibling of its own stage
+    assert [e["node"] for e in grow(net, cfg, 15)] == ["0/1/1"]
+    assert net.node("0/1/1").depth == 2
 
 
 def test_pruning_after_t_min_low_epochs_never_root_or_stop(r18):
@@ -375,3 +431,425 @@ def test_bad_values_name_the_parameter(r18):
         JulietNet(r18, prebuild=6)
     with pytest.raises(ValueError, match="beta"):
         JulietNet(r18, beta=1.0)
+
+
+# ----------------------------------------------------------------------------- train_cifar.py (issue 3)
+
+RUN_FILES = ["config.json", "model_profile.json", "epoch_1.json", "checkpoint.pt", "final.json", "accuracy.png"]
+EPOCH_KEYS = ["train_loss", "val_loss", "train_top1", "train_top5", "val_top1", "val_top5", "lr", "params",
+              "train_flops_epoch_paper_convention_macs", "time_train_s", "time_val_s", "events",
+              "energy_train_j", "energy_train_status", "peak_memory_bytes"]
+JULIET_EPOCH_KEYS = ["val_node_visits", "val_node_throughput_img_s", "val_executed_macs_per_sample",
+                     "train_flops_epoch_executed_macs", "train_node_visits", "n_nodes"]
+FINAL_KEYS = ["test_top1", "test_top5", "test_executed_macs_per_sample", "flops_paper_convention_macs", "params"]
+
+
+def write_cifar10(root, n_train=40, n_test=20, seed=0):
+    """A tiny CIFAR-10 in the real on-disk format (cifar-10-batches-py, pickled batches).
+
+    torchvision checks each file's md5 against the real release; the tests pin those checksums to the
+    tiny files' own (see `pinned_cifar10`), so the real parsing and integrity-check code runs on them.
+    """
+    rng = np.random.default_rng(seed)
+    folder = os.path.join(root, "cifar-10-batches-py")
+    os.makedirs(folder)
+    names = [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]
+    for name in names:
+        n = n_test if name == "test_batch" else n_train // 5
+        labels = (np.arange(n) % 10).tolist()
+        data = rng.integers(0, 256, (n, 3072), dtype=np.uint8)
+        data[:, :1024] = (np.array(labels)[:, None] * 25).astype(np.uint8)  # red channel encodes the class
+        with open(os.path.join(folder, name), "wb") as f:
+            # the real files are Python 2 pickles whose keys load as str under encoding="latin1"
+            pickle.dump({"batch_label": name, "labels": labels, "data": data,
+                         "filenames": [f"{i}.png" for i in range(n)]}, f, protocol=2)
+    with open(os.path.join(folder, "batches.meta"), "wb") as f:
+        pickle.dump({"label_names": [f"c{i}" for i in range(10)], "num_cases_per_batch": n_train // 5}, f, protocol=2)
+    return {name: hashlib.md5(open(os.path.join(folder, name), "rb").read()).hexdigest()
+            for name in [*names, "batches.meta"]}
+
+
+@pytest.fixture
+def pinned_cifar10(tmp_path, monkeypatch):
+    md5 = write_cifar10(tmp_path / "cifar")
+    cls = torchvision.datasets.CIFAR10
+    monkeypatch.setattr(cls, "train_list", [[n, md5[n]] for n, _ in cls.train_list])
+    monkeypatch.setattr(cls, "test_list", [[n, md5[n]] for n, _ in cls.test_list])
+    monkeypatch.setitem(cls.meta, "md5", md5["batches.meta"])
+    return tmp_path / "cifar"
+
+
+def write_image_folder(root, n_per_class=6, classes=3, size=32, bad=None):
+    for split in ("train", "test"):
+        for c in range(classes):
+            d = os.path.join(root, split, f"class{c}")
+            os.makedirs(d)
+            for i in range(n_per_class):
+                side = bad if (bad and split == "train" and c == 0 and i == 0) else size
+                arr = np.full((side, side, 3), 40 * c + 3 * i, dtype=np.uint8)
+                Image.fromarray(arr).save(os.path.join(d, f"{i}.png"))
+    return root
+
+
+def cifar_args(out, *extra):
+    return train_cifar.parse_args(["--out", str(out), "--epochs", "1", "--batch-size", "8", "--workers", "0",
+                                   "--quiet", *extra])
+
+
+def read_json(path):
+    with open(path) as f:
+        return json.load(f)
+
+
+def test_cifar10_batches_through_torchvision_loader_static_baseline(pinned_cifar10, tmp_path):
+    out = tmp_path / "run"
+    final = train_cifar.main(cifar_args(out, "--dataset", "cifar10", "--data-dir", str(pinned_cifar10), "--static"))
+    config = read_json(out / "config.json")
+    assert (config["train_size"], config["val_size"], config["test_size"]) == (36, 4, 20)  # 90/10 split
+    profile_json = read_json(out / "model_profile.json")
+    assert round(profile_json["flops_paper_convention_macs"] / 1e6, 2) == 37.22
+    assert round(profile_json["params"] / 1e6, 2) == 11.18 and profile_json["proxy"] is False
+    assert final["test_executed_macs_per_sample"] == final["flops_paper_convention_macs"]
+    for name in RUN_FILES:
+        assert (out / name).exists(), name
+
+
+@pytest.mark.parametrize("backbone", ["resnet18", "efficientnet_b0", "densenet121", "resnet101"])
+def test_one_epoch_of_each_backbone_writes_the_run_directory(tmp_path, backbone):
+    data = write_image_folder(tmp_path / "imgs")
+    out = tmp_path / "run"
+    final = train_cifar.main(cifar_args(out, "--dataset", "imagefolder", "--data-dir", str(data),
+                                        "--backbone", backbone, "--grow-every", "1", "--grow-threshold", "0"))
+    for name in [*RUN_FILES, "node_usage.png", "trie.png"]:
+        assert (out / name).exists(), name
+    epoch = read_json(out / "epoch_1.json")
+    assert all(k in epoch for k in EPOCH_KEYS + JULIET_EPOCH_KEYS), set(EPOCH_KEYS + JULIET_EPOCH_KEYS) - set(epoch)
+    assert all(k in final for k in FINAL_KEYS)
+    assert epoch["n_nodes"] > len(make_backbone(backbone).stages)  # stop children, plus growth at threshold 0
+    assert any(e["kind"] == "grow" for e in epoch["events"])
+    assert math.isnan(epoch["energy_train_j"]) and epoch["energy_train_status"]  # no NVML on CPU: NaN + reason
+    assert 0 < final["test_executed_macs_per_sample"]
+    profile_json = read_json(out / "model_profile.json")
+    assert profile_json["proxy"] is True and profile_json["dataset"] == "imagefolder"
+    ckpt = torch.load(out / "checkpoint.pt", weights_only=False)
+    assert {"model", "structure", "optimizer", "scheduler", "run", "args", "rng"} <= set(ckpt)
+
+
+def test_resume_is_exact(tmp_path):
+    common = ["--dataset", "synthetic", "--synthetic-size", "160", "--batch-size", "16", "--router", "mlp",
+              "--grow-every", "2", "--grow-threshold", "0", "--prune-every", "1", "--t-min", "1", "--seed", "3",
+              "--route-warmup", "1"]
+    a, b = tmp_path / "a", tmp_path / "b"
+    train_cifar.main(train_cifar.parse_args(["--out", str(a), "--epochs", "2", "--workers", "0", "--quiet", *common]))
+    train_cifar.main(train_cifar.parse_args(["--out", str(b), "--epochs", "1", "--workers", "0", "--quiet", *common]))
+    train_cifar.main(train_cifar.parse_args(["--resume", str(b), "--epochs", "2", "--quiet"]))
+    ea, eb = read_json(a / "epoch_2.json"), read_json(b / "epoch_2.json")
+    assert ea["events"], "the run should grow and prune, so that resume must restore a changed trie"
+    for k in ["train_loss", "val_loss", "val_top1", "train_top1", "lr", "structure", "events", "val_leaf_counts"]:
+        assert ea[k] == eb[k], k
+    assert read_json(a / "final.json")["test_top1"] == read_json(b / "final.json")["test_top1"]
+
+
+def test_synthetic_set_is_seeded_learnable_shape_and_mixed():
+    a, b = train_cifar.SyntheticImages(200, seed=5), train_cifar.SyntheticImages(200, seed=5)
+    assert np.array_equal(a.data, b.data) and a.targets == b.targets
+    assert a.data.shape == (200, 32, 32, 3) and a.data.dtype == np.uint8
+    assert set(a.targets) == set(range(10)) and 0.35 < float(a.hard.float().mean()) < 0.65
+    c = train_cifar.SyntheticImages(200, seed=6)
+    assert not np.array_equal(a.data, c.data)
+    # easy samples carry their class colour: the class mean colour separates them, the hard ones' does not
+    img = torch.tensor(a.data).float().mean((1, 2))  # (N, 3)
+    y = torch.tensor(a.targets)
+    spread = [img[(y == k) & ~a.hard].std(0).mean() for k in range(10)]
+    assert max(spread) < 20
+
+
+def run_cli(*argv, cwd=REPO):
+    return subprocess.run([sys.executable, "train_cifar.py", *argv], cwd=cwd, capture_output=True, text=True)
+
+
+def one_line_error(proc, code=2):
+    assert proc.returncode == code, (proc.returncode, proc.stderr[-2000:])
+    lines = [ln for ln in proc.stderr.strip().splitlines() if ln.strip()]
+    assert len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr
+    return lines[0]
+
+
+def test_bad_input_ends_with_one_line_and_keeps_existing_runs(tmp_path):
+    base = ["--epochs", "1", "--batch-size", "8", "--workers", "0", "--quiet"]
+    assert "resnet18" in one_line_error(run_cli("--backbone", "vgg16", *base))
+    assert "[0, 1]" in one_line_error(run_cli("--grow-threshold", "1.5", *base))
+    missing = tmp_path / "nowhere"
+    line = one_line_error(run_cli("--dataset", "imagefolder", "--data-dir", str(missing), *base), code=1)
+    assert "does not exist" in line
+    bad = write_image_folder(tmp_path / "bad", bad=28)
+    assert "28x28" in one_line_error(run_cli("--dataset", "imagefolder", "--data-dir", str(bad), *base), code=1)
+    (tmp_path / "afile").write_text("")
+    line = one_line_error(run_cli("--dataset", "synthetic", "--synthetic-size", "100", "--out",
+                                  str(tmp_path / "afile" / "run"), *base), code=1)
+    assert "cannot write" in line
+    line = one_line_error(run_cli("--dataset", "synthetic", "--synthetic-size", "100", "--lr", "1e30",
+                                  "--out", str(tmp_path / "nan"), *base), code=1)
+    assert "loss is nan" in line or "loss is inf" in line
+    # an existing run is never overwritten: its checkpoint stays byte-identical
+    run = tmp_path / "run"
+    train_cifar.main(cifar_args(run, "--dataset", "synthetic", "--synthetic-size", "100", "--static"))
+    digest = hashlib.md5((run / "checkpoint.pt").read_bytes()).hexdigest()
+    line = one_line_error(run_cli("--dataset", "synthetic", "--synthetic-size", "100", "--out", str(run), *base),
+                          code=1)
+    assert "--resume" in line
+    assert hashlib.md5((run / "checkpoint.pt").read_bytes()).hexdigest() == digest
+
+
+def test_cifar10_missing_says_how_to_download(tmp_path):
+    line = one_line_error(run_cli("--data-dir", str(tmp_path), "--epochs", "1", "--quiet"), code=1)
+    assert "--download" in line and str(tmp_path) in line
+
+
+def test_help_names_the_paper_source_of_defaults():
+    text = run_cli("--help").stdout
+    assert "Table 2" in text and "Alg. 2" in text and "§4.1" in text
+
+
+# ----------------------------------------------------------------------------- profile.py (issue 4)
+
+
+@pytest.fixture(scope="module")
+def routed():
+    """A routed resnet18 trie and a batch of 32 varied images it sends down at least 3 different paths."""
+    net = routed_trie(make_backbone("resnet18"))
+    x = varied_batch(32, torch.Generator().manual_seed(7))
+    with torch.no_grad():
+        _, paths = net(x, return_paths=True)
+    assert len(set(paths)) >= 3, paths
+    return net, x, paths
+
+
+# FLOPs (MACs)
+
+
+def test_paper_convention_reproduces_table4_baselines():
+    expected = {"resnet18": (37.22, 11.18), "densenet121": (59.11, 6.96)}
+    for name, (macs_m, params_m) in expected.items():
+        macs, params = prof.paper_macs(static_model(name, num_classes=10), input_size=32)
+        assert (round(macs / 1e6, 2), round(params / 1e6, 2)) == (macs_m, params_m), name
+
+
+def test_thop_counts_the_selectors_attention_by_hand(monkeypatch):
+    """A full-depth chain path runs 4 transformer selectors over L = 1 feature + 2 branch tokens; without our
+    MultiheadAttention rule THOP 0.1.1 counts each as 0."""
+    torch.manual_seed(0)
+    E, L = 16, 3
+    net = JulietNet(make_backbone("resnet18"), router="transformer", d_model=E, n_head=2)
+    leaf = "0/0/0/0/0"
+    with_op = prof.path_macs(net, leaf)
+    monkeypatch.setattr(prof, "thop_custom_ops", dict)
+    without = prof.path_macs(net, leaf)
+    per_mha = 4 * L * E * E + 2 * L * L * E  # Q, K, V, out projections + QK^T + AV
+    assert with_op - without == 4 * per_mha
+
+
+def test_every_selector_module_is_counted():
+    """Exact THOP counts of whole selectors: LayerNorm 4/elt (affine), Linear in x out, depthwise conv, FF, MHA."""
+    C, S, d, H = 64, 32, 16, 4
+    f, sig = torch.randn(1, C, H, H), torch.randn(2, S)  # 2 stage children + stop: K = 3
+    K, L = 3, 4
+    branches = 4 * 2 * S + 2 * S * d  # sig_proj: LayerNorm over (2, S) + Linear
+    transformer = (4 * C + C * d + branches + 4 * L * d * d + 2 * L * L * d  # feature token, branches, MHA
+                   + 2 * L * d * 2 * d + 2 * 4 * L * d + K * d)  # feed-forward, norm1/norm2, head on K outputs
+    conv = C * H * H * 9 + 4 * C + C * d + branches  # depthwise 3x3, LayerNorm, Linear
+    mlp = 4 * C + C * d + d * d + branches
+    for name, want in (("transformer", transformer), ("conv", conv), ("mlp", mlp)):
+        sel = make_selector(name, C, S, d, n_head=2).eval()
+        assert prof._thop(sel, f, sig, True)[0] == want, name
+
+
+def test_expected_macs_equal_the_mean_of_per_sample_executed_macs(routed):
+    """Independent check: each sample alone through the real trie under THOP counts what it executed."""
+    net, x, paths = routed
+    counts = prof.count_leaves(net, [(x, torch.zeros(len(x)))], "cpu")
+    assert sum(counts.values()) == len(x) and len(counts) >= 3
+    exp = prof.expected_macs(net, counts)
+    per_sample = [prof.paper_macs(net, x=x[i:i + 1])[0] for i in range(len(x))]
+    assert exp["expected_macs_per_sample"] == pytest.approx(sum(per_sample) / len(x), rel=0.01)
+    assert len(set(per_sample)) >= 3  # different paths, different costs
+    assert exp["nodes"]["0"]["visits"] == len(x) and exp["nodes"]["0"]["freq"] == 1.0
+    assert exp["nodes"]["0/0"]["visits"] == sum(c for leaf, c in counts.items() if leaf.startswith("0/0/"))
+    assert sum(p["freq"] for p in exp["paths"].values()) == pytest.approx(1.0)
+
+
+def test_thop_and_flop_counter_agree_on_every_path(routed):
+    net, _, _ = routed
+    for leaf, macs in prof.path_macs_table(net).items():
+        fc = prof.path_flops_counter(net, leaf) / 2
+        assert abs(macs - fc) / macs < 0.03, (leaf, macs, fc)
+
+
+def test_flop_counter_sees_the_transformer_selectors():
+    """In eval under no_grad the fused encoder kernel is invisible to FlopCounterMode; `countable` prevents that."""
+    torch.manual_seed(0)
+    net = JulietNet(make_backbone("resnet18"), router="transformer")
+    leaf = "0/0/0/0/0"
+    thop_macs, fc = prof.path_macs(net, leaf), prof.path_flops_counter(net, leaf) / 2
+    assert abs(thop_macs - fc) / thop_macs < 0.03
+    sel, f = net.root.selector, torch.randn(1, 64, 8, 8)
+    with prof.countable():
+        from torch.utils.flop_counter import FlopCounterMode
+
+        with FlopCounterMode(display=False) as counter:
+            sel(f, net.signatures(net.root), True)
+    d, L = 64, 3
+    assert counter.get_total_flops() / 2 >= 4 * L * d * d + 2 * L * L * d + 2 * L * d * 2 * d
+
+
+def test_paper_convention_follows_the_dummys_path_only(routed):
+    net, _, _ = routed
+    table = prof.path_macs_table(net)
+    leaf = prof.dummy_path(net)
+    assert prof.paper_macs(net)[0] == table[leaf]
+    assert len(set(table.values())) == len(table)  # every path costs something else
+
+
+def test_executed_params(routed):
+    net, _, _ = routed
+    stem_only = prof.executed_params(net, {"0/stop": 5})
+    want = sum(p.numel() for m in (net.root.sub, net.root.selector, net.adapters["64"], net.head)
+               for p in m.parameters())
+    assert stem_only == want
+    everything = prof.executed_params(net, {leaf.node_id: 1 for leaf in net.leaves()})
+    assert stem_only < everything <= prof.total_params(net)
+
+
+# memory and wall time
+
+
+def test_peak_memory_on_cpu():
+    model = static_model("resnet18")
+    train = prof.peak_memory(model, batch=8, train=True)
+    infer = prof.peak_memory(model, batch=8, train=False)
+    grads_mb = sum(p.numel() * 4 for p in model.parameters()) / 1e6
+    assert train["peak_step_mb"] > grads_mb > infer["peak_step_mb"] > 0  # training keeps grads + activations
+    assert train["peak_total_mb"] == pytest.approx(train["peak_step_mb"] + train["before_step_mb"])
+    assert "excluded" in train["includes"] and train["mode"] == "train" and infer["mode"] == "inference"
+
+
+def test_bench_tiny_and_its_markdown():
+    r = prof.bench("resnet18", batch=8, repeats=2, warmup=1)
+    for name in ("static", "juliet_chain"):
+        assert r["models"][name]["train"]["median_s"] > 0 and r["models"][name]["inference"]["median_s"] > 0
+        assert r["models"][name]["train"]["n"] == 2
+        assert 0 < r["models"][name]["conv_bwd_share"] < 1
+    assert r["ratios"]["juliet_chain"]["train"] > 0 and r["ratios"]["static"]["train"] == 1.0
+    table = prof.format_bench(r)
+    lines = [line for line in table.splitlines() if line.startswith("|")]
+    assert lines[0].startswith("| metric | static |") and set(lines[1]) <= set("|- ")
+    assert len(lines) == 6
+
+
+def test_no_early_exit_sends_everyone_to_full_depth():
+    torch.manual_seed(0)
+    net = prof._no_early_exit(JulietNet(make_backbone("resnet18"), router="mlp")).eval()
+    with torch.no_grad():
+        _, paths = net(torch.randn(16, 3, 32, 32), return_paths=True)
+    assert set(paths) == {"0/0/0/0/0"}
+
+
+# energy
+
+
+def test_trapezoid_joules():
+    assert prof.trapezoid_joules([0.0, 0.5, 2.0, 3.0], [40.0] * 4) == pytest.approx(120.0)  # P x T
+    assert prof.trapezoid_joules([0.0, 1.0, 2.0], [0.0, 10.0, 20.0]) == pytest.approx(20.0)  # ramp: exact
+    assert prof.trapezoid_joules([], []) == 0.0 and prof.trapezoid_joules([1.0], [50.0]) == 0.0
+    with pytest.raises(ValueError, match="length"):
+        prof.trapezoid_joules([0.0, 1.0], [1.0])
+    with pytest.raises(ValueError, match="increasing"):
+        prof.trapezoid_joules([0.0, 1.0, 1.0], [1.0, 1.0, 1.0])
+
+
+def test_nvml_absent_gives_nan_and_the_reason():
+    ok, reason = prof.nvml_status()
+    if ok:
+        pytest.skip("NVML is present: this test is about machines without it (CI, this CPU box)")
+    assert reason.startswith(("NVML unavailable", "nvidia-ml-py not installed"))
+    with prof.EnergyMeter() as meter:
+        time.sleep(0.06)
+    d = meter.as_dict(images=100)
+    assert math.isnan(d["energy_j"]) and math.isnan(d["energy_counter_j"]) and math.isnan(d["energy_j_per_image"])
+    assert d["energy_status"] == reason and meter.seconds > 0.05
+    json.dumps(d)  # NaN is written as JSON NaN
+
+
+def test_energy_meter_with_a_fake_nvml(monkeypatch):
+    """The NVML-present path on a CPU machine: a fake pynvml at a constant 100 W whose energy counter runs too."""
+    fake = type(sys)("pynvml")
+    fake.NVMLError = type("NVMLError", (Exception,), {})
+    t0 = time.perf_counter()
+    for name, fn in {"nvmlInit": lambda: None, "nvmlShutdown": lambda: None,
+                     "nvmlSystemGetDriverVersion": lambda: "fake", "nvmlDeviceGetCount": lambda: 1,
+                     "nvmlDeviceGetHandleByIndex": lambda i: i, "nvmlDeviceGetPowerUsage": lambda h: 100_000,
+                     "nvmlDeviceGetTotalEnergyConsumption": lambda h: int((time.perf_counter() - t0) * 1e5)}.items():
+        setattr(fake, name, fn)
+    monkeypatch.setitem(sys.modules, "pynvml", fake)
+    assert prof.nvml_status()[0] is True
+    with prof.EnergyMeter(interval_s=0.01) as meter:
+        time.sleep(0.2)
+    assert len(meter._samples) >= 5
+    span = meter._samples[-1][0] - meter._samples[0][0]
+    assert meter.joules == pytest.approx(100 * span) and meter.counter_joules == pytest.approx(100 * span, rel=0.2)
+    assert meter.as_dict(images=10)["energy_j_per_image"] == pytest.approx(meter.joules / 10)
+
+
+# CLI and runs
+
+
+def test_cli_static_json_keys():
+    cmd = [sys.executable, "profile.py", "--backbone", "resnet18", "--static", "--json", "--batch", "4"]
+    out = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    d = json.loads(out.stdout)
+    for key in ("dataset", "input_size", "params", "flops_paper_convention_macs", "flops_paper_convention_note",
+                "proxy", "nvml_available", "nvml_status", "memory", "counters"):
+        assert key in d, key
+    assert round(d["flops_paper_convention_macs"] / 1e6, 2) == 37.22 and d["proxy"] is False
+    assert d["memory"]["train"]["peak_step_mb"] > 0
+
+
+def test_cli_bad_input_exits_2_with_one_line(tmp_path, capsys):
+    (tmp_path / "config.json").write_text(json.dumps({"backbone": "resnet18", "static": True, "num_classes": 10}))
+    for argv in (["runs/does-not-exist"], ["--backbone", "vgg16"], [str(tmp_path)], ["--bogus-flag"]):
+        with pytest.raises(SystemExit) as e:
+            prof.main(argv)
+        assert e.value.code == 2, argv
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and err.startswith("profile.py: error:"), err
+    out = subprocess.run([sys.executable, "profile.py", "runs/does-not-exist"], cwd=REPO, capture_output=True,
+                         text=True)
+    assert out.returncode == 2 and "Traceback" not in out.stderr and "no such run directory" in out.stderr
+
+
+def test_profile_of_a_finished_run_and_table4(tmp_path, capsys):
+    """A real tiny Juliet run and its static twin: the checkpoint is rebuilt from its structure, the test set
+    comes through train_cifar.make_test_loader, model_profile.json is merged, and Table 4 + its plot."""
+    common = ["--dataset", "synthetic", "--synthetic-size", "120", "--router", "mlp", "--stop-bias", "0"]
+    juliet, static = tmp_path / "juliet", tmp_path / "static"
+    final = train_cifar.main(cifar_args(juliet, *common))
+    train_cifar.main(cifar_args(static, *common, "--static"))
+
+    p = prof.profile_run(str(juliet))
+    assert p["expected_macs_per_sample"] == pytest.approx(final["test_executed_macs_per_sample"])
+    assert sum(v["count"] for v in p["paths"].values()) == read_json(juliet / "config.json")["test_size"]
+    saved = read_json(juliet / "model_profile.json")
+    assert saved["proxy"] is True and saved["dataset"] == "synthetic" and "expected_macs_per_sample" in saved
+
+    prof.main([str(juliet)])
+    report = capsys.readouterr().out
+    assert "expected executed MACs per sample" in report and "| node | visits | freq |" in report
+
+    prof.main(["--table", str(static), str(juliet)])
+    table = capsys.readouterr().out
+    assert "ResNet-18" in table and "ResNet-Juliet-18" in table and f"{final['test_top1']:.2f}" in table
+    row = prof.table_rows([str(static)])[0]
+    macs = read_json(static / "final.json")["flops_paper_convention_macs"]
+    assert row["train_t_paper"] == pytest.approx(3 * macs * 108 * 1 / 1e12)  # 3 x F x |D_train| x epochs
+    assert (static / "top1_per_gflop.png").stat().st_size > 0
