@@ -285,6 +285,8 @@ class JulietNet(nn.Module):
             return
         if len(kids) == 1:
             choice = None
+        elif not (self.training or torch.is_grad_enabled()):  # inference: top-1 needs no P, no gate
+            choice = node.selector(f, self.signatures(node), STOP in node.branches).argmax(-1)  # (B_n,)
         else:
             logits = node.selector(f, self.signatures(node), STOP in node.branches)  # (B_n, K)
             choice, q, P = self._choose(logits)  # (B_n,), (B_n,), (B_n, K)
