@@ -173,6 +173,10 @@ def make_test_set(config: dict):
 
 def make_test_loader(config: dict) -> DataLoader:
     """The test loader of a run, from its config.json (used by `profile.py runs/<name>`)."""
+    if config["dataset"] == "imagenet":
+        import train_imagenet  # the ImageNet protocol lives there (and imports this module)
+
+        return loader(train_imagenet.val_set(config), config, shuffle=False)
     return loader(make_test_set(config), config, shuffle=False)
 
 
@@ -182,9 +186,12 @@ def make_test_loader(config: dict) -> DataLoader:
 def build_model(args, num_classes: int):
     if args.static:
         return static_model(args.backbone, num_classes)
-    return JulietNet(make_backbone(args.backbone, num_classes), router=args.router, policy=args.policy,
-                     prebuild=args.prebuild, stop=not args.no_stop, stop_bias=args.stop_bias,
-                     d_model=args.d_model, n_head=args.n_head, beta=args.ema_beta)
+    try:  # the library names the bad parameter in a ValueError: one line for the user
+        return JulietNet(make_backbone(args.backbone, num_classes), router=args.router, policy=args.policy,
+                         prebuild=args.prebuild, stop=not args.no_stop, stop_bias=args.stop_bias,
+                         d_model=args.d_model, n_head=args.n_head, beta=args.ema_beta)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
 
 
 def freeze_routing(model, frozen: bool) -> None:
@@ -279,7 +286,7 @@ def evaluate(model, loader, args, split: str) -> dict:
     return out
 
 
-def fit(model, data, args, run: dict, state: dict) -> None:
+def fit(model, data, args, run: dict, state: dict, on_epoch=None) -> None:
     """The epoch loop of §5.1: train, validate, prune (Alg. 3), step the scheduler, log, checkpoint."""
     train_loader, val_loader = data
     opt, sched, scaler = state["optimizer"], state["scheduler"], state["scaler"]
@@ -307,6 +314,8 @@ def fit(model, data, args, run: dict, state: dict) -> None:
         run["history"].append(log)
         write_epoch(args.out, log, args.quiet)
         save_checkpoint(args.out, model, state, run, args)
+        if on_epoch is not None:  # e.g. sweep.py's pruner; may raise to stop the run after a saved epoch
+            on_epoch(log)
 
 
 # ----------------------------------------------------------------------------- run machinery (shared with ImageNet)
@@ -539,7 +548,8 @@ def final_eval(model, test_loader, args, run: dict) -> dict:
     return final
 
 
-RUNTIME_FLAGS = ("epochs", "device", "workers", "amp", "compile", "quiet", "limit_batches", "data_dir", "eval_only")
+RUNTIME_FLAGS = ("epochs", "device", "workers", "threads", "amp", "compile", "quiet", "limit_batches", "data_dir",
+                 "eval_only")
 
 
 def open_run(args):
@@ -572,6 +582,8 @@ def make_run_dir(out: str) -> None:
 
 
 def setup_device(args) -> None:
+    if args.threads:
+        torch.set_num_threads(args.threads)
     if args.device == "auto":
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
     if args.device.startswith("cuda") and not torch.cuda.is_available():
@@ -587,12 +599,16 @@ def setup_device(args) -> None:
         torch.use_deterministic_algorithms(True)
 
 
-def run(args, make_datasets, build_model) -> dict:
+def run(args, make_datasets, build_model, on_epoch=None) -> dict:
     """Everything around the epoch loop: data, model, optimiser, run directory, resume, test, plots."""
     t_start = time.perf_counter()
     setup_device(args)
     args, ckpt = open_run(args)
     setup_device(args)
+    try:
+        grow_prune_config(args)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
     config = vars(args) | {"num_classes": 10}
     train_ds, val_ds, test_ds, num_classes = make_datasets(config)
     if len(train_ds) < args.batch_size:
@@ -628,9 +644,9 @@ def run(args, make_datasets, build_model) -> dict:
                f"expected executed MACs per sample are measured on val every epoch")
     if not args.eval_only:
         data = (loader(train_ds, config, shuffle=True), loader(val_ds, config, shuffle=False))
-        fit(model, data, args, run_state, state)
+        fit(model, data, args, run_state, state, on_epoch)
     final = final_eval(model, loader(test_ds, config, shuffle=False), args, run_state)
-    final["wall_time_s"] = time.perf_counter() - t_start
+    final["wall_time_s"], final["run_dir"] = time.perf_counter() - t_start, args.out
     write_json(os.path.join(args.out, "final.json"), final)
     plot_run(args.out, run_state["history"], model, final)
     tqdm.write(f"test_top1={final['test_top1']:.2f} test_top5={final['test_top5']:.2f} "
@@ -668,6 +684,7 @@ def add_run_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--amp", action="store_true", help="mixed precision on CUDA (§5.3 software stack)")
     g.add_argument("--compile", action="store_true", help="torch.compile every stage (§5.3 software stack)")
     g.add_argument("--workers", type=int, default=2, help="DataLoader workers")
+    g.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     g.add_argument("--deterministic", action="store_true", help="deterministic kernels (slower on CUDA)")
     g.add_argument("--limit-batches", type=int, default=0, help="stop each pass after N batches (smoke tests)")
     g.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -702,8 +719,9 @@ def cli(main, parse_args) -> None:
 # ----------------------------------------------------------------------------- command line
 
 
-def parse_args(argv=None) -> argparse.Namespace:
-    p = Parser(description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+def build_parser(description: str) -> argparse.ArgumentParser:
+    """Every flag, with Table 2 (CIFAR-10) defaults; train_imagenet.py swaps in Table 3's."""
+    p = Parser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     g = p.add_argument_group("model")
     g.add_argument("--backbone", default="resnet18", choices=BACKBONES, help="§5.1 backbones")
     g.add_argument("--static", action="store_true", help="train the unmodified torchvision baseline (Table 4)")
@@ -731,11 +749,13 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="weight of the deep supervision of early exits (ours; trie.JulietNet.exit_loss)")
     g = p.add_argument_group("growth and pruning (§3.1.1, Alg. 2-3)")
     g.add_argument("--grow-prune", default="both", choices=MODES, help="§5.3 ablation modes")
-    g.add_argument("--grow-threshold", type=unit_interval, default=0.4, help="theta_grow (Table 2)")
-    g.add_argument("--prune-threshold", type=unit_interval, default=0.1, help="theta_prune (Table 2)")
+    g.add_argument("--grow-threshold", type=unit_interval, default=0.4,
+                   help="theta_grow (Table 2: 0.4; Table 3: 0.5)")
+    g.add_argument("--prune-threshold", type=unit_interval, default=0.1, help="theta_prune (Tables 2 and 3)")
     g.add_argument("--grow-every", type=positive, default=10,
                    help="mini-batches between growth attempts (Table 3; Table 2 gives none)")
-    g.add_argument("--prune-every", type=positive, default=3, help="E_prune, epochs (Table 2: every 3 ep)")
+    g.add_argument("--prune-every", type=positive, default=3,
+                   help="E_prune, epochs (Table 2: every 3 ep; Table 3: 5)")
     g.add_argument("--t-min", type=positive, default=3, help="epochs of alpha < theta_prune before pruning")
     g.add_argument("--m-max", type=positive, default=3, help="M_max stage children per node (Alg. 2)")
     g.add_argument("--max-depth", type=int, default=None, help="deepest node depth (default: last stage)")
@@ -748,25 +768,29 @@ def parse_args(argv=None) -> argparse.Namespace:
     g.add_argument("--data-seed", type=int, default=0, help="seed of the synthetic images")
     g.add_argument("--val-split", type=float, default=0.1, help="Table 2: 90/10 train/val split")
     g.add_argument("--split-seed", type=int, default=0, help="seed of the train/val split")
-    g = p.add_argument_group("optimisation (Table 2)")
-    g.add_argument("--epochs", type=positive, default=60, help="Table 2: 15, 30 or 60")
-    g.add_argument("--batch-size", type=positive, default=128, help="Table 2")
-    g.add_argument("--optimizer", default="adam", choices=("adam", "sgd"), help="Table 2: Adam")
-    g.add_argument("--lr", type=float, default=1e-3, help="Table 2")
-    g.add_argument("--momentum", type=float, default=0.9, help="SGD only")
-    g.add_argument("--wd", type=float, default=1e-5, help="weight decay (Table 2)")
+    g = p.add_argument_group("optimisation (Table 2 for CIFAR-10, Table 3 for ImageNet)")
+    g.add_argument("--epochs", type=positive, default=60, help="Table 2: 15, 30 or 60; §6.3: 120")
+    g.add_argument("--batch-size", type=positive, default=128, help="Table 2: 128; Table 3: 256")
+    g.add_argument("--optimizer", default="adam", choices=("adam", "sgd"), help="Table 2: Adam; Table 3: SGD")
+    g.add_argument("--lr", type=float, default=1e-3, help="Table 2: 1e-3; Table 3: 0.1")
+    g.add_argument("--momentum", type=float, default=0.9, help="SGD only (Table 3: 0.9)")
+    g.add_argument("--wd", type=float, default=1e-5, help="weight decay (Table 2: 1e-5; Table 3: 1e-4)")
     g.add_argument("--scheduler", default="plateau", choices=("plateau", "cosine"),
-                   help="Table 2: ReduceLROnPlateau(min, factor 0.5, patience 3) on val loss")
-    g.add_argument("--lr-factor", type=float, default=0.5, help="Table 2")
-    g.add_argument("--lr-patience", type=int, default=3, help="Table 2")
-    g.add_argument("--t-max", type=int, default=40, help="cosine only: T_max (Table 3)")
+                   help="Table 2: ReduceLROnPlateau on val loss; Table 3: CosineAnnealingLR")
+    g.add_argument("--lr-factor", type=float, default=0.5, help="plateau factor (Table 2)")
+    g.add_argument("--lr-patience", type=int, default=3, help="plateau patience (Table 2)")
+    g.add_argument("--t-max", type=int, default=40, help="cosine T_max (Table 3)")
     add_run_args(p)
-    return finish_args(p, argv)
+    return p
 
 
-def main(args: argparse.Namespace) -> dict:
-    """Train (or resume, or only evaluate) and return final.json's content."""
-    return run(args, make_datasets, build_model)
+def parse_args(argv=None) -> argparse.Namespace:
+    return finish_args(build_parser(__doc__.split("\n")[0]), argv)
+
+
+def main(args: argparse.Namespace, on_epoch=None) -> dict:
+    """Train (or resume, or only evaluate) and return final.json's content; `on_epoch(log)` after each epoch."""
+    return run(args, make_datasets, build_model, on_epoch)
 
 
 if __name__ == "__main__":
