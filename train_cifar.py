@@ -733,11 +733,12 @@ def build_parser(description: str) -> argparse.ArgumentParser:
                    help="nodes in the initial chain; default one per stage (§5.3 'Initialisation': 5, or 10 "
                         "for ResNet-101)")
     g.add_argument("--no-stop", action="store_true", help="no stop children: every path runs every stage")
-    g.add_argument("--stop-bias", type=float, default=-2.0,
-                   help="initial stop-logit offset (ours): negative starts at full depth, exits are learned")
     g.add_argument("--d-model", type=int, default=64, help="selector width d_model (§4.1)")
     g.add_argument("--n-head", type=int, default=4, help="selector heads n_head (§4.1)")
     g.add_argument("--ema-beta", type=float, default=0.99, help="EMA beta of alpha and sigma^2 (Eq. 3; lambda=1-beta)")
+    g = p.add_argument_group("routing recipe (ours; README 'Paper notes and deviations')")
+    g.add_argument("--stop-bias", type=float, default=-2.0,
+                   help="initial stop-logit offset: negative starts at full depth, exits are learned")
     g.add_argument("--cost-weight", type=float, default=0.2,
                    help="lambda_c of the compute-aware routing loss (DESIGN §3; training twin of §6.2; ours)")
     g.add_argument("--balance-weight", type=float, default=0.0, help="weight of the §2.2 load-balancing loss")
