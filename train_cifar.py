@@ -602,28 +602,27 @@ def setup_device(args) -> None:
 def run(args, make_datasets, build_model, on_epoch=None) -> dict:
     """Everything around the epoch loop: data, model, optimiser, run directory, resume, test, plots."""
     t_start = time.perf_counter()
-    setup_device(args)
     args, ckpt = open_run(args)
     setup_device(args)
     try:
         grow_prune_config(args)
     except ValueError as e:
         raise UsageError(str(e)) from None
-    config = vars(args) | {"num_classes": 10}
+    config = vars(args)
     train_ds, val_ds, test_ds, num_classes = make_datasets(config)
     if len(train_ds) < args.batch_size:
         raise UsageError(f"the training split has {len(train_ds)} images, fewer than --batch-size {args.batch_size}")
-    config |= {"num_classes": num_classes, "train_size": len(train_ds), "val_size": len(val_ds),
+    config = config | {"num_classes": num_classes, "train_size": len(train_ds), "val_size": len(val_ds),
                "test_size": len(test_ds), "torch": torch.__version__}
     seed_all(args.seed)
     if ckpt is None:
         make_run_dir(args.out)
-        model = build_model(args, num_classes)
-    elif ckpt["structure"] is not None:
+    if ckpt and ckpt["structure"] is not None:  # resume: rebuild the grown trie first (STYLE 12)
         model = JulietNet.from_structure(ckpt["structure"])
     else:
         model = build_model(args, num_classes)
-    model.load_state_dict(ckpt["model"]) if ckpt else None
+    if ckpt:
+        model.load_state_dict(ckpt["model"])
     model.to(args.device)
     maybe_compile(model, args)
     opt, sched = make_optim(args, model)
