@@ -276,9 +276,8 @@ class JulietNet(nn.Module):
             f = run_sub(node.sub, x, self.training)  # Alg. 1 line 2: (B_n, C, H, W)
         n = f.shape[0]
         self.visits[node.node_id] += n
-        pooled = f.mean((2, 3)) if self.training else None  # (B_n, C): GAP for sigma^2 and the exit losses
         if self.training and not node.is_stop and n > 1:
-            self._update_sigma2(node, pooled)
+            self._update_sigma2(node, f)
         kids = node.kids
         if not kids:  # Alg. 1 line 3: a leaf
             z = self.adapt(f.mean((2, 3)))  # (B_n, W)
@@ -296,7 +295,7 @@ class JulietNet(nn.Module):
                 self._decisions.append((node, P))
                 self._update_alpha(kids, choice)
                 if STOP in node.branches:  # this node's exit, for exit_loss and route_loss
-                    self._exits.append((idx, pooled, P[:, -1]))  # (B_n,), (B_n, C), (B_n,)
+                    self._exits.append((idx, f.mean((2, 3)), P[:, -1]))  # (B_n,), (B_n, C), (B_n,)
         # Partition the sub-batch by chosen child: one sort, one gather, K contiguous slices.
         if choice is None:
             groups = [(kids[0], f, idx, gate)]
@@ -352,9 +351,9 @@ class JulietNet(nn.Module):
             kid.alpha.mul_(beta).add_((1 - beta) * fr)
 
     @torch.no_grad()
-    def _update_sigma2(self, node: TrieNode, pooled: torch.Tensor) -> None:
+    def _update_sigma2(self, node: TrieNode, f: torch.Tensor) -> None:
         """§4.2 proxy on unit-norm GAP features: mean ||u_i - mean(u)||^2 = 1 - ||mean(u)||^2, in [0, 1]."""
-        u = F.normalize(pooled.float(), dim=1)  # (B_n, C)
+        u = F.normalize(f.float().mean((2, 3)), dim=1)  # (B_n, C)
         s2 = (u - u.mean(0)).pow(2).sum(1).mean()
         beta = self.options["beta"]
         node.sigma2.mul_(beta).add_((1 - beta) * s2)
