@@ -13,7 +13,7 @@ $(VENV)/.installed: requirements.txt
 	touch $@
 
 test: $(VENV)/.installed
-	$(PY) -m pytest -q test_juliet.py
+	$(PY) -m pytest -q
 
 demo: $(VENV)/.installed
 	$(PY) train_cifar.py $(DEMO_FLAGS) --static --out $(DEMO)/static

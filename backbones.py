@@ -1,6 +1,6 @@
 """Backbones for Juliet: torchvision CNNs cut into a stem and an ordered list of stages.
 
-Paper §5.1 ("Backbones") and §5.3 ("Initialisation across backbones"); DESIGN §3 "Stages".
+Paper §5.1 ("Backbones") and §5.3 ("Initialisation across backbones").
 A trie node at depth d runs a fresh copy of stage d (the root runs the stem), so a backbone here is
 just: how to cut a torchvision model into stages, how many channels each stage emits, and a factory
 that builds a freshly initialised copy of any stage for growth (Alg. 2 line 3, "initialise child

@@ -1,6 +1,6 @@
 """Online topology for Juliet: variance-triggered growth (Algorithm 2) and EMA pruning (Algorithm 3).
 
-Paper §3.1.1 (Eq. 2, Eq. 3), §4.2, §4.3; DESIGN §3 "Growth", "Pruning". A training loop calls
+Paper §3.1.1 (Eq. 2, Eq. 3), §4.2, §4.3. A training loop calls
 
     events += grow(net, cfg, step, optimizer)             # after every mini-batch; acts every grow_every
     events += end_epoch(net, cfg, epoch, step, optimizer)  # after every epoch; sweeps every prune_every
@@ -24,10 +24,12 @@ reached t_min, with its subtree. The root is never pruned, nor is a stop child.
 
 import math
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
-from trie import JulietNet, TrieNode
+if TYPE_CHECKING:  # annotations only: this file runs with any object that has JulietNet's structure methods
+    from trie import JulietNet, TrieNode
 
 MODES = ("both", "grow-only", "prune-only", "off")  # §5.3 ablation; "off" is static Juliet
 
@@ -56,12 +58,12 @@ class GrowPruneConfig:
             raise ValueError(f"max_depth must be >= 0, got {self.max_depth}")
 
 
-def _event(kind: str, node: TrieNode, step: int, statistic: str, value: float, threshold: float) -> dict:
+def _event(kind: str, node: "TrieNode", step: int, statistic: str, value: float, threshold: float) -> dict:
     return {"kind": kind, "node": node.node_id, "step": step, "statistic": statistic,
             "value": round(value, 6), "threshold": threshold}
 
 
-def sync_optimizer(optimizer: torch.optim.Optimizer, net: JulietNet) -> None:
+def sync_optimizer(optimizer: torch.optim.Optimizer, net: "JulietNet") -> None:
     """Make the optimizer's single param group equal `net.parameters()`, in that order.
 
     New parameters join (their state is created on their first step); parameters no longer in the
@@ -77,7 +79,7 @@ def sync_optimizer(optimizer: torch.optim.Optimizer, net: JulietNet) -> None:
     optimizer.param_groups[0]["params"] = params
 
 
-def grow(net: JulietNet, cfg: GrowPruneConfig, step: int, optimizer=None) -> list[dict]:
+def grow(net: "JulietNet", cfg: GrowPruneConfig, step: int, optimizer=None) -> list[dict]:
     """Algorithm 2 at the leaf reached by the last training batch, every `cfg.grow_every` steps."""
     if cfg.mode not in ("both", "grow-only") or step % cfg.grow_every or not net.last_leaf_counts:
         return []
@@ -89,7 +91,8 @@ def grow(net: JulietNet, cfg: GrowPruneConfig, step: int, optimizer=None) -> lis
     node = leaf if not leaf.is_stop and leaf.depth < max_depth else net.parent(leaf)
     sigma2 = float(net.parent(leaf).sigma2 if leaf.is_stop else leaf.sigma2)
     # Alg. 2 line 1, with the depth bound: a child lives one stage below its parent.
-    if node is None or not (sigma2 > cfg.theta_grow and len(node.stage_kids) < cfg.m_max and node.depth < max_depth):
+    if node is None or not (sigma2 > cfg.theta_grow and len(node.stage_children) < cfg.m_max
+                            and node.depth < max_depth):
         return []
     child = net.add_child(node)  # lines 2-4: fresh torchvision init, alpha = 0
     if optimizer is not None:
@@ -97,12 +100,12 @@ def grow(net: JulietNet, cfg: GrowPruneConfig, step: int, optimizer=None) -> lis
     return [_event("grow", child, step, "sigma2", sigma2, cfg.theta_grow)]
 
 
-def prune_sweep(net: JulietNet, cfg: GrowPruneConfig, step: int, optimizer=None) -> list[dict]:
+def prune_sweep(net: "JulietNet", cfg: GrowPruneConfig, step: int, optimizer=None) -> list[dict]:
     """Algorithm 3: delete each stage child whose alpha stayed below theta_prune for t_min epochs."""
     events = []
 
-    def sweep(node: TrieNode) -> None:
-        for kid in node.stage_kids:
+    def sweep(node: "TrieNode") -> None:
+        for kid in node.stage_children:
             if int(kid.low_epochs) >= cfg.t_min:
                 events.append(_event("prune", kid, step, "alpha", float(kid.alpha), cfg.theta_prune))
                 net.remove_child(node, kid)  # line 3, with its subtree
@@ -116,7 +119,7 @@ def prune_sweep(net: JulietNet, cfg: GrowPruneConfig, step: int, optimizer=None)
 
 
 @torch.no_grad()
-def end_epoch(net: JulietNet, cfg: GrowPruneConfig, epoch: int, step: int, optimizer=None) -> list[dict]:
+def end_epoch(net: "JulietNet", cfg: GrowPruneConfig, epoch: int, step: int, optimizer=None) -> list[dict]:
     """Age every child's low-usage counter, then run the sweep every `cfg.prune_every` epochs (1-based)."""
     for node in net.nodes():
         if node is not net.root and not node.is_stop:

@@ -6,7 +6,7 @@ Every selector has one interface, `selector(f, signatures, stop) -> logits (B, K
   signatures  (K_s, S)       one weight signature per stage child: the mean of its last conv's weights
                              over (C_in, kH, kW), detached -- "a compact weight signature from the
                              child's sub-module (e.g., averaging a representative convolution's weights)"
-  stop        bool           whether the node has a stop child (DESIGN §3); it gets a learned token
+  stop        bool           whether the node has a stop child (trie.py); it gets a learned token
 
 The stop child's logit also gets a learned offset, `stop_bias`. Initialised negative, it makes a new
 trie behave like its backbone (every sample runs every stage, so every stage gets trained) and lets
@@ -108,5 +108,5 @@ SELECTORS = {"transformer": TransformerSelector, "mlp": MLPSelector, "conv": Con
 def make_selector(name: str, channels: int, sig_dim: int, d_model: int = 64, n_head: int = 4,
                   stop_bias: float = 0.0) -> Selector:
     if name not in SELECTORS:
-        raise ValueError(f"unknown router {name!r}; choose one of: {', '.join(SELECTORS)}")
+        raise ValueError(f"unknown selector {name!r}; choose one of: {', '.join(SELECTORS)}")
     return SELECTORS[name](channels, sig_dim, d_model, n_head, stop_bias)

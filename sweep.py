@@ -8,7 +8,7 @@
 
 Sweep (§6.2). Optuna minimises the paper's single weighted objective L = (1 - accuracy) + lambda * c, with
 accuracy the validation top-1 (a fraction) and c = expected executed MACs per validation sample / the static
-backbone's MACs. c uses the honest executed cost of the routed samples (DESIGN §4), not the paper-convention
+backbone's MACs. c uses the honest executed cost of the routed samples (README "Results"), not the paper-convention
 THOP number, which follows one dummy input down one path. Optuna cannot prune multi-objective studies, so the
 objective stays scalar and accuracy, c, MACs, params, wall time and the run directory are trial user
 attributes. A trial's value is L at its last epoch (the model the run keeps). --lam defaults to 0.1 (§6.2 gives
@@ -31,7 +31,6 @@ import fcntl
 import itertools
 import json
 import os
-import profile as jprofile  # Juliet's profile.py (a superset of the stdlib module of that name)
 import shlex
 import sys
 import time
@@ -41,6 +40,9 @@ from functools import lru_cache
 import optuna
 from tqdm import tqdm
 
+import data
+import measure
+import runs
 import train_cifar
 from backbones import BACKBONES, static_model
 from grow_prune import MODES
@@ -62,8 +64,8 @@ SPACE = (("max_depth", "--depth-range", int, (1, 4), False, (0, 100), "deepest n
          ("lr", "--lr-range", float, (1e-4, 3e-3), True, (0.0, float("inf")), "Adam lr, log scale (Table 2: 1e-3)"),
          ("wd", "--wd-range", float, (1e-6, 1e-3), True, (0.0, float("inf")),
           "weight decay, log scale (Table 2: 1e-5)"))
-OWNED = {"--out", "--resume", "--eval-only", "--epochs", "--dataset", "--backbone", "--seed", "--router", "--policy",
-         "--grow-prune", *(f"--{dest.replace('_', '-')}" for dest, *_ in SPACE)}
+OWNED = {"--out", "--resume", "--eval-only", "--epochs", "--dataset", "--backbone", "--seed", "--selector", "--router",
+         "--policy", "--grow-prune", *(f"--{dest.replace('_', '-')}" for dest, *_ in SPACE)}
 
 
 def train_argv(args, out: str, **flags) -> list[str]:
@@ -80,13 +82,13 @@ def train_argv(args, out: str, **flags) -> list[str]:
 
 @lru_cache
 def _static_macs(backbone: str, num_classes: int, input_size: int) -> float:
-    return jprofile.paper_macs(static_model(backbone, num_classes), input_size)[0]
+    return measure.paper_macs(static_model(backbone, num_classes), input_size)[0]
 
 
 def static_macs(run_dir: str) -> float:
     """The normaliser of c: the static backbone's MACs per sample (it executes everything, so THOP on one
     dummy input is exact for it), for the backbone, classes and input size that the run recorded."""
-    config = read_json(os.path.join(run_dir, "config.json"))
+    config = runs.read_json(os.path.join(run_dir, "config.json"))
     return _static_macs(config["backbone"], config["num_classes"], config["input_size"])
 
 
@@ -137,7 +139,7 @@ def open_study(args) -> optuna.Study:
         study.set_user_attr("settings", settings)
     elif saved != settings:  # L and the trials would not be comparable
         diff = ", ".join(f"{k}: {saved.get(k)} -> {v}" for k, v in settings.items() if saved.get(k) != v)
-        raise train_cifar.UsageError(f"{args.out} holds a study made with other settings ({diff}); "
+        raise runs.UsageError(f"{args.out} holds a study made with other settings ({diff}); "
                                      f"rerun with the same flags or pick another --out")
     # A fixed seed on every invocation would replay the first trials' random start-up draws on resume.
     study.sampler = optuna.samplers.TPESampler(seed=args.seed + len(study.trials))
@@ -159,7 +161,7 @@ def run_sweep(args) -> None:
         try:
             fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            raise train_cifar.UsageError(f"another sweep.py is running in {args.out}; wait for it "
+            raise runs.UsageError(f"another sweep.py is running in {args.out}; wait for it "
                                          "or pick another --out") from None
         study = open_study(args)
         fail_stale(study)
@@ -168,7 +170,7 @@ def run_sweep(args) -> None:
         tick = lambda s, t: bar.update(t.state in FINISHED)  # an Optuna callback, after every trial
         if args.trials > done:
             study.optimize(lambda t: objective(t, args), n_trials=args.trials - done, callbacks=[tick],
-                           catch=(train_cifar.NonFiniteLoss,))  # a diverged lr is a FAIL trial, the study goes on
+                           catch=(runs.NonFiniteLoss,))  # a diverged lr is a FAIL trial, the study goes on
         bar.close()
         report_sweep(study, args)
 
@@ -203,7 +205,7 @@ def report_sweep(study: optuna.Study, args) -> None:
     complete = [t for t in trials if t.state == optuna.trial.TrialState.COMPLETE]
     if complete:
         best = study.best_trial
-        train_cifar.write_json(os.path.join(args.out, "best.json"),
+        runs.write_json(os.path.join(args.out, "best.json"),
                                {"trial": best.number, "objective_L": best.value, "lam": args.lam,
                                 "params": best.params, "metrics": best.user_attrs})
         print(f"best: trial {best.number} L={best.value:.4f} {best.params}")
@@ -222,17 +224,8 @@ def pareto_front(points: list) -> list:
     return front
 
 
-def pyplot():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
 def plot_pareto(trials: list, path: str) -> None:
-    plt = pyplot()
+    plt = runs.pyplot()
     pts = [(t.user_attrs["val_executed_macs"] / 1e6, 100 * t.user_attrs["accuracy"]) for t in trials]
     front = pareto_front(pts)
     fig, ax = plt.subplots(figsize=(5.5, 4))
@@ -260,7 +253,7 @@ def plot_importances(study: optuna.Study, n_complete: int, path: str) -> None:
     note = " ".join(str(w.message) for w in caught)
     if note:
         print(f"importances.png: Optuna says: {note}", file=sys.stderr)
-    plt = pyplot()
+    plt = runs.pyplot()
     fig, ax = plt.subplots(figsize=(5, 3))
     ax.barh(list(imp)[::-1], list(imp.values())[::-1])
     ax.set(xlabel="importance for L (PED-ANOVA, Optuna default)", title=f"{n_complete} completed trials")
@@ -276,19 +269,19 @@ def run_ablations(args) -> None:
         out = os.path.join(args.out, f"{sel}-{policy}-{mode}")
         if os.path.exists(os.path.join(out, "final.json")):
             continue
-        argv = train_argv(args, out, router=sel, policy=policy, grow_prune=mode)
+        argv = train_argv(args, out, selector=sel, policy=policy, grow_prune=mode)
         if os.path.exists(os.path.join(out, "checkpoint.pt")):  # interrupted: continue it
             argv += ["--resume", out]
         try:
             train_cifar.main(train_cifar.parse_args(argv))
-        except train_cifar.NonFiniteLoss as e:
+        except runs.NonFiniteLoss as e:
             print(f"{out}: {e}; left out of the table", file=sys.stderr)
     rows = ["| selector | routing | grow/prune | top-1 (%) | expected executed MACs (M) | params (M) | wall time (s) |",
             "|---|---|---|---|---|---|---|"]
     for sel, policy, mode in grid:
         path = os.path.join(args.out, f"{sel}-{policy}-{mode}", "final.json")
         if os.path.exists(path):
-            r = read_json(path)
+            r = runs.read_json(path)
             rows.append(f"| {sel} | {policy} | {mode} | {r['test_top1']:.2f} | "
                         f"{r['test_executed_macs_per_sample'] / 1e6:.2f} | {r['params'] / 1e6:.2f} | "
                         f"{r['wall_time_s']:.1f} |")
@@ -300,18 +293,13 @@ def run_ablations(args) -> None:
     plot_selector_curves(args.out, grid)
 
 
-def read_json(path: str):
-    with open(path) as f:
-        return json.load(f)
-
-
 def selector_curve(out: str, grid: list, sel: str):
     """Fig. 3's line for one selector, {epoch: val top-1}, and its label: the selector's top1/both run (the
     paper's default setting) when it ran, else the per-epoch mean of its runs; None when none ran."""
     curves = {}
     for s, policy, mode in grid:
         d = os.path.join(out, f"{s}-{policy}-{mode}")
-        logs = [read_json(os.path.join(d, n)) for n in (os.listdir(d) if s == sel and os.path.isdir(d) else [])
+        logs = [runs.read_json(os.path.join(d, n)) for n in (os.listdir(d) if s == sel and os.path.isdir(d) else [])
                 if n.startswith("epoch_") and n.endswith(".json")]
         if logs:
             curves[policy, mode] = {log["epoch"]: log["val_top1"] for log in logs}
@@ -325,7 +313,7 @@ def selector_curve(out: str, grid: list, sel: str):
 
 
 def plot_selector_curves(out: str, grid: list) -> None:
-    plt = pyplot()
+    plt = runs.pyplot()
     fig, ax = plt.subplots(figsize=(5.5, 4))
     for sel in SELECTORS:
         if (line := selector_curve(out, grid, sel)) is not None:
@@ -340,17 +328,17 @@ def plot_selector_curves(out: str, grid: list) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = train_cifar.Parser(prog="sweep.py", description=__doc__.split("\n")[0],
+    p = runs.Parser(prog="sweep.py", description=__doc__.split("\n")[0],
                            formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--ablations", action="store_true", help="run the §5.3 ablation grid instead of the sweep")
-    p.add_argument("--limit", type=train_cifar.positive, default=None, help="ablations: only the first N of the 24")
-    p.add_argument("--trials", type=train_cifar.positive, default=50, help="finished trials in the study (§6.2: 50)")
+    p.add_argument("--limit", type=runs.positive, default=None, help="ablations: only the first N of the 24")
+    p.add_argument("--trials", type=runs.positive, default=50, help="finished trials in the study (§6.2: 50)")
     p.add_argument("--lam", type=float, default=0.1,
                    help="lambda of L = (1 - acc) + lambda*c (§6.2 gives no value; 0.1 trades 1 point of top-1 "
                         "for 10%% of the static compute, the paper's headline trade: within ~1 point at 21-70%% "
                         "fewer FLOPs, Table 4)")
-    p.add_argument("--epochs", type=train_cifar.positive, default=40, help="per run (§5.3: 40 epochs)")
-    p.add_argument("--dataset", default="cifar10", choices=train_cifar.DATASETS)
+    p.add_argument("--epochs", type=runs.positive, default=40, help="per run (§5.3: 40 epochs)")
+    p.add_argument("--dataset", default="cifar10", choices=data.DATASETS)
     p.add_argument("--backbone", default="resnet101", choices=BACKBONES, help="§5.3 and §6.2: ResNet-Juliet-101")
     p.add_argument("--seed", type=int, default=0, help="TPE sampler seed and every run's training seed")
     p.add_argument("--out", default=None, help="sweep/ablation directory (default: runs/sweep or runs/ablations)")
@@ -394,7 +382,7 @@ def main(argv=None) -> None:
     optuna.logging.set_verbosity(optuna.logging.WARNING)  # one tqdm bar over trials instead
     try:
         run_ablations(args) if args.ablations else run_sweep(args)
-    except train_cifar.UsageError as e:
+    except runs.UsageError as e:
         sys.exit(f"sweep.py: error: {e}")
     except KeyboardInterrupt:
         sys.exit(f"interrupted; the same command continues in {args.out}")

@@ -13,7 +13,7 @@ epochs; 120 epochs (§6.3); 10 prebuilt nodes (§5.3 "Initialisation"); TF32 on 
 
 Everything else is train_cifar.py's: the epoch loop, run directory, checkpoints, --resume, progress
 bars and logs. Each epoch_<k>.json carries what §5.2 "Metrics" lists: top-1/5, train/val energy in
-joules and J/image (NVML via profile.py; NaN and the reason without it), throughput (img/s, also per
+joules and J/image (NVML via measure.py; NaN and the reason without it), throughput (img/s, also per
 node), the executed-node distribution and the per-class traversal depth. The ImageNet val set serves
 as both the per-epoch validation and the final test, as in the paper. Extra plots: energy per epoch
 (Fig. 6) and Top-1 per GFLOP against the paper's published SkipNet, ConvNet-AIG and BlockDrop points
@@ -21,15 +21,12 @@ as both the per-epoch validation and the final test, as in the paper. Extra plot
 """
 
 import glob
-import json
 import os
 
-from torchvision import datasets
-from torchvision import transforms as T
+import data
+import runs
+import train_cifar
 
-import train_cifar as tc
-
-IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)  # Table 3
 # §6.3 as published: (top-1 %, GFLOPs per image). ConvNet-AIG: the 4.31 GFLOPs end of its range,
 # which gives the paper's 17.9 Top-1/GFLOP. BlockDrop: the paper says 14.7 GFLOPs but an efficiency of
 # 7.6, which would need ~10.1 GFLOPs; we plot the stated 14.7 and say so in the README.
@@ -37,52 +34,10 @@ PUBLISHED = {"SkipNet-101": (77.37, 5.32), "ConvNet-AIG-101": (77.22, 4.31), "Bl
              "Juliet-101 (paper)": (72.20, 2.66)}
 
 
-def imagenet_transform(size: int, train: bool):
-    """Table 3: RandomResizedCrop + flip for training; resize 256 / centre crop 224 (scaled to `size`) for val."""
-    norm = [T.ToTensor(), T.Normalize(IMAGENET_MEAN, IMAGENET_STD)]
-    if train:
-        return T.Compose([T.RandomResizedCrop(size), T.RandomHorizontalFlip(), *norm])
-    return T.Compose([T.Resize(round(size * 256 / 224)), T.CenterCrop(size), *norm])
-
-
-def image_folder(root: str, split: str) -> datasets.ImageFolder:
-    path = os.path.join(root, split)
-    if not os.path.isdir(path):
-        raise tc.UsageError(f"{path} does not exist; --data-dir must hold train/ and val/ with one folder of "
-                            f"images per class (ImageNet's ImageFolder layout)")
-    try:
-        return datasets.ImageFolder(path)
-    except FileNotFoundError as e:  # no class folders, or a class folder without images
-        raise tc.UsageError(f"{path}: {e}") from None
-
-
-def val_set(config: dict) -> tc.Split:
-    base = image_folder(config["data_dir"], "val")
-    return tc.Split(base, range(len(base)), imagenet_transform(config["input_size"], train=False))
-
-
-def make_datasets(config: dict):
-    """Train, val and 'test' (the val set again, as in §6.3) through torchvision's ImageFolder."""
-    train = image_folder(config["data_dir"], "train")
-    val = val_set(config)
-    if val.base.classes != train.classes:
-        raise tc.UsageError(f"train/ and val/ under {config['data_dir']} have different class folders")
-    train_ds = tc.Split(train, range(len(train)), imagenet_transform(config["input_size"], train=True))
-    return train_ds, val, val, len(train.classes)
-
-
 def plot_imagenet(out: str, final: dict) -> None:
     """energy.png (Fig. 6: train/val joules per epoch and J/image) and top1_per_gflop.png (Fig. 4/5)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    logs = []
-    for path in glob.glob(os.path.join(out, "epoch_*.json")):
-        with open(path) as f:
-            logs.append(json.load(f))
-    logs.sort(key=lambda h: h["epoch"])
+    plt = runs.pyplot()
+    logs = sorted((runs.read_json(p) for p in glob.glob(os.path.join(out, "epoch_*.json"))), key=lambda h: h["epoch"])
     if logs:
         ep = [h["epoch"] for h in logs]
         fig, (a, b) = plt.subplots(1, 2, figsize=(9, 3.5))
@@ -104,21 +59,21 @@ def plot_imagenet(out: str, final: dict) -> None:
 
 
 def parse_args(argv=None):
-    p = tc.build_parser(__doc__.split("\n")[0])
+    p = train_cifar.build_parser(__doc__.split("\n")[0])
     p.set_defaults(backbone="resnet101", dataset="imagenet", input_size=224, epochs=120, batch_size=256,
                    workers=8, optimizer="sgd", lr=0.1, momentum=0.9, wd=1e-4, scheduler="cosine", t_max=40,
                    grow_threshold=0.5, grow_every=10, prune_every=5, prune_threshold=0.1, prebuild=10)
-    return tc.finish_args(p, argv)
+    return runs.finish_args(p, argv)
 
 
 def main(args, on_epoch=None) -> dict:
     if args.dataset != "imagenet":
-        raise tc.UsageError("train_imagenet.py trains on an ImageFolder ImageNet (--data-dir); "
-                            "for CIFAR or other 32x32 sets use train_cifar.py")
-    final = tc.run(args, make_datasets, tc.build_model, on_epoch)
+        raise runs.UsageError("train_imagenet.py trains on an ImageFolder ImageNet (--data-dir); "
+                              "for CIFAR or other 32x32 sets use train_cifar.py")
+    final = train_cifar.train_and_test(args, data.imagenet_datasets, on_epoch)
     plot_imagenet(final["run_dir"], final)
     return final
 
 
 if __name__ == "__main__":
-    tc.cli(main, parse_args)
+    runs.cli(main, parse_args)

@@ -20,14 +20,17 @@ decides which modules run but never changes a value.
 Training-mode bookkeeping for grow_prune.py: EMA usage alpha per child (Alg. 1 line 6, lambda = 1 - beta)
 and EMA sigma^2 per node (§4.2), on L2-normalised GAP features so that sigma^2 lies in [0, 1].
 
-    net = JulietNet(make_backbone("resnet18"), router="transformer", policy="top1")
+    net = JulietNet(make_backbone("resnet18"), selector="transformer", policy="top1")
     logits, paths = net(x, return_paths=True)      # paths[i]: leaf id reached by sample i, e.g. "0/0/stop"
-    loss = F.cross_entropy(logits, y) + lam_c * net.cost_loss() + lam_b * net.balance_loss()
+    loss = F.cross_entropy(logits, y) + lam_c * cost_loss(net) + lam_b * balance_loss(net)
+
+The auxiliary losses are functions of the last training forward pass (its recorded decisions and exits):
+`cost_loss` (compute-aware routing, the training twin of the §6.2 objective), `balance_loss` (§2.2),
+and two of ours, `exit_loss` and `route_loss` (README "Paper notes and deviations").
 """
 
 import collections
 import copy
-import time
 
 import torch
 import torch.nn as nn
@@ -68,11 +71,11 @@ class TrieNode(nn.Module):
 
     def __init__(self, node_id: str, depth: int, sub: nn.Module, stop: bool = False):
         super().__init__()
-        self.node_id = node_id  # e.g. "0/1/3": per-parent child ids, never reused (DESIGN §3)
+        self.node_id = node_id  # e.g. "0/1/3": per-parent child ids, never reused
         self.depth = depth      # stage index of `sub`; a stop child keeps its parent's depth
         self.is_stop = stop
         self.sub = sub
-        self.branches = nn.ModuleDict()  # N.children (the name `children` is nn.Module's)
+        self.child = nn.ModuleDict()  # N.children by local id (the name `children` is nn.Module's)
         self.selector = None
         self.next_child = 0
         self.register_buffer("alpha", torch.zeros(()))   # EMA usage, as seen by the parent (Eq. 3)
@@ -80,13 +83,13 @@ class TrieNode(nn.Module):
         self.register_buffer("low_epochs", torch.zeros((), dtype=torch.long))  # Alg. 3 age counter
 
     @property
-    def stage_kids(self) -> list["TrieNode"]:
-        return [k for k in self.branches.values() if not k.is_stop]
+    def stage_children(self) -> list["TrieNode"]:
+        return [k for k in self.child.values() if not k.is_stop]
 
     @property
-    def kids(self) -> list["TrieNode"]:
+    def choices(self) -> list["TrieNode"]:
         """Children in the selector's logit order: stage children by age, then the stop child."""
-        return self.stage_kids + ([self.branches[STOP]] if STOP in self.branches else [])
+        return self.stage_children + ([self.child[STOP]] if STOP in self.child else [])
 
     def extra_repr(self) -> str:
         return f"id={self.node_id!r}, depth={self.depth}" + (", stop" if self.is_stop else "")
@@ -96,24 +99,24 @@ class JulietNet(nn.Module):
     """A backbone grafted onto a trie of routed nodes.
 
     backbone  a `backbones.Backbone` (stages, their channels, factories for fresh copies, the head)
-    router    selector architecture: "transformer" (§4.1), "mlp" or "conv" (§5.3)
+    selector  selector architecture: "transformer" (§4.1), "mlp" or "conv" (§5.3)
     policy    "top1" (paper default, §4.1) or "gumbel" (hard Gumbel-softmax in training, §5.3)
     prebuild  nodes in the initial chain (§5.3 "Initialisation": 5 for ResNet-18, 10 for ResNet-101);
               default: one per stage
-    stop      give every internal node a stop child (dynamic depth, DESIGN §3)
+    stop      give every internal node a stop child (dynamic depth; README "Paper notes and deviations")
     stop_bias initial offset of the stop child's logit (routers.py); negative: start at full depth
     beta      EMA decay of alpha and sigma^2 (Alg. 1 uses lambda = 1 - beta)
     init_from a static model of the same backbone whose weights seed the prebuilt chain
     """
 
-    def __init__(self, backbone, router: str = "transformer", policy: str = "top1", prebuild: int | None = None,
+    def __init__(self, backbone, selector: str = "transformer", policy: str = "top1", prebuild: int | None = None,
                  stop: bool = True, stop_bias: float = 0.0, d_model: int = 64, n_head: int = 4,
                  beta: float = 0.99, init_from: nn.Module | None = None):
         super().__init__()
         n_stages = len(backbone.stages)
         prebuild = n_stages if prebuild is None else prebuild
-        if router not in SELECTORS:
-            raise ValueError(f"unknown router {router!r}; choose one of: {', '.join(SELECTORS)}")
+        if selector not in SELECTORS:
+            raise ValueError(f"unknown selector {selector!r}; choose one of: {', '.join(SELECTORS)}")
         if policy not in POLICIES:
             raise ValueError(f"unknown policy {policy!r}; choose one of: {', '.join(POLICIES)}")
         if not 1 <= prebuild <= n_stages:
@@ -123,7 +126,7 @@ class JulietNet(nn.Module):
         if d_model % n_head:
             raise ValueError(f"d_model ({d_model}) must be divisible by n_head ({n_head})")
         self.backbone = backbone
-        self.options = dict(router=router, policy=policy, stop=stop, stop_bias=stop_bias, d_model=d_model,
+        self.options = dict(selector=selector, policy=policy, stop=stop, stop_bias=stop_bias, d_model=d_model,
                             n_head=n_head, beta=beta)
         self.tau = 1.0  # Gumbel temperature; the training loop anneals it (gumbel_tau)
         stages, self.head = backbone.initial(init_from)
@@ -135,13 +138,11 @@ class JulietNet(nn.Module):
             node = self.add_child(node, sub=stages[d])
             node.alpha.fill_(1.0)  # a prebuilt chain child starts as the parent's only choice
         self.visits = collections.Counter()  # samples that entered each node (train and eval)
-        self.time_nodes = False  # when True, node_seconds accumulates each node's sub-module time
-        self.node_seconds = collections.Counter()
         self.last_leaf_counts: dict[str, int] = {}
-        self._decisions = []  # (node, P) of the last training forward, for the auxiliary losses
-        self._exits = []  # (sample indices, pooled features, P_stop) at nodes with a stop child
-        self._last_input = (0, (32, 32))  # (batch size, (H, W)) of the last forward
-        self._stage_macs = {}
+        self.decisions = []  # (node, P) of the last training forward, for the auxiliary losses
+        self.exits = []  # (sample indices, pooled features, P_stop) at nodes with a stop child
+        self.last_input = (0, (32, 32))  # (batch size, (H, W)) of the last forward
+        self.stage_macs_cache = {}  # {(H, W): MACs of each stage}, for cost_loss
 
     # --------------------------------------------------------------------- structure
 
@@ -149,7 +150,7 @@ class JulietNet(nn.Module):
         """All nodes, pre-order."""
         node = self.root if node is None else node
         yield node
-        for k in node.kids:
+        for k in node.choices:
             yield from self.nodes(k)
 
     def node(self, node_id: str) -> TrieNode:
@@ -158,7 +159,7 @@ class JulietNet(nn.Module):
             raise KeyError(node_id)
         node = self.root
         for p in parts[1:]:
-            node = node.branches[p]
+            node = node.child[p]
         return node
 
     def parent(self, node: TrieNode) -> TrieNode | None:
@@ -170,7 +171,7 @@ class JulietNet(nn.Module):
         return [self.node("/".join(parts[:i])) for i in range(1, len(parts) + 1)]
 
     def leaves(self) -> list[TrieNode]:
-        return [n for n in self.nodes() if not n.kids]
+        return [n for n in self.nodes() if not n.choices]
 
     def ensure_adapter(self, channels: int) -> None:
         """A 1x1 channel adapter to the head width, one per channel count (§4.1); none at head width."""
@@ -193,25 +194,25 @@ class JulietNet(nn.Module):
             parent.next_child += 1
         sub = stage.make() if sub is None else sub
         child = TrieNode(f"{parent.node_id}/{local_id}", d, sub).to(device)
-        first = not parent.branches
-        parent.branches[local_id] = child
+        first = not parent.child
+        parent.child[local_id] = child
         self.ensure_adapter(stage.channels)
         if first and self.options["stop"]:
             stop = TrieNode(f"{parent.node_id}/{STOP}", parent.depth, nn.Identity(), stop=True)
-            parent.branches[STOP] = stop.to(device)
-        if parent.selector is None and len(parent.kids) > 1:
+            parent.child[STOP] = stop.to(device)
+        if parent.selector is None and len(parent.choices) > 1:
             o = self.options
             in_ch, sig_dim = self.backbone.stages[parent.depth].channels, stage.sig_dim
-            selector = make_selector(o["router"], in_ch, sig_dim, o["d_model"], o["n_head"], o["stop_bias"])
+            selector = make_selector(o["selector"], in_ch, sig_dim, o["d_model"], o["n_head"], o["stop_bias"])
             parent.selector = selector.to(device)
         return child
 
     def remove_child(self, parent: TrieNode, child: TrieNode) -> None:
         """Delete `child` and its subtree (Alg. 3 line 3); a parent left with no stage child is a leaf again."""
-        del parent.branches[child.node_id.rsplit("/", 1)[1]]
-        if not parent.stage_kids:
-            if STOP in parent.branches:
-                del parent.branches[STOP]
+        del parent.child[child.node_id.rsplit("/", 1)[1]]
+        if not parent.stage_children:
+            if STOP in parent.child:
+                del parent.child[STOP]
             parent.selector = None
 
     def structure(self) -> dict:
@@ -219,19 +220,19 @@ class JulietNet(nn.Module):
 
         def rec(n: TrieNode) -> dict:
             return {"id": n.node_id, "depth": n.depth, "stop": n.is_stop, "next_child": n.next_child,
-                    "children": [rec(k) for k in n.kids]}
+                    "children": [rec(k) for k in n.choices]}
 
         return {"format": "juliet-trie/1", "backbone": self.backbone.name, "num_classes": self.backbone.num_classes,
                 "options": dict(self.options), "adapters": [int(c) for c in self.adapters],
                 "root": rec(self.root)}
 
     @classmethod
-    def from_structure(cls, s: dict, backbone=None) -> "JulietNet":
-        """Rebuild the trie of `structure()`; then `load_state_dict` restores the weights and statistics."""
-        if backbone is None:
-            from backbones import make_backbone  # local: trie.py works with any backbone object
-
-            backbone = make_backbone(s["backbone"], s["num_classes"])
+    def from_structure(cls, s: dict, backbone) -> "JulietNet":
+        """Rebuild the trie of `structure()` on `backbone` (the same one, e.g. `make_backbone(s["backbone"],
+        s["num_classes"])`); then `load_state_dict` restores the weights and statistics."""
+        if (backbone.name, backbone.num_classes) != (s["backbone"], s["num_classes"]):
+            raise ValueError(f"the structure is of {s['backbone']} with {s['num_classes']} classes, "
+                             f"the backbone {backbone.name} with {backbone.num_classes}")
         net = cls(backbone, prebuild=1, **s["options"])
         templates, _ = backbone.initial()  # one constructor call; load_state_dict overwrites the weights
         for c in s["adapters"]:  # first, in their original order, so net.parameters() keeps its order
@@ -254,7 +255,7 @@ class JulietNet(nn.Module):
             raise ValueError(f"input x must be (B, in_channels={self.backbone.in_channels}, H, W); "
                              f"got shape {tuple(x.shape)}")
         B = x.shape[0]
-        self._decisions, self._exits, self._last_input = [], [], (B, tuple(x.shape[-2:]))
+        self.decisions, self.exits, self.last_input = [], [], (B, tuple(x.shape[-2:]))
         leaves = []  # (leaf id, sample indices (B_l,), pooled gated features (B_l, W))
         gate = torch.ones(B, device=x.device)  # product of straight-through gates along each path
         self._route(self.root, x, torch.arange(B, device=x.device), gate, leaves)
@@ -270,43 +271,40 @@ class JulietNet(nn.Module):
         return logits, [leaves[k][0] for k in order]
 
     def _route(self, node: TrieNode, x: torch.Tensor, idx: torch.Tensor, gate: torch.Tensor, leaves: list):
-        if self.time_nodes:
-            f = self._timed_sub(node, x)
-        else:
-            f = run_sub(node.sub, x, self.training)  # Alg. 1 line 2: (B_n, C, H, W)
+        f = run_sub(node.sub, x, self.training)  # Alg. 1 line 2: (B_n, C, H, W)
         n = f.shape[0]
         self.visits[node.node_id] += n
         if self.training and not node.is_stop and n > 1:
             self._update_sigma2(node, f)
-        kids = node.kids
-        if not kids:  # Alg. 1 line 3: a leaf
+        choices = node.choices
+        if not choices:  # Alg. 1 line 3: a leaf
             z = self.adapt(f.mean((2, 3)))  # (B_n, W)
             leaves.append((node.node_id, idx, z * gate[:, None].to(z.dtype)))
             return
-        if len(kids) == 1:
+        if len(choices) == 1:
             choice = None
         elif not (self.training or torch.is_grad_enabled()):  # inference: top-1 needs no P, no gate
-            choice = node.selector(f, self.signatures(node), STOP in node.branches).argmax(-1)  # (B_n,)
+            choice = node.selector(f, self.signatures(node), STOP in node.child).argmax(-1)  # (B_n,)
         else:
-            logits = node.selector(f, self.signatures(node), STOP in node.branches)  # (B_n, K)
+            logits = node.selector(f, self.signatures(node), STOP in node.child)  # (B_n, K)
             choice, q, P = self._choose(logits)  # (B_n,), (B_n,), (B_n, K)
             gate = gate * (1.0 + (q - q.detach()))  # straight-through: exactly 1 forward, dP_i* backward
             if self.training:
-                self._decisions.append((node, P))
-                self._update_alpha(kids, choice)
-                if STOP in node.branches:  # this node's exit, for exit_loss and route_loss
-                    self._exits.append((idx, f.mean((2, 3)), P[:, -1]))  # (B_n,), (B_n, C), (B_n,)
+                self.decisions.append((node, P))
+                self._update_alpha(choices, choice)
+                if STOP in node.child:  # this node's exit, for exit_loss and route_loss
+                    self.exits.append((idx, f.mean((2, 3)), P[:, -1]))  # (B_n,), (B_n, C), (B_n,)
         # Partition the sub-batch by chosen child: one sort, one gather, K contiguous slices.
         if choice is None:
-            groups = [(kids[0], f, idx, gate)]
+            groups = [(choices[0], f, idx, gate)]
         else:
-            counts = torch.bincount(choice, minlength=len(kids)).tolist()
+            counts = torch.bincount(choice, minlength=len(choices)).tolist()
             if max(counts) == n:  # everyone chose the same child: no gather needed
-                groups = [(kids[counts.index(n)], f, idx, gate)]
+                groups = [(choices[counts.index(n)], f, idx, gate)]
             else:
                 perm = torch.argsort(choice, stable=True)  # (B_n,)
                 parts = [t[perm].split(counts) for t in (f, idx, gate)]  # K slices of (B_j, ...)
-                groups = [(k, *(p[j] for p in parts)) for j, k in enumerate(kids) if counts[j]]
+                groups = [(k, *(p[j] for p in parts)) for j, k in enumerate(choices) if counts[j]]
         for kid, fk, ik, gk in groups:
             self._route(kid, fk, ik, gk, leaves)
 
@@ -316,21 +314,10 @@ class JulietNet(nn.Module):
         key = str(pooled.shape[1])
         return self.adapters[key](pooled) if key in self.adapters else pooled
 
-    def _timed_sub(self, node: TrieNode, x: torch.Tensor) -> torch.Tensor:
-        """run_sub, timed for per-node throughput (synchronising CUDA, so only when asked for)."""
-        if x.is_cuda:
-            torch.cuda.synchronize(x.device)
-        t0 = time.perf_counter()
-        f = run_sub(node.sub, x, self.training)
-        if x.is_cuda:
-            torch.cuda.synchronize(x.device)
-        self.node_seconds[node.node_id] += time.perf_counter() - t0
-        return f
-
     def signatures(self, node: TrieNode) -> torch.Tensor:
         """Weight signature of each stage child: its last conv's weights averaged to (C_out,) (§4.1)."""
         name = self.backbone.stages[node.depth + 1].sig_name
-        ws = [k.sub.get_submodule(name).weight.detach() for k in node.stage_kids]
+        ws = [k.sub.get_submodule(name).weight.detach() for k in node.stage_children]
         return torch.stack([w.float().mean((1, 2, 3)) for w in ws])  # (K_s, S)
 
     def _choose(self, logits: torch.Tensor):
@@ -343,11 +330,11 @@ class JulietNet(nn.Module):
         return choice, y.gather(1, choice[:, None]).squeeze(1), P
 
     @torch.no_grad()
-    def _update_alpha(self, kids: list[TrieNode], choice: torch.Tensor) -> None:
+    def _update_alpha(self, choices: list[TrieNode], choice: torch.Tensor) -> None:
         """Alg. 1 line 6 over a batch: alpha <- beta*alpha + (1-beta)*(fraction of samples choosing the child)."""
         beta = self.options["beta"]
-        frac = torch.bincount(choice, minlength=len(kids)).float() / choice.shape[0]  # (K,)
-        for kid, fr in zip(kids, frac):
+        frac = torch.bincount(choice, minlength=len(choices)).float() / choice.shape[0]  # (K,)
+        for kid, fr in zip(choices, frac):
             kid.alpha.mul_(beta).add_((1 - beta) * fr)
 
     @torch.no_grad()
@@ -358,66 +345,82 @@ class JulietNet(nn.Module):
         beta = self.options["beta"]
         node.sigma2.mul_(beta).add_((1 - beta) * s2)
 
-    # --------------------------------------------------------------------- auxiliary losses (DESIGN §3)
 
-    def stage_macs(self, hw: tuple[int, int]) -> list[float]:
-        """MACs of each stage at input size `hw`, counted once with torch's FlopCounterMode (FLOPs / 2)."""
-        if hw not in self._stage_macs:
-            with torch.random.fork_rng(devices=[]):  # building modules draws random weights: not from our stream
-                stages, _ = self.backbone.initial()
-            x, macs = torch.zeros(1, self.backbone.in_channels, *hw), []
-            with torch.no_grad():
-                for s in stages:
-                    with FlopCounterMode(display=False) as counter:
-                        x = s.eval()(x)
-                    macs.append(counter.get_total_flops() / 2)
-            self._stage_macs[hw] = macs
-        return self._stage_macs[hw]
+# ------------------------------------------------------------------------- training recipe
 
-    def cost_loss(self) -> torch.Tensor:
-        """Expected per-sample stage cost under the selectors' P, as a fraction of the static backbone's.
 
-        Each routing decision adds sum_j P_j c_j, c_j = MACs of child j's stage (0 for a stop child); the stem,
-        which every sample runs, is a constant. Differentiable in P: the training-time twin of the §6.2
-        objective L = (1 - acc) + lambda c. Call it after a training forward pass.
-        """
-        B, hw = self._last_input
-        macs = self.stage_macs(hw)
-        total = torch.tensor(macs[0] * B, device=self.root.alpha.device)
-        for node, P in self._decisions:
-            c = torch.tensor([0.0 if k.is_stop else macs[k.depth] for k in node.kids], device=P.device)
-            total = total + (P @ c).sum()
-        return total / (B * sum(macs))
+def freeze_selectors(net: JulietNet, frozen: bool) -> None:
+    """Routing warm-up (ours): frozen selectors keep a new trie at full depth (negative stop bias), so the
+    stages and exits learn before the straight-through signal, noise until then, can move any route."""
+    for node in net.nodes():
+        if node.selector is not None:
+            node.selector.requires_grad_(not frozen)
 
-    def exit_loss(self, y: torch.Tensor) -> torch.Tensor:
-        """Deep supervision of the early exits (BranchyNet-style; ours, not the paper's): the cross-entropy of
-        every stop child's classifier (GAP, adapter, head) on all samples that reached its parent, whether
-        they stopped there or not, averaged over exits. Trained exits give the selectors something to learn
-        from: a sample whose exit is already right is reinforced there by the straight-through gate."""
-        terms = [F.cross_entropy(self.head(self.adapt(pooled)), y[idx]) for idx, pooled, _ in self._exits]
-        return torch.stack(terms).mean() if terms else torch.zeros((), device=y.device)
 
-    def route_loss(self, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        """Expected loss of each stop decision under P (ours): mean P_stop l_exit + (1 - P_stop) l_path.
 
-        At a node with a stop child both outcomes of a sample are known: l_exit, the cross-entropy of the
-        node's exit classifier (one linear head on pooled features), and l_path, the cross-entropy of the
-        sample's actual prediction. The gradient in P_stop is l_exit - l_path: towards stopping where the exit
-        is as good as the rest of the path. The straight-through gate alone has no baseline: its signal
-        pushes every sample away from whatever path the misclassified ones took, so a shared route collapses
-        as a whole. With cost_loss, a sample stops where its exit costs less than lambda_c x (fraction of the
-        backbone's MACs saved) in nats. Choices between sibling stages keep the straight-through gate.
-        """
+
+def stage_macs(net: JulietNet, hw: tuple[int, int]) -> list[float]:
+    """MACs of each stage at input size `hw`, counted once with torch's FlopCounterMode (FLOPs / 2)."""
+    if hw not in net.stage_macs_cache:
+        with torch.random.fork_rng(devices=[]):  # building modules draws random weights: not from our stream
+            stages, _ = net.backbone.initial()
+        x, macs = torch.zeros(1, net.backbone.in_channels, *hw), []
         with torch.no_grad():
-            path_ce = F.cross_entropy(logits.float(), y, reduction="none")  # (B,)
-        terms = []
-        for idx, pooled, p_stop in self._exits:
-            with torch.no_grad():
-                exit_ce = F.cross_entropy(self.head(self.adapt(pooled)).float(), y[idx], reduction="none")  # (B_n,)
-            terms.append((p_stop * exit_ce + (1 - p_stop) * path_ce[idx]).mean())
-        return torch.stack(terms).mean() if terms else torch.zeros((), device=y.device)
+            for s in stages:
+                with FlopCounterMode(display=False) as counter:
+                    x = s.eval()(x)
+                macs.append(counter.get_total_flops() / 2)
+        net.stage_macs_cache[hw] = macs
+    return net.stage_macs_cache[hw]
 
-    def balance_loss(self) -> torch.Tensor:
-        """§2.2 load-balancing loss M sum_m (f_m - 1/M)^2 per routing node (f_m: mean P), averaged over nodes."""
-        terms = [P.shape[1] * (P.mean(0) - 1.0 / P.shape[1]).pow(2).sum() for _, P in self._decisions]
-        return torch.stack(terms).mean() if terms else torch.zeros((), device=self.root.alpha.device)
+
+def cost_loss(net: JulietNet) -> torch.Tensor:
+    """Expected per-sample stage cost under the selectors' P, as a fraction of the static backbone's.
+
+    Each routing decision adds sum_j P_j c_j, c_j = MACs of child j's stage (0 for a stop child); the stem,
+    which every sample runs, is a constant. Differentiable in P: the training-time twin of the §6.2
+    objective L = (1 - acc) + lambda c. Call it after a training forward pass.
+    """
+    B, hw = net.last_input
+    macs = stage_macs(net, hw)
+    total = torch.tensor(macs[0] * B, device=net.root.alpha.device)
+    for node, P in net.decisions:
+        c = torch.tensor([0.0 if k.is_stop else macs[k.depth] for k in node.choices], device=P.device)
+        total = total + (P @ c).sum()
+    return total / (B * sum(macs))
+
+
+def exit_loss(net: JulietNet, y: torch.Tensor) -> torch.Tensor:
+    """Deep supervision of the early exits (BranchyNet-style; ours, not the paper's): the cross-entropy of
+    every stop child's classifier (GAP, adapter, head) on all samples that reached its parent, whether
+    they stopped there or not, averaged over exits. Trained exits give the selectors something to learn
+    from: a sample whose exit is already right is reinforced there by the straight-through gate."""
+    terms = [F.cross_entropy(net.head(net.adapt(pooled)), y[idx]) for idx, pooled, _ in net.exits]
+    return torch.stack(terms).mean() if terms else torch.zeros((), device=y.device)
+
+
+def route_loss(net: JulietNet, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Expected loss of each stop decision under P (ours): mean P_stop l_exit + (1 - P_stop) l_path.
+
+    At a node with a stop child both outcomes of a sample are known: l_exit, the cross-entropy of the
+    node's exit classifier (one linear head on pooled features), and l_path, the cross-entropy of the
+    sample's actual prediction. The gradient in P_stop is l_exit - l_path: towards stopping where the exit
+    is as good as the rest of the path. The straight-through gate alone has no baseline: its signal
+    pushes every sample away from whatever path the misclassified ones took, so a shared route collapses
+    as a whole. With cost_loss, a sample stops where its exit costs less than lambda_c x (fraction of the
+    backbone's MACs saved) in nats. Choices between sibling stages keep the straight-through gate.
+    """
+    with torch.no_grad():
+        path_ce = F.cross_entropy(logits.float(), y, reduction="none")  # (B,)
+    terms = []
+    for idx, pooled, p_stop in net.exits:
+        with torch.no_grad():
+            exit_ce = F.cross_entropy(net.head(net.adapt(pooled)).float(), y[idx], reduction="none")  # (B_n,)
+        terms.append((p_stop * exit_ce + (1 - p_stop) * path_ce[idx]).mean())
+    return torch.stack(terms).mean() if terms else torch.zeros((), device=y.device)
+
+
+def balance_loss(net: JulietNet) -> torch.Tensor:
+    """§2.2 load-balancing loss M sum_m (f_m - 1/M)^2 per routing node (f_m: mean P), averaged over nodes."""
+    terms = [P.shape[1] * (P.mean(0) - 1.0 / P.shape[1]).pow(2).sum() for _, P in net.decisions]
+    return torch.stack(terms).mean() if terms else torch.zeros((), device=net.root.alpha.device)

@@ -1,0 +1,227 @@
+"""Wall time and memory of static vs Juliet, one process, interleaved (paper §6.1, Table 5): `profile.py --bench`.
+
+    benchmark("resnet18", batch=128, repeats=15)       # static vs a fresh chain with every selector running
+    benchmark("resnet18", run_dir="runs/demo/juliet")  # ... and a trained trie on its own test images
+
+Every number is a median over interleaved repeats (static, juliet, static, juliet, ...), so drift in the
+machine's load hits every model alike; ratios are against the static backbone timed in the same process.
+Memory of one step: `step_peak_memory` (the CUDA allocator's peak during the step on GPU; on CPU the peak
+of live tensors from torch.profiler's allocation events, since process RSS cannot isolate one step).
+"""
+
+import collections
+import contextlib
+import copy
+import itertools
+import statistics
+import time
+
+import torch
+import torch.nn.functional as F
+
+import measure
+from backbones import make_backbone, static_model
+from data import run_test_loader
+from runs import UsageError, load_run
+from trie import JulietNet
+
+# ----------------------------------------------------------------------------- one step and its memory
+
+
+def make_step(model, x, train):
+    """One training step (forward + CE + backward + Adam, Table 2's optimizer) or one no_grad inference batch."""
+    if not train:
+        def infer():
+            model.eval()
+            with torch.no_grad():
+                model(x)
+        return infer, None
+    if hasattr(model, "backbone"):  # a JulietNet; a static torchvision model ends with its classifier
+        classes = model.backbone.num_classes
+    else:
+        classes = [m for m in model.modules() if isinstance(m, torch.nn.Linear)][-1].out_features
+    y = torch.randint(0, classes, (x.shape[0],), generator=torch.Generator().manual_seed(0))
+    y, opt = y.to(x.device), torch.optim.Adam(model.parameters(), lr=1e-3, weight_decay=1e-5)
+
+    def step():
+        model.train()
+        opt.zero_grad(set_to_none=True)
+        F.cross_entropy(model(x), y).backward()
+        opt.step()
+    return step, opt
+
+
+def held_bytes(model, opt, x):
+    """Tensors alive before a step: params, buffers, optimizer state, the input batch."""
+    held = [*model.parameters(), *model.buffers(), x]
+    held += [t for s in (opt.state.values() if opt else []) for t in s.values() if torch.is_tensor(t)]
+    return sum(t.numel() * t.element_size() for t in held)
+
+
+def profile_step(step, opt, device):
+    """torch.profiler over one warmed-up step: (profiler, peak bytes of live tensors allocated during the step)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    if opt is not None:
+        opt.zero_grad(set_to_none=True)  # old grads are freed before, not inside, the profiled step
+    cuda = str(device).startswith("cuda")
+    if cuda:
+        measure.sync(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        before = torch.cuda.memory_allocated(device)
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    with profile(activities=acts, profile_memory=True) as prof:
+        step()
+        measure.sync(device)
+    if cuda:
+        return prof, torch.cuda.max_memory_allocated(device) - before
+    # Each CPU allocation and free is a "[memory]" event with a signed size; their running sum in time order
+    # is the live tensor memory relative to the step's start (the aggregated op table nets them per op).
+    cpu = torch.autograd.DeviceType.CPU
+    events = sorted((e for e in prof.profiler.kineto_results.events()
+                     if e.name() == "[memory]" and e.device_type() == cpu), key=lambda e: e.start_ns())
+    return prof, max(itertools.accumulate((e.nbytes() for e in events), initial=0))
+
+
+def conv_bwd_share(prof) -> float:
+    """Table 5's "conv-bwd share": aten::convolution_backward (with its children) over all self CPU time."""
+    averages = prof.key_averages()
+    total = sum(a.self_cpu_time_total for a in averages)
+    return sum(a.cpu_time_total for a in averages if a.key == "aten::convolution_backward") / max(total, 1e-9)
+
+
+def step_peak_memory(model, input_size=32, batch=128, train=True, device="cpu", warmup=2) -> dict:
+    """Peak memory of one training step or one inference batch of a copy of `model` (§6.1 Table 5)."""
+    model = copy.deepcopy(model).to(device)
+    x = torch.randn(batch, 3, input_size, input_size, generator=torch.Generator().manual_seed(0)).to(device)
+    step, opt = make_step(model, x, train)
+    for _ in range(warmup):  # Adam state and allocator caches exist before the measured step
+        step()
+    _, peak = profile_step(step, opt, device)
+    before = held_bytes(model, opt, x)
+    what = ("activations saved for backward, temporaries, gradients (set to None before the step) and Adam "
+            "update temporaries" if train else "activations and temporaries of a no_grad forward")
+    how = ("torch.cuda.max_memory_allocated during the step minus memory_allocated at its start"
+           if str(device).startswith("cuda") else
+           "torch.profiler(profile_memory=True): running sum of the CPU allocator's alloc/free events")
+    return {"device": str(device), "mode": "train" if train else "inference", "batch": batch, "input_size": input_size,
+            "peak_step_mb": peak / 1e6, "before_step_mb": before / 1e6, "peak_total_mb": (peak + before) / 1e6,
+            "method": how, "includes": f"peak_step_mb: {what}, allocated during one warmed-up step; params, "
+            "buffers, optimizer state and the input batch exist before the step: excluded there, counted in "
+            "before_step_mb; peak_total_mb is their sum"}
+
+
+
+
+# ----------------------------------------------------------------------------- wall time
+
+
+def _spread(ts):
+    q1, _, q3 = statistics.quantiles(ts, n=4, method="inclusive") if len(ts) > 1 else (ts[0],) * 3
+    return {"median_s": statistics.median(ts), "min_s": min(ts), "max_s": max(ts), "iqr_s": q3 - q1, "n": len(ts)}
+
+
+def _no_early_exit(net):
+    """Worst-case routing overhead: every selector runs, but the stop child (last logit, trie.choices) gets -inf."""
+    def hook(selector, inputs, logits):
+        if inputs[2]:
+            return torch.cat([logits[:, :-1], torch.full_like(logits[:, -1:], float("-inf"))], 1)  # (B, K)
+    for node in net.nodes():
+        if node.selector is not None:
+            node.selector.register_forward_hook(hook)
+    return net
+
+
+def _images(loader, n):
+    xs = []
+    for batch in loader:
+        xs.append(batch[0])
+        if sum(len(t) for t in xs) >= n:
+            return torch.cat(xs)[:n]
+    return None
+
+
+def benchmark(backbone_name, input_size=32, batch=128, repeats=15, warmup=3, device="cpu", run_dir=None,
+          num_classes=10, selector="transformer") -> dict:
+    """Train-step and inference-batch wall time, static vs Juliet, one process, interleaved (§6.1 Table 5).
+
+    juliet_chain: a fresh chain whose selectors all run but never stop early (worst-case routing overhead);
+    juliet_run: `run_dir`'s trained trie routing as it learned, on the run's test images where its loader exists.
+    Returns {"models": {name: {"train", "inference": _spread, "conv_bwd_share", "peak_train_mb", "top_ops"}},
+    "ratios": {name: {"train", "inference"}} (median / static median), and the settings}.
+    """
+    from tqdm import trange
+
+    x, models = None, {}
+    if run_dir is not None:
+        config, trained = load_run(run_dir, device)
+        if not isinstance(trained, JulietNet):
+            raise UsageError(f"{run_dir} is a static run; --run needs a Juliet run")
+        backbone_name, num_classes = config["backbone"], config["num_classes"]
+        input_size = config.get("input_size", input_size)
+        with contextlib.suppress(UsageError):  # routing as learned needs real images; else random ones
+            x = _images(run_test_loader(config), batch)
+    torch.manual_seed(0)
+    models["static"] = static_model(backbone_name, num_classes)
+    models["juliet_chain"] = _no_early_exit(JulietNet(make_backbone(backbone_name, num_classes), selector=selector))
+    if run_dir is not None:
+        models["juliet_run"] = trained
+    source = "random N(0,1)" if x is None else "the run's test set"
+    if x is None:
+        x = torch.randn(batch, 3, input_size, input_size, generator=torch.Generator().manual_seed(0))
+    x = x.to(device)
+    steps = {(name, mode): make_step(m.to(device), x, mode == "train") for mode in ("train", "inference")
+             for name, m in models.items()}
+    times = collections.defaultdict(list)
+    for r in trange(warmup + repeats, desc="bench", leave=False):
+        for key, (fn, _) in steps.items():  # static, juliet, static, juliet, ...: load drift hits both alike
+            measure.sync(device)
+            t0 = time.perf_counter()
+            fn()
+            measure.sync(device)
+            if r >= warmup:
+                times[key].append(time.perf_counter() - t0)
+    out = {"backbone": backbone_name, "input_size": input_size, "batch": batch, "repeats": repeats, "warmup": warmup,
+           "device": str(device), "threads": torch.get_num_threads(), "input": source, "models": {}, "ratios": {}}
+    for name, model in models.items():
+        step, opt = steps[(name, "train")]
+        prof, peak = profile_step(step, opt, device)
+        out["models"][name] = {"train": _spread(times[(name, "train")]),
+                               "inference": _spread(times[(name, "inference")]),
+                               "conv_bwd_share": conv_bwd_share(prof),
+                               "peak_train_mb": (peak + held_bytes(model, opt, x)) / 1e6,
+                               "top_ops": prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=8)}
+        out["ratios"][name] = {m: out["models"][name][m]["median_s"] / out["models"]["static"][m]["median_s"]
+                               for m in ("train", "inference")}
+    return out
+
+
+def format_bench(result) -> str:
+    """Table 5 as markdown: median [min-max] (IQR) seconds, and Juliet / static."""
+    r, names = result, list(result["models"])
+    labels = {"static": "static", "juliet_chain": "Juliet chain (all selectors, no early exit)",
+              "juliet_run": "Juliet (trained run)"}
+    rows = [["metric", "static"] + [h for n in names[1:] for h in (labels[n], "ratio")]]
+    rows.append(["---"] * len(rows[0]))
+    for key, label in (("train", "train step (s)"), ("inference", "inference batch (s)"),
+                       ("conv_bwd_share", "conv-bwd share of train-step CPU time"),
+                       ("peak_train_mb", "peak train-step live tensors (MB)")):
+        row = [label]
+        for n in names:
+            v, v0 = r["models"][n][key], r["models"]["static"][key]
+            if isinstance(v, dict):
+                row.append(f"{v['median_s']:.3f} [{v['min_s']:.3f}-{v['max_s']:.3f}] (IQR {v['iqr_s']:.3f})")
+                v, v0 = v["median_s"], v0["median_s"]
+            elif key == "conv_bwd_share":  # a share: the change in points, as Table 5's "66% -> 60%"
+                row += [f"{v:.0%}"] + ([f"{100 * (v - v0):+.0f} pts"] if n != "static" else [])
+                continue
+            else:
+                row.append(f"{v:.1f}")
+            row += [f"{v / v0:.3f}x"] if n != "static" else []
+        rows.append(row)
+    title = (f"{r['backbone']}, batch {r['batch']}, {r['input_size']}x{r['input_size']}, {r['device']} "
+             f"({r['threads']} threads), input {r['input']}; {r['repeats']} repeats after {r['warmup']} warm-up, "
+             "interleaved; median [min-max] (IQR)")
+    return "\n".join([title, ""] + ["| " + " | ".join(row) + " |" for row in rows])
+
+

@@ -1,0 +1,212 @@
+"""Datasets and transform presets of the two protocols: CIFAR-10 (paper §5.1, Table 2) and ImageNet (§5.2, Table 3).
+
+Everything comes through torchvision's own loaders: `CIFAR10`/`CIFAR100` (download and MD5 check on
+request) and `ImageFolder` (ImageNet, or any folder of 32x32 images). Offline, the default demo set is
+`SyntheticImages`, a seeded procedural 10-class set with easy and hard samples.
+
+    train, val, test, num_classes = cifar_datasets(config)     # Table 2: seeded 90/10 train/val split + test
+    train, val, test, num_classes = imagenet_datasets(config)  # Table 3: the val set is also the test set
+    loader = run_test_loader(config)                           # the test loader of a finished run
+
+`config` is a run's config.json (the training script's flags): dataset, data_dir, input_size, batch_size,
+workers, device, val_split, split_seed, synthetic_size, data_seed, download.
+"""
+
+import math
+import os
+
+import torch
+import torchvision
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset
+from torchvision import transforms as T
+from tqdm import tqdm
+
+from runs import UsageError
+
+CIFAR_STATS = {"cifar10": ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
+               "cifar100": ((0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762))}
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)  # Table 3
+DATASETS = ("cifar10", "cifar100", "imagefolder", "synthetic")  # train_cifar.py; train_imagenet.py: "imagenet"
+
+
+# ----------------------------------------------------------------------------- the synthetic set
+
+
+class SyntheticImages(Dataset):
+    """A seeded, procedurally generated 10-class 32x32 image set: learnable, offline, easy and hard samples.
+
+    Class c is an ordered pair of textures (top half, bottom half) from {horizontal stripes, vertical
+    stripes, rings, checkerboard, diagonal cross}; classes come in swapped pairs, (a, b) and (b, a).
+    Easy samples (1 - hard_fraction) are drawn in their class's own colour with little noise, so the
+    stem's features give the class away. Hard samples get a random colour, lower contrast and more noise:
+    only the spatial arrangement of the two textures separates a class from its partner, which needs the
+    larger receptive fields of deeper stages (a linear exit on ResNet-18's stem gets ~99% of the easy and
+    ~45% of the hard ones). Routing thus has something to specialise on. Every class is invariant to
+    Table 2's crops and horizontal flips. `hard` records which sample is which.
+    """
+
+    PAIRS = ((0, 1), (1, 0), (2, 3), (3, 2), (4, 0), (0, 4), (1, 2), (2, 1), (3, 4), (4, 3))
+
+    def __init__(self, n: int, seed: int, size: int = 32, hard_fraction: float = 0.5):
+        g = torch.Generator().manual_seed(seed)
+        y = torch.randint(0, 10, (n,), generator=g)
+        self.hard = torch.rand(n, generator=g) < hard_fraction
+        palette = 0.2 + 0.8 * torch.rand(10, 3, generator=torch.Generator().manual_seed(1234))
+        yy, xx = torch.meshgrid(torch.arange(size).float(), torch.arange(size).float(), indexing="ij")
+
+        def texture(kind):  # (n,) texture ids -> (n, S, S), random period, phase and ring centre
+            f = 2 * math.pi / (3.5 + 2.5 * torch.rand(n, 1, 1, generator=g))
+            p = 2 * math.pi * torch.rand(n, 1, 1, generator=g)
+            cx, cy = size * torch.rand(n, 1, 1, generator=g), size * torch.rand(n, 1, 1, generator=g)
+            u, v = (xx + yy) / math.sqrt(2), (xx - yy) / math.sqrt(2)
+            waves = torch.stack([torch.sin(f * yy + p), torch.sin(f * xx + p),
+                                 torch.sin(f * torch.sqrt((xx - cx) ** 2 + (yy - cy) ** 2) + p),
+                                 torch.sin(f * xx + p) * torch.sin(f * yy + p),
+                                 (torch.sin(f * u + p) + torch.sin(f * v + p)) / 2], 1)  # (n, 5, S, S)
+            return waves[torch.arange(n), kind]
+
+        pairs = torch.tensor(self.PAIRS)[y]  # (n, 2)
+        split = torch.randint(12, 21, (n, 1, 1), generator=g)  # the row where the bottom texture starts
+        wave = torch.where(yy < split, texture(pairs[:, 0]), texture(pairs[:, 1]))  # (n, S, S)
+        amp = torch.where(self.hard, 0.35, 0.6)[:, None, None]
+        colour = torch.where(self.hard[:, None], 0.2 + 0.8 * torch.rand(n, 3, generator=g), palette[y])  # (n, 3)
+        noise = torch.where(self.hard, 0.25, 0.08)[:, None, None, None] * torch.randn(n, size, size, 3, generator=g)
+        img = 0.5 + (amp * wave)[..., None] * colour[:, None, None, :] + noise  # (n, S, S, 3)
+        self.data = (img.clamp(0, 1) * 255).round().to(torch.uint8).numpy()
+        self.targets = y.tolist()
+        self.classes = [f"{a}-over-{b}" for a, b in self.PAIRS]
+
+    def __len__(self):
+        return len(self.targets)
+
+    def __getitem__(self, i):
+        return Image.fromarray(self.data[i]), self.targets[i]
+
+
+class Split(Dataset):
+    """Some indices of a dataset, with their own transform (train augmentation vs. evaluation)."""
+
+    def __init__(self, base, indices, transform):
+        self.base, self.indices, self.transform = base, list(indices), transform
+
+    def __len__(self):
+        return len(self.indices)
+
+    def __getitem__(self, i):
+        img, y = self.base[self.indices[i]]
+        return self.transform(img), y
+
+
+# ----------------------------------------------------------------------------- CIFAR protocol (§5.1, Table 2)
+
+
+def cifar_transform(dataset: str, size: int, train: bool):
+    """Table 2: random crop 32 with padding 4, horizontal flip, normalisation."""
+    mean, std = CIFAR_STATS.get(dataset, ((0.5, 0.5, 0.5), (0.25, 0.25, 0.25)))
+    aug = [T.RandomCrop(size, padding=4), T.RandomHorizontalFlip()] if train else []
+    return T.Compose([*aug, T.ToTensor(), T.Normalize(mean, std)])
+
+
+def check_image_folder(root: str, size: int):
+    """An ImageFolder split, every image checked to be size x size (headers only: fast)."""
+    if not os.path.isdir(root):
+        raise UsageError(f"image folder {root} does not exist (expected <data-dir>/train and <data-dir>/test "
+                         f"with one sub-folder of images per class)")
+    try:
+        ds = torchvision.datasets.ImageFolder(root)
+    except (FileNotFoundError, RuntimeError) as e:
+        raise UsageError(f"image folder {root}: {e}") from None
+    for path, _ in tqdm(ds.samples, desc=f"checking {root}", leave=False, disable=len(ds) < 5000):
+        with Image.open(path) as im:
+            if im.size != (size, size):
+                raise UsageError(f"{path} is {im.size[0]}x{im.size[1]}, expected {size}x{size} (--input-size)")
+    return ds
+
+
+def cifar_base(config: dict, train: bool):
+    """The raw train or test split of the configured 32x32 dataset, through torchvision's own loaders."""
+    name, root = config["dataset"], config["data_dir"]
+    if name in ("cifar10", "cifar100"):
+        cls = torchvision.datasets.CIFAR10 if name == "cifar10" else torchvision.datasets.CIFAR100
+        try:
+            return cls(root, train=train, download=config.get("download", False))
+        except RuntimeError:
+            raise UsageError(f"{name} not found in {root}; fetch it with: python train_cifar.py --dataset {name} "
+                             f"--data-dir {root} --download") from None
+    if name == "imagefolder":
+        return check_image_folder(os.path.join(root, "train" if train else "test"), config["input_size"])
+    n = config["synthetic_size"] if train else max(1, config["synthetic_size"] // 5)
+    return SyntheticImages(n, seed=config["data_seed"] + (0 if train else 1))
+
+
+def cifar_datasets(config: dict):
+    """Train / val (a seeded 90/10 split of the training set, Table 2) / test datasets, and the class count."""
+    base = cifar_base(config, train=True)
+    perm = torch.randperm(len(base), generator=torch.Generator().manual_seed(config["split_seed"])).tolist()
+    n_val = int(round(len(base) * config["val_split"]))
+    size, name = config["input_size"], config["dataset"]
+    train = Split(base, perm[n_val:], cifar_transform(name, size, train=True))
+    val = Split(base, perm[:n_val], cifar_transform(name, size, train=False))
+    return train, val, make_test_set(config), len(base.classes)
+
+
+# ----------------------------------------------------------------------------- ImageNet protocol (§5.2, Table 3)
+
+
+def imagenet_transform(size: int, train: bool):
+    """Table 3: RandomResizedCrop + flip for training; resize 256 / centre crop 224 (scaled to `size`) for val."""
+    norm = [T.ToTensor(), T.Normalize(IMAGENET_MEAN, IMAGENET_STD)]
+    if train:
+        return T.Compose([T.RandomResizedCrop(size), T.RandomHorizontalFlip(), *norm])
+    return T.Compose([T.Resize(round(size * 256 / 224)), T.CenterCrop(size), *norm])
+
+
+def imagenet_folder(root: str, split: str) -> torchvision.datasets.ImageFolder:
+    path = os.path.join(root, split)
+    if not os.path.isdir(path):
+        raise UsageError(f"{path} does not exist; --data-dir must hold train/ and val/ with one folder of "
+                         f"images per class (ImageNet's ImageFolder layout)")
+    try:
+        return torchvision.datasets.ImageFolder(path)
+    except FileNotFoundError as e:  # no class folders, or a class folder without images
+        raise UsageError(f"{path}: {e}") from None
+
+
+def imagenet_datasets(config: dict):
+    """Train, val and 'test' (the val set again, as in §6.3) through torchvision's ImageFolder."""
+    train = imagenet_folder(config["data_dir"], "train")
+    val = make_test_set(config)
+    if val.base.classes != train.classes:
+        raise UsageError(f"train/ and val/ under {config['data_dir']} have different class folders")
+    train_ds = Split(train, range(len(train)), imagenet_transform(config["input_size"], train=True))
+    return train_ds, val, val, len(train.classes)
+
+
+# ----------------------------------------------------------------------------- loaders
+
+
+def make_test_set(config: dict) -> Split:
+    """The test split of a run's dataset, with evaluation transforms (ImageNet: its val set, §6.3)."""
+    if config["dataset"] == "imagenet":
+        base = imagenet_folder(config["data_dir"], "val")
+        return Split(base, range(len(base)), imagenet_transform(config["input_size"], train=False))
+    base = cifar_base(config, train=False)
+    return Split(base, range(len(base)), cifar_transform(config["dataset"], config["input_size"], train=False))
+
+
+def run_test_loader(config: dict) -> DataLoader:
+    """The test loader of a finished run, from its config.json; one line saying why when it cannot be loaded."""
+    try:
+        return make_loader(make_test_set(config), config, shuffle=False)
+    except (OSError, RuntimeError) as e:  # e.g. no data on this machine
+        raise UsageError(f"cannot load the run's test set: {e}") from None
+    except UsageError as e:
+        raise UsageError(f"cannot load the run's test set: {e}") from None
+
+
+def make_loader(dataset, config: dict, shuffle: bool) -> DataLoader:
+    """Non-persistent workers get their seeds from the (reseeded, runs.seed_epoch) generator every epoch."""
+    return DataLoader(dataset, batch_size=config["batch_size"], shuffle=shuffle, drop_last=shuffle,
+                      num_workers=config["workers"], pin_memory=config["device"].startswith("cuda"),
+                      generator=torch.Generator() if shuffle else None)

@@ -1,0 +1,217 @@
+"""Script behaviour: train_cifar.py and train_imagenet.py end to end on tiny datasets written to disk in the
+real formats (CIFAR-10 pickles, ImageFolder PNG/JPEG), the run directory, resume, bad input."""
+
+import hashlib
+import math
+import os
+import pickle
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+import torchvision
+from PIL import Image
+
+import data
+import train_cifar
+import train_imagenet
+from backbones import make_backbone
+from conftest import REPO, cifar_args, one_line_error, read_json, write_image_folder
+
+# ----------------------------------------------------------------------------- train_cifar.py
+
+RUN_FILES = ["config.json", "model_profile.json", "epoch_1.json", "checkpoint.pt", "final.json", "accuracy.png"]
+EPOCH_KEYS = ["train_loss", "val_loss", "train_top1", "train_top5", "val_top1", "val_top5", "lr", "params",
+              "train_flops_epoch_paper_convention_macs", "time_train_s", "time_val_s", "events",
+              "energy_train_j", "energy_train_status", "peak_memory_bytes"]
+JULIET_EPOCH_KEYS = ["val_node_visits", "val_node_throughput_img_s", "val_executed_macs_per_sample",
+                     "train_flops_epoch_executed_macs", "train_node_visits", "n_nodes"]
+FINAL_KEYS = ["test_top1", "test_top5", "test_executed_macs_per_sample", "flops_paper_convention_macs", "params"]
+
+
+def write_cifar10(root, n_train=40, n_test=20, seed=0):
+    """A tiny CIFAR-10 in the real on-disk format (cifar-10-batches-py, pickled batches).
+
+    torchvision checks each file's md5 against the real release; the tests pin those checksums to the
+    tiny files' own (see `pinned_cifar10`), so the real parsing and integrity-check code runs on them.
+    """
+    rng = np.random.default_rng(seed)
+    folder = os.path.join(root, "cifar-10-batches-py")
+    os.makedirs(folder)
+    names = [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]
+    for name in names:
+        n = n_test if name == "test_batch" else n_train // 5
+        labels = (np.arange(n) % 10).tolist()
+        data = rng.integers(0, 256, (n, 3072), dtype=np.uint8)
+        data[:, :1024] = (np.array(labels)[:, None] * 25).astype(np.uint8)  # red channel encodes the class
+        with open(os.path.join(folder, name), "wb") as f:
+            # the real files are Python 2 pickles whose keys load as str under encoding="latin1"
+            pickle.dump({"batch_label": name, "labels": labels, "data": data,
+                         "filenames": [f"{i}.png" for i in range(n)]}, f, protocol=2)
+    with open(os.path.join(folder, "batches.meta"), "wb") as f:
+        pickle.dump({"label_names": [f"c{i}" for i in range(10)], "num_cases_per_batch": n_train // 5}, f, protocol=2)
+    return {name: hashlib.md5(open(os.path.join(folder, name), "rb").read()).hexdigest()
+            for name in [*names, "batches.meta"]}
+
+
+@pytest.fixture
+def pinned_cifar10(tmp_path, monkeypatch):
+    md5 = write_cifar10(tmp_path / "cifar")
+    cls = torchvision.datasets.CIFAR10
+    monkeypatch.setattr(cls, "train_list", [[n, md5[n]] for n, _ in cls.train_list])
+    monkeypatch.setattr(cls, "test_list", [[n, md5[n]] for n, _ in cls.test_list])
+    monkeypatch.setitem(cls.meta, "md5", md5["batches.meta"])
+    return tmp_path / "cifar"
+
+
+def test_cifar10_batches_through_torchvision_loader_static_baseline(pinned_cifar10, tmp_path):
+    out = tmp_path / "run"
+    final = train_cifar.main(cifar_args(out, "--dataset", "cifar10", "--data-dir", str(pinned_cifar10), "--static"))
+    config = read_json(out / "config.json")
+    assert (config["train_size"], config["val_size"], config["test_size"]) == (36, 4, 20)  # 90/10 split
+    profile_json = read_json(out / "model_profile.json")
+    assert round(profile_json["flops_paper_convention_macs"] / 1e6, 2) == 37.22
+    assert round(profile_json["params"] / 1e6, 2) == 11.18 and profile_json["proxy"] is False
+    assert final["test_executed_macs_per_sample"] == final["flops_paper_convention_macs"]
+    for name in RUN_FILES:
+        assert (out / name).exists(), name
+
+
+@pytest.mark.parametrize("backbone", ["resnet18", "efficientnet_b0", "densenet121", "resnet101"])
+def test_one_epoch_of_each_backbone_writes_the_run_directory(tmp_path, backbone):
+    data = write_image_folder(tmp_path / "imgs")
+    out = tmp_path / "run"
+    final = train_cifar.main(cifar_args(out, "--dataset", "imagefolder", "--data-dir", str(data),
+                                        "--backbone", backbone, "--grow-every", "1", "--grow-threshold", "0"))
+    for name in [*RUN_FILES, "node_usage.png", "trie.png"]:
+        assert (out / name).exists(), name
+    epoch = read_json(out / "epoch_1.json")
+    assert all(k in epoch for k in EPOCH_KEYS + JULIET_EPOCH_KEYS), set(EPOCH_KEYS + JULIET_EPOCH_KEYS) - set(epoch)
+    assert all(k in final for k in FINAL_KEYS)
+    assert epoch["n_nodes"] > len(make_backbone(backbone).stages)  # stop children, plus growth at threshold 0
+    assert any(e["kind"] == "grow" for e in epoch["events"])
+    assert math.isnan(epoch["energy_train_j"]) and epoch["energy_train_status"]  # no NVML on CPU: NaN + reason
+    assert 0 < final["test_executed_macs_per_sample"]
+    profile_json = read_json(out / "model_profile.json")
+    assert profile_json["proxy"] is True and profile_json["dataset"] == "imagefolder"
+    ckpt = torch.load(out / "checkpoint.pt", weights_only=False)
+    assert {"model", "structure", "optimizer", "scheduler", "run", "args", "rng"} <= set(ckpt)
+
+
+def test_resume_is_exact(tmp_path):
+    common = ["--dataset", "synthetic", "--synthetic-size", "160", "--batch-size", "16", "--selector", "mlp",
+              "--grow-every", "2", "--grow-threshold", "0", "--prune-every", "1", "--t-min", "1", "--seed", "3",
+              "--route-warmup", "1"]
+    a, b = tmp_path / "a", tmp_path / "b"
+    train_cifar.main(train_cifar.parse_args(["--out", str(a), "--epochs", "2", "--workers", "0", "--quiet", *common]))
+    train_cifar.main(train_cifar.parse_args(["--out", str(b), "--epochs", "1", "--workers", "0", "--quiet", *common]))
+    train_cifar.main(train_cifar.parse_args(["--resume", str(b), "--epochs", "2", "--quiet"]))
+    ea, eb = read_json(a / "epoch_2.json"), read_json(b / "epoch_2.json")
+    assert ea["events"], "the run should grow and prune, so that resume must restore a changed trie"
+    for k in ["train_loss", "val_loss", "val_top1", "train_top1", "lr", "structure", "events", "val_leaf_counts"]:
+        assert ea[k] == eb[k], k
+    assert read_json(a / "final.json")["test_top1"] == read_json(b / "final.json")["test_top1"]
+
+
+def test_synthetic_set_is_seeded_learnable_shape_and_mixed():
+    a, b = data.SyntheticImages(200, seed=5), data.SyntheticImages(200, seed=5)
+    assert np.array_equal(a.data, b.data) and a.targets == b.targets
+    assert a.data.shape == (200, 32, 32, 3) and a.data.dtype == np.uint8
+    assert set(a.targets) == set(range(10)) and 0.35 < float(a.hard.float().mean()) < 0.65
+    c = data.SyntheticImages(200, seed=6)
+    assert not np.array_equal(a.data, c.data)
+    # easy samples carry their class colour: the class mean colour separates them, the hard ones' does not
+    img = torch.tensor(a.data).float().mean((1, 2))  # (N, 3)
+    y = torch.tensor(a.targets)
+    spread = [img[(y == k) & ~a.hard].std(0).mean() for k in range(10)]
+    assert max(spread) < 20
+
+
+def run_cli(*argv, cwd=REPO):
+    return subprocess.run([sys.executable, "train_cifar.py", *argv], cwd=cwd, capture_output=True, text=True)
+
+
+def test_bad_input_ends_with_one_line_and_keeps_existing_runs(tmp_path):
+    base = ["--epochs", "1", "--batch-size", "8", "--workers", "0", "--quiet"]
+    assert "resnet18" in one_line_error(run_cli("--backbone", "vgg16", *base))
+    assert "[0, 1]" in one_line_error(run_cli("--grow-threshold", "1.5", *base))
+    missing = tmp_path / "nowhere"
+    line = one_line_error(run_cli("--dataset", "imagefolder", "--data-dir", str(missing), *base), code=1)
+    assert "does not exist" in line
+    bad = write_image_folder(tmp_path / "bad", bad=28)
+    assert "28x28" in one_line_error(run_cli("--dataset", "imagefolder", "--data-dir", str(bad), *base), code=1)
+    (tmp_path / "afile").write_text("")
+    line = one_line_error(run_cli("--dataset", "synthetic", "--synthetic-size", "100", "--out",
+                                  str(tmp_path / "afile" / "run"), *base), code=1)
+    assert "cannot write" in line
+    line = one_line_error(run_cli("--dataset", "synthetic", "--synthetic-size", "100", "--lr", "1e30",
+                                  "--out", str(tmp_path / "nan"), *base), code=1)
+    assert "loss is nan" in line or "loss is inf" in line
+    # an existing run is never overwritten: its checkpoint stays byte-identical
+    run = tmp_path / "run"
+    train_cifar.main(cifar_args(run, "--dataset", "synthetic", "--synthetic-size", "100", "--static"))
+    digest = hashlib.md5((run / "checkpoint.pt").read_bytes()).hexdigest()
+    line = one_line_error(run_cli("--dataset", "synthetic", "--synthetic-size", "100", "--out", str(run), *base),
+                          code=1)
+    assert "--resume" in line
+    assert hashlib.md5((run / "checkpoint.pt").read_bytes()).hexdigest() == digest
+
+
+def test_cifar10_missing_says_how_to_download(tmp_path):
+    line = one_line_error(run_cli("--data-dir", str(tmp_path), "--epochs", "1", "--quiet"), code=1)
+    assert "--download" in line and str(tmp_path) in line
+
+
+def test_help_names_the_paper_source_of_defaults():
+    text = run_cli("--help").stdout
+    assert "Table 2" in text and "Alg. 2" in text and "§4.1" in text
+
+
+# ----------------------------------------------------------------------------- train_imagenet.py
+
+
+def write_imagenet(root, empty_class=False):
+    """A tiny ImageNet in ImageFolder layout: train/<wnid>/*.JPEG and val/<wnid>/*.JPEG, odd image sizes."""
+    rng = np.random.default_rng(0)
+    for split, n in (("train", 6), ("val", 3)):
+        for c in range(3):
+            d = os.path.join(root, split, f"n0{c}")
+            os.makedirs(d)
+            for i in range(0 if (empty_class and c == 2 and split == "val") else n):
+                Image.fromarray(rng.integers(0, 255, (48, 40, 3), dtype=np.uint8)).save(os.path.join(d, f"{i}.JPEG"))
+    return root
+
+
+def test_imagenet_one_epoch_writes_the_run_directory(tmp_path):
+    data, out = write_imagenet(tmp_path / "inet"), tmp_path / "run"
+    args = train_imagenet.parse_args(["--data-dir", str(data), "--input-size", "32", "--epochs", "1",
+                                      "--batch-size", "4", "--workers", "0", "--lr", "0.01", "--out", str(out),
+                                      "--quiet"])
+    assert (args.backbone, args.optimizer, args.scheduler, args.prebuild) == ("resnet101", "sgd", "cosine", 10)
+    final = train_imagenet.main(args)
+    for name in [*RUN_FILES, "energy.png", "top1_per_gflop.png", "trie.png"]:
+        assert (out / name).exists(), name
+    epoch = read_json(out / "epoch_1.json")
+    for key in ["energy_train_j", "energy_val_j", "energy_train_j_per_image", "throughput_train_img_s",
+                "val_node_visits", "val_class_depth", "val_node_throughput_img_s"]:
+        assert key in epoch, key
+    assert math.isnan(epoch["energy_train_j"]) and math.isnan(epoch["energy_val_j"])
+    assert "NVML" in epoch["energy_train_status"]
+    assert set(epoch["val_class_depth"]) == {"0", "1", "2"}
+    assert epoch["n_nodes"] >= 10 and final["test_samples"] == 9
+
+
+def test_imagenet_bad_input(tmp_path):
+    def run(*argv):
+        return subprocess.run([sys.executable, "train_imagenet.py", "--epochs", "1", "--workers", "0", "--quiet",
+                               "--input-size", "32", "--batch-size", "2", *argv],
+                              cwd=REPO, capture_output=True, text=True)
+
+    shutil.rmtree(write_imagenet(tmp_path / "noval") / "val")
+    assert "val does not exist" in one_line_error(run("--data-dir", str(tmp_path / "noval")), code=1)
+    assert "train does not exist" in one_line_error(run("--data-dir", str(tmp_path / "nothing")), code=1)
+    data = write_imagenet(tmp_path / "empty", empty_class=True)
+    assert "n02" in one_line_error(run("--data-dir", str(data)), code=1)

@@ -1,0 +1,160 @@
+"""sweep.py: the §6.2 Optuna study (continue, prune, stale trials, bad input) and the §5.3 ablation grid."""
+
+import fcntl
+import json
+import os
+
+import optuna
+import pytest
+import torch
+
+import sweep
+
+State = optuna.trial.TrialState
+TINY = ["--epochs", "1", "--dataset", "synthetic", "--backbone", "resnet18", "--",
+        "--synthetic-size", "120", "--batch-size", "16", "--workers", "0", "--limit-batches", "2"]
+
+
+@pytest.fixture
+def one_thread():
+    """The runs here are tiny and overhead-bound; one thread avoids OpenMP oversubscription on a busy machine
+    (2 threads next to another training job made each run ~8x slower)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def load_study(out) -> optuna.Study:
+    return optuna.load_study(study_name="juliet", storage=f"sqlite:///{out}/study.db")
+
+
+def scripted_runs(monkeypatch, curves):
+    """train_cifar.main replaced by runs that report the given val top-1 per epoch (one curve per run) at
+    1 M executed MACs per sample, against a 2 M static backbone: c = 0.5."""
+    runs = iter(curves)
+
+    def main(args, on_epoch=None):
+        os.makedirs(args.out)
+        curve = next(runs)
+        for epoch, top1 in enumerate(curve, 1):
+            on_epoch({"epoch": epoch, "val_top1": top1, "val_executed_macs_per_sample": 1e6,
+                      "flops_paper_convention_macs": 1e6, "params": 10})
+        return {"test_top1": curve[-1], "test_executed_macs_per_sample": 1e6, "flops_paper_convention_macs": 1e6,
+                "wall_time_s": 0.0}
+
+    monkeypatch.setattr(sweep.train_cifar, "main", main)
+    monkeypatch.setattr(sweep, "static_macs", lambda run_dir: 2e6)
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_sweep_finishes_then_the_same_command_continues_the_study(tmp_path, capsys):
+    out = tmp_path / "sweep"
+    sweep.main(["--trials", "3", "--out", str(out), *TINY])
+    study = load_study(out)
+    first = [(t.number, t.state, t.params, t.value, t.datetime_start) for t in study.trials]
+    assert [t.state for t in study.trials] == [State.COMPLETE] * 3  # 1 epoch: never pruned at the last epoch
+    best = json.loads((out / "best.json").read_text())
+    assert set(best["params"]) == {dest for dest, *_ in sweep.SPACE} and best["objective_L"] == study.best_value
+    m = best["metrics"]
+    assert 0 <= m["accuracy"] <= 1 and m["static_macs"] == pytest.approx(37.22e6, rel=1e-3)  # Table 4 ResNet-18
+    assert m["c"] == pytest.approx(m["val_executed_macs"] / m["static_macs"])
+    assert best["objective_L"] == pytest.approx(1 - m["accuracy"] + 0.1 * m["c"])  # §6.2, default lambda
+    assert {"params", "wall_time_s", "run_dir", "test_top1"} <= set(m) and os.path.isdir(m["run_dir"])
+    assert (out / "pareto.png").stat().st_size > 0 and (out / "importances.png").stat().st_size > 0
+    printed = capsys.readouterr().out
+    assert sum(line.startswith(f"| {k} | COMPLETE |") for line in printed.splitlines() for k in range(3)) == 3
+
+    sweep.main(["--trials", "4", "--out", str(out), *TINY])
+    study = load_study(out)
+    assert len(study.trials) == 4 and all(t.state in sweep.FINISHED for t in study.trials)
+    assert [(t.number, t.state, t.params, t.value, t.datetime_start) for t in study.trials[:3]] == first
+    assert study.trials[3].params != study.trials[0].params  # resumed sampler does not replay trial 0
+    assert (out / "trial_3" / "final.json").is_file() and len((out / "trials.md").read_text().splitlines()) == 6
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_median_pruner_prunes_a_trial_below_the_median(tmp_path, monkeypatch):
+    scripted_runs(monkeypatch, [[80, 85, 90], [80, 85, 90], [10, 10, 10]])
+    out = tmp_path / "sweep"
+    sweep.main(["--trials", "3", "--epochs", "3", "--dataset", "synthetic", "--backbone", "resnet18",
+                "--pruner-startup-trials", "2", "--pruner-warmup-epochs", "0", "--out", str(out)])
+    t = load_study(out).trials
+    assert [x.state for x in t] == [State.COMPLETE, State.COMPLETE, State.PRUNED]
+    assert t[0].value == pytest.approx(1 - 0.90 + 0.1 * 0.5) and t[0].intermediate_values[1] == pytest.approx(0.25)
+    assert list(t[2].intermediate_values) == [1] and t[2].user_attrs["epochs_run"] == 1  # stopped after epoch 1
+    assert (out / "pareto.png").is_file()
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_a_trial_left_running_is_failed_not_counted_and_does_not_block(tmp_path, monkeypatch, capsys):
+    scripted_runs(monkeypatch, [[50]] * 4)
+    out = tmp_path / "sweep"
+    flags = ["--epochs", "1", "--dataset", "synthetic", "--out", str(out)]
+    sweep.main(["--trials", "2", *flags])
+    load_study(out).ask()  # trial 2: RUNNING forever, like a trial whose process was killed
+    sweep.main(["--trials", "3", *flags])
+    t = load_study(out).trials
+    assert [x.state for x in t] == [State.COMPLETE, State.COMPLETE, State.FAIL, State.COMPLETE]
+    assert "marked trial(s) [2]" in capsys.readouterr().err
+    with open(out / "sweep.lock", "w") as lock:  # a live sweep on the same directory
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        with pytest.raises(SystemExit, match="another sweep.py is running"):
+            sweep.main(["--trials", "4", *flags])
+    with pytest.raises(SystemExit, match=r"other settings \(lam: 0.1 -> 0.5\)"):
+        sweep.main(["--trials", "4", "--lam", "0.5", *flags])
+    assert len(load_study(out).trials) == 4
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_ablation_grid_with_limit_and_resume(tmp_path, monkeypatch, capsys):
+    out = tmp_path / "abl"
+    sweep.main(["--ablations", "--limit", "2", "--out", str(out), *TINY])
+    rows = [r for r in capsys.readouterr().out.splitlines() if r.startswith("| transformer |")]
+    assert [r.split(" | ")[:3] for r in rows] == [["| transformer", "top1", "both"], ["| transformer", "top1",
+                                                                                         "grow-only"]]
+    assert (out / "transformer-top1-grow-only" / "final.json").is_file()
+    assert (out / "ablations.md").read_text().count("| transformer |") == 2
+    assert (out / "selector_curves.png").stat().st_size > 0
+
+    def no_training(*a, **k):
+        raise AssertionError("a finished combination ran again")
+
+    monkeypatch.setattr(sweep.train_cifar, "main", no_training)
+    sweep.main(["--ablations", "--limit", "2", "--out", str(out), *TINY])
+    assert sum(r.startswith("| transformer |") for r in capsys.readouterr().out.splitlines()) == 2
+
+
+@pytest.mark.usefixtures("one_thread")
+@pytest.mark.parametrize("bad", [["--grow-range", "0.9", "0.1"], ["--lr-range", "0", "1e-3"], ["--trials", "0"],
+                                 ["--prune-range", "0.1", "1.5"], ["--", "--lr", "0.1"]])
+def test_bad_input_is_one_line_and_exit_2(tmp_path, capsys, bad):
+    out = tmp_path / "sweep"
+    with pytest.raises(SystemExit) as e:
+        sweep.main(["--out", str(out), "--dataset", "synthetic", *bad])
+    err = capsys.readouterr().err.strip()
+    assert e.value.code == 2 and len(err.splitlines()) == 1 and err.startswith("sweep.py: error: ")
+    assert not out.exists()
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_fig3_line_per_selector_is_its_top1_both_run_else_the_mean(tmp_path):
+    runs = {"mlp-gumbel-off": [10, 20], "mlp-top1-off": [30, 40, 50], "conv-top1-both": [50, 60],
+            "conv-gumbel-both": [0, 0]}
+    for name, curve in runs.items():
+        os.makedirs(tmp_path / name)
+        for epoch, top1 in enumerate(curve, 1):
+            (tmp_path / name / f"epoch_{epoch}.json").write_text(json.dumps({"epoch": epoch, "val_top1": top1}))
+    grid = [("mlp", "gumbel", "off"), ("mlp", "top1", "off"), ("conv", "top1", "both"), ("conv", "gumbel", "both")]
+    grid.append(("transformer", "top1", "both"))  # in the grid, never ran
+    assert sweep.selector_curve(str(tmp_path), grid, "mlp") == ({1: 20, 2: 30, 3: 50}, "mlp (mean of 2 runs)")
+    assert sweep.selector_curve(str(tmp_path), grid, "conv") == ({1: 50, 2: 60}, "conv (top1, both)")
+    assert sweep.selector_curve(str(tmp_path), grid, "transformer") is None
+    sweep.plot_selector_curves(str(tmp_path), grid)
+    assert (tmp_path / "selector_curves.png").stat().st_size > 0
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_pareto_front_keeps_points_nobody_beats_on_both_axes():
+    pts = [(10, 80), (5, 70), (20, 90), (12, 75), (5, 60), (30, 90)]  # (MACs, accuracy)
+    assert sweep.pareto_front(pts) == [1, 0, 2]
