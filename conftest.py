@@ -13,7 +13,8 @@ import torch.nn.functional as F
 from PIL import Image
 
 from backbones import make_backbone
-from trie import JulietNet, balance_loss
+from losses import balance_loss
+from trie import JulietNet
 
 REPO = os.path.dirname(os.path.abspath(__file__))
 torch.set_num_threads(min(2, torch.get_num_threads()))

@@ -76,6 +76,7 @@ class SyntheticImages(Dataset):
         self.data = (img.clamp(0, 1) * 255).round().to(torch.uint8).numpy()
         self.targets = y.tolist()
         self.classes = [f"{a}-over-{b}" for a, b in self.PAIRS]
+        self.group = ["hard" if h else "easy" for h in self.hard.tolist()]
 
     def __len__(self):
         return len(self.targets)

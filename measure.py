@@ -165,6 +165,28 @@ def path_macs_table(net, input_size=32) -> dict[str, float]:
     return {leaf.node_id: path_macs(net, leaf.node_id, input_size) for leaf in net.leaves()}
 
 
+def node_macs(net, input_size=32) -> dict[str, dict[str, float]]:
+    """MACs of each stage node's parts on one dummy sample: its stage sub-module, its selector (0 without
+    one) and its exit (adapter + head on the pooled features). A path costs the stage and selector MACs of
+    its nodes plus the one exit it ends at, which is what `path_macs` counts (tested)."""
+    out = {}
+
+    def rec(node, x):
+        f = node.sub(x)  # (1, C, H, W)
+        pooled = f.mean((2, 3))  # (1, C)
+        adapter = net.adapters[str(f.shape[1])] if str(f.shape[1]) in net.adapters else None
+        exit_macs = _thop(net.head, adapter(pooled) if adapter else pooled)[0]
+        selector = _thop(node.selector, f, net.signatures(node), "stop" in node.child)[0] if node.selector else 0.0
+        out[node.node_id] = {"stage": _thop(node.sub, x)[0], "selector": selector,
+                             "exit": exit_macs + (_thop(adapter, pooled)[0] if adapter else 0.0)}
+        for kid in node.stage_children:
+            rec(kid, f)
+
+    with evaluating(net), torch.no_grad():
+        rec(net.root, _dummy(input_size, net.backbone.in_channels, device_of(net)))
+    return out
+
+
 def path_flops_counter(net, leaf_id, input_size=32) -> float:
     """FLOPs (2 per MAC) of the same path by torch's FlopCounterMode: conv/matmul/attention only. Runs under
     `countable()` (fast path off, MATH SDPA), else the eval-mode fused attention kernels count 0."""

@@ -26,12 +26,14 @@ from tqdm import tqdm
 
 import data
 import measure
+import routing
 import runs
 from backbones import BACKBONES, make_backbone, static_model
 from grow_prune import MODES, GrowPruneConfig, end_epoch, grow
+from losses import balance_loss, cost_loss, exit_loss, freeze_selectors, route_loss
 from routers import SELECTORS
 from runs import NonFiniteLoss, UsageError
-from trie import POLICIES, JulietNet, balance_loss, cost_loss, exit_loss, freeze_selectors, gumbel_tau, route_loss
+from trie import POLICIES, TRAIN_DEPTHS, JulietNet, gumbel_tau
 
 # ----------------------------------------------------------------------------- model
 
@@ -42,7 +44,7 @@ def build_model(args, num_classes: int):
     try:  # the library names the bad parameter in a ValueError: one line for the user
         return JulietNet(make_backbone(args.backbone, num_classes), selector=args.selector, policy=args.policy,
                          prebuild=args.prebuild, stop=not args.no_stop, stop_bias=args.stop_bias,
-                         d_model=args.d_model, n_head=args.n_head, beta=args.ema_beta)
+                         d_model=args.d_model, n_head=args.n_head, beta=args.ema_beta, train_depth=args.train_depth)
     except ValueError as e:
         raise UsageError(str(e)) from None
 
@@ -140,14 +142,14 @@ def train_one_epoch(model, loader, opt, scaler, args, progress: dict) -> dict:
         with torch.autocast(device.type, enabled=args.amp):
             logits = model(x)
             loss = F.cross_entropy(logits, y)
-            if juliet and args.cost_weight:  # compute-aware routing (twin of the §6.2 objective)
-                loss = loss + args.cost_weight * cost_loss(model)
-            if juliet and args.balance_weight:  # §2.2 load balancing
-                loss = loss + args.balance_weight * balance_loss(model)
             if juliet and args.exit_weight:  # deep supervision of the early exits
                 loss = loss + args.exit_weight * exit_loss(model, y)
-            if juliet and args.route_weight:  # stop decisions on their expected loss
-                loss = loss + args.route_weight * route_loss(model, logits, y)
+            if juliet and args.route_weight:  # stop decisions on the expected loss of their policy, at a price
+                loss = loss + args.route_weight * route_loss(model, logits, y, price=args.cost_weight)
+            if juliet and args.expected_cost_weight:  # compute-aware straight-through routing
+                loss = loss + args.expected_cost_weight * cost_loss(model)
+            if juliet and args.balance_weight:  # §2.2 load balancing
+                loss = loss + args.balance_weight * balance_loss(model)
         if not torch.isfinite(loss):
             raise NonFiniteLoss(f"loss is {loss.item()} at epoch {progress['epoch']}, step {progress['step'] + 1}")
         opt.zero_grad(set_to_none=True)
@@ -157,7 +159,7 @@ def train_one_epoch(model, loader, opt, scaler, args, progress: dict) -> dict:
         progress["step"] += 1
         meter.add(logits, y, loss)
         if juliet:
-            costs.add(model.last_leaf_counts)
+            costs.add(model.ran_leaf_counts)  # what ran: in full-depth training, every path to its leaf
             new = grow(model, cfg, progress["step"], opt)
             if new:
                 events += [dict(e, epoch=progress["epoch"]) for e in new]
@@ -223,6 +225,10 @@ def fit(model, loaders, args, progress: dict, state: dict, on_epoch=None) -> Non
         with measure.EnergyMeter() as e_val:
             log |= evaluate(model, val_loader, args, "val")
         if juliet:
+            warning = routing.collapse_message(log["val_leaf_counts"], len(model.leaves()))
+            log["routing_collapsed"] = warning is not None
+            if warning:
+                tqdm.write(f"warning: epoch {epoch}: {warning}")
             prune_events = end_epoch(model, grow_prune_config(args), epoch, progress["step"], opt)
             log["events"] += [dict(e, epoch=epoch) for e in prune_events]
             if prune_events:
@@ -268,6 +274,11 @@ def final_eval(model, test_loader, args, progress: dict) -> dict:
         exp = measure.expected_macs(model, res["test_leaf_counts"], args.input_size)
         final |= {"test_paths": exp["paths"],
                   "executed_params": measure.executed_params(model, res["test_leaf_counts"])}
+        # Every exit on every test sample, the fixed-depth hull and per-group depths (one more pass)
+        table = routing.exit_table(model, test_loader, measure.device_of(model), args.input_size,
+                                   max_batches=args.limit_batches or None, quiet=args.quiet)
+        final |= routing.report(table)
+        routing.plot_routing(args.out, table, test_loader.dataset, getattr(test_loader.dataset.base, "classes", None))
     else:  # a static model executes everything for every sample
         final["test_executed_macs_per_sample"] = macs
     return final
@@ -350,17 +361,21 @@ def build_parser(description: str) -> argparse.ArgumentParser:
     g.add_argument("--n-head", type=int, default=4, help="selector heads n_head (§4.1)")
     g.add_argument("--ema-beta", type=float, default=0.99, help="EMA beta of alpha and sigma^2 (Eq. 3; lambda=1-beta)")
     g = p.add_argument_group("routing recipe (ours; README 'Paper notes and deviations')")
-    g.add_argument("--stop-bias", type=float, default=-2.0,
-                   help="initial stop-logit offset: negative starts at full depth, exits are learned")
-    g.add_argument("--cost-weight", type=float, default=0.2,
-                   help="lambda_c of the compute-aware routing loss (training twin of §6.2; ours)")
-    g.add_argument("--balance-weight", type=float, default=0.0, help="weight of the §2.2 load-balancing loss")
-    g.add_argument("--route-warmup", type=int, default=2,
-                   help="epochs with frozen selectors before routing is learned (ours)")
+    g.add_argument("--train-depth", default="full", choices=TRAIN_DEPTHS,
+                   help="full: training samples run to a leaf whatever they decide, so every exit and the rest "
+                        "of the path are known (ours); routed: they stop where top-1 sends them (the paper)")
     g.add_argument("--route-weight", type=float, default=1.0,
-                   help="weight of the expected-loss training of stop decisions (ours; trie.route_loss)")
+                   help="weight of route_loss, the expected loss of the stopping policy (ours; losses.py)")
+    g.add_argument("--cost-weight", type=float, default=0.1,
+                   help="lambda_c: price of compute in route_loss, nats per backbone-worth of MACs (twin of §6.2)")
     g.add_argument("--exit-weight", type=float, default=1.0,
-                   help="weight of the deep supervision of early exits (ours; trie.exit_loss)")
+                   help="weight of the deep supervision of every exit (ours; losses.exit_loss)")
+    g.add_argument("--stop-bias", type=float, default=0.0,
+                   help="initial stop-logit offset (negative: a new trie starts at full depth)")
+    g.add_argument("--route-warmup", type=int, default=0, help="epochs with frozen selectors (ours)")
+    g.add_argument("--expected-cost-weight", type=float, default=0.0,
+                   help="weight of cost_loss, the expected stage cost under P (compute-aware straight-through)")
+    g.add_argument("--balance-weight", type=float, default=0.0, help="weight of the §2.2 load-balancing loss")
     g = p.add_argument_group("growth and pruning (§3.1.1, Alg. 2-3)")
     g.add_argument("--grow-prune", default="both", choices=MODES, help="§5.3 ablation modes")
     g.add_argument("--grow-threshold", type=runs.unit_interval, default=0.4,

@@ -12,21 +12,31 @@ batch is partitioned by i* with one sort, each child runs once on its own sub-ba
 outputs are scattered back into batch order once, at the end. No per-sample Python loop, and no child
 ever runs on samples that did not choose it.
 
+The compute knob: with `stop_threshold=t`, a sample stops at the first node where P_stop >= t, and
+otherwise takes the best stage child; t = 0 stops everyone at the root's exit, t = 1 stops nobody. One
+trained checkpoint thus spans an accuracy-vs-MACs curve (MSDNet's budgeted classification).
+
+Training depth (ours; README "Paper notes and deviations"). `train_depth="routed"` is the paper: training
+samples stop where top-1 sends them. `train_depth="full"` (the default) runs every training sample down
+its stage children to a leaf, whatever its stop decision: every exit and the rest of the path are then
+known for every sample, so stop decisions learn from the true counterfactual (route_loss) and no stage is
+starved of the samples it should learn. Inference routes and stops as the paper does.
+
 Gradient reaches the selectors through a straight-through gate per decision, g = 1 + (P_i* - sg(P_i*)):
 exactly 1 in the forward pass (the bracket is exactly 0), dP_i* in the backward pass. The product of
 a sample's gates scales its pooled leaf feature, as an MoE gate scales an expert's output, so routing
 decides which modules run but never changes a value.
 
-Training-mode bookkeeping for grow_prune.py: EMA usage alpha per child (Alg. 1 line 6, lambda = 1 - beta)
-and EMA sigma^2 per node (§4.2), on L2-normalised GAP features so that sigma^2 lies in [0, 1].
+Training-mode bookkeeping for grow_prune.py: EMA usage alpha per child of the top-1 decision (Alg. 1
+line 6, lambda = 1 - beta) over the samples the policy sends to the node, and EMA sigma^2 per node (§4.2),
+on L2-normalised GAP features so that sigma^2 lies in [0, 1].
 
     net = JulietNet(make_backbone("resnet18"), selector="transformer", policy="top1")
     logits, paths = net(x, return_paths=True)      # paths[i]: leaf id reached by sample i, e.g. "0/0/stop"
-    loss = F.cross_entropy(logits, y) + lam_c * cost_loss(net) + lam_b * balance_loss(net)
+    logits = net(x, stop_threshold=0.8)             # the compute knob: stop where P_stop >= 0.8
 
-The auxiliary losses are functions of the last training forward pass (its recorded decisions and exits):
-`cost_loss` (compute-aware routing, the training twin of the §6.2 objective), `balance_loss` (§2.2),
-and two of ours, `exit_loss` and `route_loss` (README "Paper notes and deviations").
+A training forward records what the routing losses (losses.py) read: each decision's P (`decisions`),
+each exit's pooled features and P (`exits`), the depth of each sample's leaf (`leaf_depth`).
 """
 
 import collections
@@ -35,11 +45,11 @@ import copy
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.utils.flop_counter import FlopCounterMode
 
 from routers import SELECTORS, make_selector
 
 POLICIES = ("top1", "gumbel")
+TRAIN_DEPTHS = ("full", "routed")
 STOP = "stop"  # local id of a node's stop child
 
 
@@ -59,6 +69,20 @@ def run_sub(sub: nn.Module, x: torch.Tensor, training: bool) -> torch.Tensor:
     finally:
         for m in bns:
             m.train()
+
+
+def check_options(backbone, selector, policy, train_depth, prebuild, beta, d_model, n_head) -> None:
+    """JulietNet's arguments, each bad one named in a ValueError."""
+    for name, value, allowed in (("selector", selector, SELECTORS), ("policy", policy, POLICIES),
+                                 ("train_depth", train_depth, TRAIN_DEPTHS)):
+        if value not in allowed:
+            raise ValueError(f"unknown {name} {value!r}; choose one of: {', '.join(allowed)}")
+    if not 1 <= prebuild <= len(backbone.stages):
+        raise ValueError(f"prebuild must be in [1, {len(backbone.stages)}] for {backbone.name}, got {prebuild}")
+    if not 0.0 <= beta < 1.0:
+        raise ValueError(f"beta must be in [0, 1), got {beta}")
+    if d_model % n_head:
+        raise ValueError(f"d_model ({d_model}) must be divisible by n_head ({n_head})")
 
 
 def gumbel_tau(epoch: int, epochs: int, tau0: float = 1.0, tau_min: float = 0.1) -> float:
@@ -106,28 +130,19 @@ class JulietNet(nn.Module):
     stop      give every internal node a stop child (dynamic depth; README "Paper notes and deviations")
     stop_bias initial offset of the stop child's logit (routers.py); negative: start at full depth
     beta      EMA decay of alpha and sigma^2 (Alg. 1 uses lambda = 1 - beta)
+    train_depth "full" (ours: training samples run to a leaf whatever they decide) or "routed" (the paper)
     init_from a static model of the same backbone whose weights seed the prebuilt chain
     """
 
     def __init__(self, backbone, selector: str = "transformer", policy: str = "top1", prebuild: int | None = None,
                  stop: bool = True, stop_bias: float = 0.0, d_model: int = 64, n_head: int = 4,
-                 beta: float = 0.99, init_from: nn.Module | None = None):
+                 beta: float = 0.99, train_depth: str = "full", init_from: nn.Module | None = None):
         super().__init__()
-        n_stages = len(backbone.stages)
-        prebuild = n_stages if prebuild is None else prebuild
-        if selector not in SELECTORS:
-            raise ValueError(f"unknown selector {selector!r}; choose one of: {', '.join(SELECTORS)}")
-        if policy not in POLICIES:
-            raise ValueError(f"unknown policy {policy!r}; choose one of: {', '.join(POLICIES)}")
-        if not 1 <= prebuild <= n_stages:
-            raise ValueError(f"prebuild must be in [1, {n_stages}] for {backbone.name}, got {prebuild}")
-        if not 0.0 <= beta < 1.0:
-            raise ValueError(f"beta must be in [0, 1), got {beta}")
-        if d_model % n_head:
-            raise ValueError(f"d_model ({d_model}) must be divisible by n_head ({n_head})")
+        prebuild = len(backbone.stages) if prebuild is None else prebuild
+        check_options(backbone, selector, policy, train_depth, prebuild, beta, d_model, n_head)
         self.backbone = backbone
         self.options = dict(selector=selector, policy=policy, stop=stop, stop_bias=stop_bias, d_model=d_model,
-                            n_head=n_head, beta=beta)
+                            n_head=n_head, beta=beta, train_depth=train_depth)
         self.tau = 1.0  # Gumbel temperature; the training loop anneals it (gumbel_tau)
         stages, self.head = backbone.initial(init_from)
         self.adapters = nn.ModuleDict()
@@ -137,12 +152,15 @@ class JulietNet(nn.Module):
         for d in range(1, prebuild):
             node = self.add_child(node, sub=stages[d])
             node.alpha.fill_(1.0)  # a prebuilt chain child starts as the parent's only choice
-        self.visits = collections.Counter()  # samples that entered each node (train and eval)
-        self.last_leaf_counts: dict[str, int] = {}
+        self.visits = collections.Counter()  # samples whose path ran through each node (train and eval)
+        self.last_leaf_counts: dict[str, int] = {}  # leaves the top-1 policy sent the last batch to (Alg. 2)
+        self.ran_leaf_counts: dict[str, int] = {}  # leaves whose paths actually ran (differ in full-depth training)
+        self.leaf_depth = torch.zeros(0, dtype=torch.long)  # (B,) depth of each sample's leaf that ran
         self.decisions = []  # (node, P) of the last training forward, for the auxiliary losses
-        self.exits = []  # (sample indices, pooled features, P_stop) at nodes with a stop child
+        self.exits = []  # (node, sample indices, pooled features, P) at nodes with a stop child
+        self.record_exits = False  # record exits in eval too (routing.exit_table)
         self.last_input = (0, (32, 32))  # (batch size, (H, W)) of the last forward
-        self.stage_macs_cache = {}  # {(H, W): MACs of each stage}, for cost_loss
+        self.stage_macs_cache = {}  # {(H, W): MACs of each stage}, for cost_loss and route_loss
 
     # --------------------------------------------------------------------- structure
 
@@ -250,63 +268,79 @@ class JulietNet(nn.Module):
 
     # --------------------------------------------------------------------- forward (Algorithm 1)
 
-    def forward(self, x: torch.Tensor, return_paths: bool = False):
+    def forward(self, x: torch.Tensor, return_paths: bool = False, stop_threshold: float | None = None):
+        """Logits (B, num_classes), and with `return_paths` each sample's leaf id. `stop_threshold` t in [0, 1]
+        replaces top-1 at stop decisions at inference: stop where P_stop >= t (t = 1: never)."""
         if x.ndim != 4 or x.shape[1] != self.backbone.in_channels:
             raise ValueError(f"input x must be (B, in_channels={self.backbone.in_channels}, H, W); "
                              f"got shape {tuple(x.shape)}")
+        if stop_threshold is not None and not 0.0 <= stop_threshold <= 1.0:
+            raise ValueError(f"stop_threshold must be in [0, 1], got {stop_threshold}")
         B = x.shape[0]
         self.decisions, self.exits, self.last_input = [], [], (B, tuple(x.shape[-2:]))
-        leaves = []  # (leaf id, sample indices (B_l,), pooled gated features (B_l, W))
-        gate = torch.ones(B, device=x.device)  # product of straight-through gates along each path
-        self._route(self.root, x, torch.arange(B, device=x.device), gate, leaves)
-        idx = torch.cat([i for _, i, _ in leaves])  # (B,) sample index of each row
-        z = torch.cat([z for _, _, z in leaves])  # (B, W) in leaf order
+        leaves, stopped = [], []  # (leaf id, sample indices (B_l,), pooled gated features (B_l, W), alive (B_l,))
+        ones = torch.ones(B, device=x.device)  # product of straight-through gates along each path
+        self._route(self.root, x, torch.arange(B, device=x.device), ones, ones.bool(), leaves, stopped, stop_threshold)
+        idx = torch.cat([i for _, i, _, _ in leaves])  # (B,) sample index of each row
+        z = torch.cat([z for _, _, z, _ in leaves])  # (B, W) in leaf order
         z = z.new_empty(z.shape).index_copy(0, idx, z)  # (B, W) scattered back to batch order
         logits = self.head(z)  # (B, num_classes)
-        self.last_leaf_counts = {leaf: i.shape[0] for leaf, i, _ in leaves}
+        self.ran_leaf_counts = self.last_leaf_counts = {leaf: i.shape[0] for leaf, i, _, _ in leaves}
+        if self.training:  # where top-1 sent each sample (one host sync), and the depth of the leaf that ran
+            ids = [leaf for leaf, *_ in leaves] + [leaf for leaf, _ in stopped]
+            counts = torch.stack([a.sum() for *_, a in leaves] + [m.sum() for _, m in stopped]).tolist()
+            self.last_leaf_counts = {leaf: c for leaf, c in zip(ids, counts) if c}
+            depth = torch.cat([torch.full_like(i, self.node(leaf).depth) for leaf, i, _, _ in leaves])  # (B,)
+            self.leaf_depth = depth.new_empty(B).index_copy(0, idx, depth)
         if not return_paths:
             return logits
-        leaf_of = torch.cat([torch.full_like(i, k) for k, (_, i, _) in enumerate(leaves)])  # (B,) leaf number
+        leaf_of = torch.cat([torch.full_like(i, k) for k, (_, i, _, _) in enumerate(leaves)])  # (B,) leaf number
         order = leaf_of.new_empty(B).index_copy(0, idx, leaf_of).tolist()
         return logits, [leaves[k][0] for k in order]
 
-    def _route(self, node: TrieNode, x: torch.Tensor, idx: torch.Tensor, gate: torch.Tensor, leaves: list):
+    def _route(self, node: TrieNode, x, idx, gate, alive, leaves: list, stopped: list, t: float | None):
+        """Alg. 1 on the sub-batch `x` of samples `idx`. `alive` marks the samples that top-1 sends here; in
+        full-depth training the others ran on for their counterfactual losses only."""
         f = run_sub(node.sub, x, self.training)  # Alg. 1 line 2: (B_n, C, H, W)
         n = f.shape[0]
         self.visits[node.node_id] += n
         if self.training and not node.is_stop and n > 1:
-            self._update_sigma2(node, f)
-        choices = node.choices
+            update_sigma2(node, f, self.options["beta"])
+        choices, has_stop = node.choices, STOP in node.child
         if not choices:  # Alg. 1 line 3: a leaf
             z = self.adapt(f.mean((2, 3)))  # (B_n, W)
-            leaves.append((node.node_id, idx, z * gate[:, None].to(z.dtype)))
+            leaves.append((node.node_id, idx, z * gate[:, None].to(z.dtype), alive))
             return
         if len(choices) == 1:
             choice = None
-        elif not (self.training or torch.is_grad_enabled()):  # inference: top-1 needs no P, no gate
-            choice = node.selector(f, self.signatures(node), STOP in node.child).argmax(-1)  # (B_n,)
+        elif not (self.training or torch.is_grad_enabled() or self.record_exits or t is not None):
+            choice = node.selector(f, self.signatures(node), has_stop).argmax(-1)  # inference top-1: (B_n,)
         else:
-            logits = node.selector(f, self.signatures(node), STOP in node.child)  # (B_n, K)
-            choice, q, P = self._choose(logits)  # (B_n,), (B_n,), (B_n, K)
+            logits = node.selector(f, self.signatures(node), has_stop)  # (B_n, K)
+            choice, top1, q, P = self._choose(logits, has_stop, t)  # (B_n,) x 3, (B_n, K)
             gate = gate * (1.0 + (q - q.detach()))  # straight-through: exactly 1 forward, dP_i* backward
+            if has_stop and (self.training or self.record_exits):  # this node's exit, for the losses and tables
+                self.exits.append((node, idx, f.mean((2, 3)), P))  # (B_n,), (B_n, C), (B_n, K): stop last
             if self.training:
                 self.decisions.append((node, P))
-                self._update_alpha(choices, choice)
-                if STOP in node.child:  # this node's exit, for exit_loss and route_loss
-                    self.exits.append((idx, f.mean((2, 3)), P[:, -1]))  # (B_n,), (B_n, C), (B_n,)
+                update_alpha(choices, top1, alive, self.options["beta"])
+                if has_stop:  # where top-1 would have stopped; they run on only in full-depth training
+                    stop_here = alive & (top1 == len(choices) - 1)
+                    stopped.append((choices[-1].node_id, stop_here))
+                    alive = alive & ~stop_here
         # Partition the sub-batch by chosen child: one sort, one gather, K contiguous slices.
         if choice is None:
-            groups = [(choices[0], f, idx, gate)]
+            groups = [(choices[0], f, idx, gate, alive)]
         else:
             counts = torch.bincount(choice, minlength=len(choices)).tolist()
             if max(counts) == n:  # everyone chose the same child: no gather needed
-                groups = [(choices[counts.index(n)], f, idx, gate)]
+                groups = [(choices[counts.index(n)], f, idx, gate, alive)]
             else:
                 perm = torch.argsort(choice, stable=True)  # (B_n,)
-                parts = [t[perm].split(counts) for t in (f, idx, gate)]  # K slices of (B_j, ...)
+                parts = [v[perm].split(counts) for v in (f, idx, gate, alive)]  # K slices of (B_j, ...)
                 groups = [(k, *(p[j] for p in parts)) for j, k in enumerate(choices) if counts[j]]
-        for kid, fk, ik, gk in groups:
-            self._route(kid, fk, ik, gk, leaves)
+        for kid, fk, ik, gk, ak in groups:
+            self._route(kid, fk, ik, gk, ak, leaves, stopped, t)
 
     def adapt(self, pooled: torch.Tensor) -> torch.Tensor:
         """The §4.1 channel adapter, after GAP: a 1x1 conv commutes with global average pooling, so
@@ -320,107 +354,44 @@ class JulietNet(nn.Module):
         ws = [k.sub.get_submodule(name).weight.detach() for k in node.stage_children]
         return torch.stack([w.float().mean((1, 2, 3)) for w in ws])  # (K_s, S)
 
-    def _choose(self, logits: torch.Tensor):
-        """Top-1 (Alg. 1 line 5) or, in training with policy "gumbel", a hard Gumbel-softmax sample."""
+    def _choose(self, logits: torch.Tensor, has_stop: bool, t: float | None):
+        """(child that runs, top-1 child, its gate value q, P) for one routing node's sub-batch.
+
+        Top-1 (Alg. 1 line 5) or, in training with policy "gumbel", a hard Gumbel-softmax sample. P_stop
+        and the stage children given "continue" factorise P exactly: P_j = (1 - P_stop) softmax(stage)_j.
+        In full-depth training the choice runs over the stage children only; with a threshold t, a sample
+        stops where P_stop >= t and otherwise takes its best stage child.
+        """
         P = logits.float().softmax(-1)  # Eq. 1: (B_n, K)
-        y = P
+        n_stage = P.shape[1] - has_stop
+        full = self.training and self.options["train_depth"] == "full"
+        scope = logits[:, :n_stage] if (full or t is not None) else logits  # the choices that may run
         if self.training and self.options["policy"] == "gumbel":
-            y = F.gumbel_softmax(logits.float(), tau=self.tau)  # (B_n, K) relaxed sample
+            y = F.gumbel_softmax(scope.float(), tau=self.tau)  # (B_n, K') relaxed sample
+        else:
+            y = scope.float().softmax(-1)
         choice = y.argmax(-1)  # (B_n,)
-        return choice, y.gather(1, choice[:, None]).squeeze(1), P
-
-    @torch.no_grad()
-    def _update_alpha(self, choices: list[TrieNode], choice: torch.Tensor) -> None:
-        """Alg. 1 line 6 over a batch: alpha <- beta*alpha + (1-beta)*(fraction of samples choosing the child)."""
-        beta = self.options["beta"]
-        frac = torch.bincount(choice, minlength=len(choices)).float() / choice.shape[0]  # (K,)
-        for kid, fr in zip(choices, frac):
-            kid.alpha.mul_(beta).add_((1 - beta) * fr)
-
-    @torch.no_grad()
-    def _update_sigma2(self, node: TrieNode, f: torch.Tensor) -> None:
-        """§4.2 proxy on unit-norm GAP features: mean ||u_i - mean(u)||^2 = 1 - ||mean(u)||^2, in [0, 1]."""
-        u = F.normalize(f.float().mean((2, 3)), dim=1)  # (B_n, C)
-        s2 = (u - u.mean(0)).pow(2).sum(1).mean()
-        beta = self.options["beta"]
-        node.sigma2.mul_(beta).add_((1 - beta) * s2)
+        q = y.gather(1, choice[:, None]).squeeze(1)
+        top1 = P.argmax(-1)  # what Alg. 1 line 5 decides, whatever runs
+        if t is not None and has_stop:
+            choice = torch.where((P[:, -1] >= t) & (t < 1), n_stage, choice)
+            top1 = choice
+        return choice, top1, q, P
 
 
-# ------------------------------------------------------------------------- training recipe
+@torch.no_grad()
+def update_alpha(choices: list[TrieNode], top1: torch.Tensor, alive: torch.Tensor, beta: float) -> None:
+    """Alg. 1 line 6 over a batch: alpha <- beta*alpha + (1-beta)*(fraction of the node's samples choosing the
+    child). A batch that top-1 sends none of (full-depth training) leaves alpha alone."""
+    w = alive.float()  # (B_n,) the samples top-1 sends to this node
+    frac = torch.bincount(top1, weights=w, minlength=len(choices)) / w.sum().clamp(min=1)  # (K,)
+    for kid, fr in zip(choices, frac):
+        kid.alpha.copy_(torch.where(w.sum() > 0, beta * kid.alpha + (1 - beta) * fr, kid.alpha))
 
 
-def freeze_selectors(net: JulietNet, frozen: bool) -> None:
-    """Routing warm-up (ours): frozen selectors keep a new trie at full depth (negative stop bias), so the
-    stages and exits learn before the straight-through signal, noise until then, can move any route."""
-    for node in net.nodes():
-        if node.selector is not None:
-            node.selector.requires_grad_(not frozen)
-
-
-
-
-def stage_macs(net: JulietNet, hw: tuple[int, int]) -> list[float]:
-    """MACs of each stage at input size `hw`, counted once with torch's FlopCounterMode (FLOPs / 2)."""
-    if hw not in net.stage_macs_cache:
-        with torch.random.fork_rng(devices=[]):  # building modules draws random weights: not from our stream
-            stages, _ = net.backbone.initial()
-        x, macs = torch.zeros(1, net.backbone.in_channels, *hw), []
-        with torch.no_grad():
-            for s in stages:
-                with FlopCounterMode(display=False) as counter:
-                    x = s.eval()(x)
-                macs.append(counter.get_total_flops() / 2)
-        net.stage_macs_cache[hw] = macs
-    return net.stage_macs_cache[hw]
-
-
-def cost_loss(net: JulietNet) -> torch.Tensor:
-    """Expected per-sample stage cost under the selectors' P, as a fraction of the static backbone's.
-
-    Each routing decision adds sum_j P_j c_j, c_j = MACs of child j's stage (0 for a stop child); the stem,
-    which every sample runs, is a constant. Differentiable in P: the training-time twin of the §6.2
-    objective L = (1 - acc) + lambda c. Call it after a training forward pass.
-    """
-    B, hw = net.last_input
-    macs = stage_macs(net, hw)
-    total = torch.tensor(macs[0] * B, device=net.root.alpha.device)
-    for node, P in net.decisions:
-        c = torch.tensor([0.0 if k.is_stop else macs[k.depth] for k in node.choices], device=P.device)
-        total = total + (P @ c).sum()
-    return total / (B * sum(macs))
-
-
-def exit_loss(net: JulietNet, y: torch.Tensor) -> torch.Tensor:
-    """Deep supervision of the early exits (BranchyNet-style; ours, not the paper's): the cross-entropy of
-    every stop child's classifier (GAP, adapter, head) on all samples that reached its parent, whether
-    they stopped there or not, averaged over exits. Trained exits give the selectors something to learn
-    from: a sample whose exit is already right is reinforced there by the straight-through gate."""
-    terms = [F.cross_entropy(net.head(net.adapt(pooled)), y[idx]) for idx, pooled, _ in net.exits]
-    return torch.stack(terms).mean() if terms else torch.zeros((), device=y.device)
-
-
-def route_loss(net: JulietNet, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """Expected loss of each stop decision under P (ours): mean P_stop l_exit + (1 - P_stop) l_path.
-
-    At a node with a stop child both outcomes of a sample are known: l_exit, the cross-entropy of the
-    node's exit classifier (one linear head on pooled features), and l_path, the cross-entropy of the
-    sample's actual prediction. The gradient in P_stop is l_exit - l_path: towards stopping where the exit
-    is as good as the rest of the path. The straight-through gate alone has no baseline: its signal
-    pushes every sample away from whatever path the misclassified ones took, so a shared route collapses
-    as a whole. With cost_loss, a sample stops where its exit costs less than lambda_c x (fraction of the
-    backbone's MACs saved) in nats. Choices between sibling stages keep the straight-through gate.
-    """
-    with torch.no_grad():
-        path_ce = F.cross_entropy(logits.float(), y, reduction="none")  # (B,)
-    terms = []
-    for idx, pooled, p_stop in net.exits:
-        with torch.no_grad():
-            exit_ce = F.cross_entropy(net.head(net.adapt(pooled)).float(), y[idx], reduction="none")  # (B_n,)
-        terms.append((p_stop * exit_ce + (1 - p_stop) * path_ce[idx]).mean())
-    return torch.stack(terms).mean() if terms else torch.zeros((), device=y.device)
-
-
-def balance_loss(net: JulietNet) -> torch.Tensor:
-    """§2.2 load-balancing loss M sum_m (f_m - 1/M)^2 per routing node (f_m: mean P), averaged over nodes."""
-    terms = [P.shape[1] * (P.mean(0) - 1.0 / P.shape[1]).pow(2).sum() for _, P in net.decisions]
-    return torch.stack(terms).mean() if terms else torch.zeros((), device=net.root.alpha.device)
+@torch.no_grad()
+def update_sigma2(node: TrieNode, f: torch.Tensor, beta: float) -> None:
+    """§4.2 proxy on unit-norm GAP features: mean ||u_i - mean(u)||^2 = 1 - ||mean(u)||^2, in [0, 1]."""
+    u = F.normalize(f.float().mean((2, 3)), dim=1)  # (B_n, C)
+    s2 = (u - u.mean(0)).pow(2).sum(1).mean()
+    node.sigma2.mul_(beta).add_((1 - beta) * s2)

@@ -1,0 +1,257 @@
+"""What routing does with data, and the baselines that keep it honest (paper §2.1, §5.2 "Metrics").
+
+One pass over a test set with nobody stopping (`exit_table`) records, for every sample and every depth of
+its path, the exit's prediction and confidence and the selector's P_stop. Every policy on that trie is then
+a choice of one exit per sample, scored without running the net again:
+
+  juliet(t)        stop at the first node where P_stop >= t: the compute knob of one checkpoint (t = 1:
+                   nobody stops); `top1` is the paper's argmax routing.
+  fixed depth d    every sample exits at depth d; the upper hull of these points is what random mixing
+                   of depths reaches. Learned routing is worth having only above it.
+  confidence(c)    exit where the exit's max softmax >= c (Shallow-Deep Networks, MSDNet): the standard
+                   early exit on the same trained exits.
+
+Costs are executed MACs per sample (THOP, measure.py): Juliet pays the stages and selectors of its path and
+one exit; a fixed-depth exit pays stages and its exit; the confidence exit pays stages and every exit it
+tries. Selectors count for the baselines only where a node has sibling stages to choose between.
+
+    table = exit_table(net, loader, device)
+    curve = juliet_curve(table, thresholds)        # [{"t", "macs", "top1"}, ...], monotone in t
+    fixed = fixed_depth_points(table); hull_top1(fixed, macs)
+"""
+
+import collections
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+import measure
+
+THRESHOLDS = tuple(round(float(t), 3) for t in np.linspace(0, 1, 21))  # the knob's settings on a curve
+
+
+# ----------------------------------------------------------------------------- one pass, every exit
+
+
+@torch.no_grad()
+def exit_table(net, loader, device, input_size=32, max_batches=None, quiet=False) -> dict:
+    """Per sample n and depth d of its path (NaN / -1 past its leaf): p_stop and p_stage (the best stage child's P),
+    correct and conf (max softmax) of the exit at d, and the node index (into `nodes`) it sits at; plus
+    labels, the dataset's `group` of each sample where it has one, and the MACs tables of `costs`."""
+    D, rows = len(net.backbone.stages), collections.defaultdict(list)
+    nodes = [n.node_id for n in net.nodes() if not n.is_stop]
+    index = {nid: i for i, nid in enumerate(nodes)}
+    flags = [(m, m.training) for m in net.modules()]
+    net.eval()
+    net.record_exits = True
+    try:
+        for b, (x, y) in enumerate(tqdm(loader, desc="exits", leave=False, disable=quiet)):
+            if max_batches is not None and b >= max_batches:
+                break
+            x, y, B = x.to(device), y.to(device), len(y)
+            logits, paths = net(x, return_paths=True, stop_threshold=1.0)  # nobody stops: every exit runs
+            t = {k: torch.full((B, D), v, dtype=dt) for k, v, dt in
+                 (("p_stop", float("nan"), torch.float), ("p_stage", float("nan"), torch.float),
+                  ("conf", float("nan"), torch.float), ("correct", False, torch.bool), ("node", -1, torch.long))}
+            for node, idx, pooled, P in net.exits:  # (B_n,), (B_n, C), (B_n, K) with the stop child last
+                conf, pred = net.head(net.adapt(pooled)).float().softmax(-1).max(-1)  # the exit's prediction
+                i, d = idx.cpu(), node.depth
+                t["p_stop"][i, d], t["p_stage"][i, d] = P[:, -1].cpu(), P[:, :-1].max(-1).values.cpu()
+                t["conf"][i, d], t["correct"][i, d] = conf.cpu(), (pred == y[idx]).cpu()
+                t["node"][i, d] = index[node.node_id]
+            for n, leaf in enumerate(paths):  # the stage leaf every sample reached: its exit is the logits
+                d = net.node(leaf).depth
+                t["node"][n, d], t["p_stop"][n, d] = index[leaf], 1.0
+            conf, pred = logits.float().softmax(-1).max(-1)
+            leaf_d = torch.tensor([net.node(p).depth for p in paths])
+            rows_n = torch.arange(B)
+            t["conf"][rows_n, leaf_d], t["correct"][rows_n, leaf_d] = conf.cpu(), (pred == y).cpu()
+            for k, v in t.items():
+                rows[k].append(v)
+            rows["label"].append(y.cpu())
+    finally:
+        net.record_exits = False
+        for m, flag in flags:
+            m.training = flag
+    table = {k: torch.cat(v) for k, v in rows.items()}
+    base = getattr(loader.dataset, "base", loader.dataset)
+    groups = getattr(base, "group", None)
+    if groups is not None and not max_batches:
+        table["group"] = [groups[i] for i in getattr(loader.dataset, "indices", range(len(groups)))]
+    table.update(nodes=nodes, **costs(net, nodes, input_size))
+    return table
+
+
+def costs(net, nodes, input_size=32) -> dict:
+    """MACs of exiting at each node, per policy: `cost_juliet` (path_macs of the node's stop leaf, or of the
+    leaf itself), `cost_fixed` (stages + this exit), `cost_conf` (stages + every exit on the way)."""
+    parts, table = measure.node_macs(net, input_size), measure.path_macs_table(net, input_size)
+    out = {k: torch.zeros(len(nodes), dtype=torch.float64) for k in ("cost_juliet", "cost_fixed", "cost_conf")}
+    for i, nid in enumerate(nodes):
+        path = net.path(nid)
+        sib = sum(parts[n.node_id]["selector"] for n in path[:-1] if len(n.stage_children) > 1)
+        stages = sum(parts[n.node_id]["stage"] for n in path)
+        out["cost_juliet"][i] = table[nid + "/stop" if nid + "/stop" in table else nid]
+        out["cost_fixed"][i] = stages + sib + parts[nid]["exit"]
+        out["cost_conf"][i] = stages + sib + sum(parts[n.node_id]["exit"] for n in path)
+    return out
+
+
+# ----------------------------------------------------------------------------- policies
+
+
+def score(table: dict, exit_depth: torch.Tensor, cost: str = "cost_juliet") -> dict:
+    """Top-1 (%) and mean MACs when sample n exits at depth exit_depth[n]."""
+    n = torch.arange(len(exit_depth))
+    hit = table["correct"][n, exit_depth].float()  # (N,)
+    return {"macs": float(table[cost][table["node"][n, exit_depth]].mean()), "top1": 100 * float(hit.mean())}
+
+
+def first(mask: torch.Tensor, table: dict) -> torch.Tensor:
+    """Depth of each sample's first True in `mask` (N, D), its leaf if none: where it exits."""
+    leaf = table["p_stop"] == 1.0  # the stage leaf, where every path ends
+    return (mask | leaf).float().argmax(1)
+
+
+def juliet_exits(table: dict, t: float | None) -> torch.Tensor:
+    """Exit depths under the stop threshold t (None: the paper's top-1, stop where P_stop beats every stage child)."""
+    p = table["p_stop"].nan_to_num(-1.0)
+    stop = p > table["p_stage"].nan_to_num(2.0) if t is None else (p >= t) & bool(t < 1)
+    return first(stop, table)
+
+
+def juliet_curve(table: dict, thresholds=THRESHOLDS) -> list[dict]:
+    return [{"t": t, **score(table, juliet_exits(table, t))} for t in thresholds]
+
+
+def confidence_curve(table: dict, thresholds=THRESHOLDS) -> list[dict]:
+    """The standard confidence early exit on the same exits: the first exit whose max softmax >= c."""
+    return [{"c": c, **score(table, first(table["conf"].nan_to_num(-1.0) >= c, table), "cost_conf")}
+            for c in thresholds]
+
+
+def fixed_depth_points(table: dict) -> list[dict]:
+    """Every exit on every sample (a path that ends sooner exits at its leaf): accuracy and MACs per depth."""
+    last = (table["node"] >= 0).long().cumsum(1).argmax(1)  # (N,) each sample's leaf depth
+    out = []
+    for d in range(table["node"].shape[1]):
+        if (table["node"][:, d] >= 0).any():
+            out.append({"depth": d, **score(table, torch.minimum(last, torch.full_like(last, d)), "cost_fixed")})
+    return out
+
+
+def upper_hull(points: list[dict]) -> list[dict]:
+    """The upper concave envelope of (macs, top1) points: what mixing them at random reaches."""
+    pts = sorted(points, key=lambda p: (p["macs"], -p["top1"]))
+    hull = []
+    for p in pts:
+        while len(hull) >= 2:  # drop the last point while it lies on or below the chord to p
+            (a, b) = hull[-2], hull[-1]
+            if (b["macs"] - a["macs"]) * (p["top1"] - a["top1"]) < (b["top1"] - a["top1"]) * (p["macs"] - a["macs"]):
+                break
+            hull.pop()
+        if not hull or p["top1"] > hull[-1]["top1"]:
+            hull.append(p)
+    return hull
+
+
+def interp(points: list[dict], macs: float) -> float | None:
+    """Top-1 of the piecewise-linear curve through `points` (by MACs) at `macs`; None outside its span."""
+    pts = sorted(points, key=lambda p: p["macs"])
+    xs, ys = [p["macs"] for p in pts], [p["top1"] for p in pts]
+    if not xs or macs < xs[0] - 1e-6 or macs > xs[-1] + 1e-6:
+        return None
+    return float(np.interp(macs, xs, ys))
+
+
+def hull_top1(points: list[dict], macs: float) -> float | None:
+    return interp(upper_hull(points), macs)
+
+
+# ----------------------------------------------------------------------------- reports and plots
+
+
+def leaf_ids(table: dict, exit_depth: torch.Tensor) -> list[str]:
+    """The leaf each sample ends at when it exits at exit_depth: a node's stop child, or the stage leaf."""
+    n = torch.arange(len(exit_depth))
+    node, leaf = table["node"][n, exit_depth].tolist(), (table["p_stop"][n, exit_depth] == 1.0).tolist()
+    return [table["nodes"][i] + ("" if is_leaf else "/stop") for i, is_leaf in zip(node, leaf)]
+
+
+def report(table: dict) -> dict:
+    """final.json's routing fields: every exit on all samples, where top-1 routing sits against their hull,
+    and per group of samples (e.g. easy / hard on the synthetic set) the mean depth, top-1 and leaves."""
+    fixed = fixed_depth_points(table)
+    depth = juliet_exits(table, None)
+    top1 = score(table, depth)
+    hull = hull_top1(fixed, top1["macs"])
+    exits = [p["top1"] for p in fixed]
+    out = {"test_exits_all_samples": fixed,
+           "test_exits_nondecreasing": all(b >= a - 1.0 for a, b in zip(exits, exits[1:])),
+           "test_hull_top1_at_executed_macs": hull,
+           "test_top1_above_hull": None if hull is None else top1["top1"] - hull}
+    if "group" in table:
+        leaves, groups = leaf_ids(table, depth), table["group"]
+        out["test_groups"] = {}
+        for g in sorted(set(groups)):
+            mask = torch.tensor([x == g for x in groups])
+            out["test_groups"][g] = {
+                "samples": int(mask.sum()), "mean_depth": float(depth[mask].float().mean()),
+                "top1": 100 * float(table["correct"][torch.arange(len(depth)), depth][mask].float().mean()),
+                "leaves": dict(collections.Counter(leaf for leaf, m in zip(leaves, mask.tolist()) if m))}
+    return out
+
+
+def collapse_message(leaf_counts: dict, n_leaves: int, share: float = 0.95) -> str | None:
+    """One line when one leaf takes >= `share` of the samples while the trie has more than one leaf."""
+    n = sum(leaf_counts.values())
+    if n_leaves < 2 or not n:
+        return None
+    leaf, top = max(leaf_counts.items(), key=lambda kv: kv[1])
+    if top / n < share:
+        return None
+    return (f"routing has collapsed: {100 * top / n:.1f}% of {n} samples end at {leaf} "
+            f"while the trie has {n_leaves} leaves")
+
+
+def plot_routing(out_dir: str, table: dict, dataset, classes=None) -> None:
+    """routing.png: share of each class's (and each group's) test samples per leaf; leaf_samples.png: test
+    images that ended at each leaf."""
+    import os
+
+    from runs import pyplot
+
+    plt = pyplot()
+    leaves = leaf_ids(table, juliet_exits(table, None))
+    names = sorted(set(leaves), key=lambda s: (s.count("/"), s))
+    rows = [("class", [str(c) for c in table["label"].tolist()])]
+    if "group" in table:
+        rows.append(("group", table["group"]))
+    fig, axes = plt.subplots(1, len(rows), figsize=(3 + 1.2 * len(names) * len(rows), 4.5), squeeze=False)
+    for ax, (what, keys) in zip(axes[0], rows):
+        kinds = sorted(set(keys), key=lambda k: (len(k), k))
+        m = np.zeros((len(kinds), len(names)))
+        for k, leaf in zip(keys, leaves):
+            m[kinds.index(k), names.index(leaf)] += 1
+        m /= m.sum(1, keepdims=True)
+        ax.imshow(m, cmap="viridis", vmin=0, vmax=1, aspect="auto")
+        ax.set_xticks(range(len(names)), names, rotation=60, fontsize=7)
+        labels = [classes[int(k)] if what == "class" and classes else k for k in kinds]
+        ax.set_yticks(range(len(kinds)), labels, fontsize=7)
+        for (i, j), v in np.ndenumerate(m):
+            ax.text(j, i, f"{100 * v:.0f}", ha="center", va="center", fontsize=6, color="w" if v < 0.5 else "k")
+        ax.set(title=f"test samples per leaf (% of each {what})", xlabel="leaf")
+    fig.tight_layout(), fig.savefig(os.path.join(out_dir, "routing.png"), dpi=120), plt.close(fig)
+    per_leaf, k = {leaf: [i for i, x in enumerate(leaves) if x == leaf][:8] for leaf in names}, 8
+    fig, axes = plt.subplots(len(names), k, figsize=(k * 0.9, len(names) * 1.0 + 0.3), squeeze=False)
+    base, indices = getattr(dataset, "base", dataset), getattr(dataset, "indices", None)
+    for r, leaf in enumerate(names):
+        for c in range(k):
+            ax = axes[r][c]
+            ax.axis("off")
+            if c < len(per_leaf[leaf]):
+                i = per_leaf[leaf][c]
+                ax.imshow(base[indices[i] if indices is not None else i][0])
+        axes[r][0].set_title(f"{leaf} ({leaves.count(leaf)})", fontsize=7, loc="left")
+    fig.tight_layout(), fig.savefig(os.path.join(out_dir, "leaf_samples.png"), dpi=120), plt.close(fig)
