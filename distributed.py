@@ -5,7 +5,7 @@
         train_imagenet.py --data-dir /data/imagenet                                  # run the same on both machines
     torchrun --standalone --nproc_per_node 2 train_cifar.py --dataset synthetic --threads 1   # CPU: gloo
 
-The paper's conclusion names scaling through distributed computing as the next step; its growth (Alg. 2) and
+The paper names "scaling via distributed computing" as a future direction (§7); its growth (Alg. 2) and
 pruning (Alg. 3) make that harder than for a static network. The parameter list changes between steps, each
 sample runs only the branches it is routed to (a child can be used on one rank and not on another in the same
 step), and the exit losses (losses.py) run the head and adapters outside `forward`. DistributedDataParallel
