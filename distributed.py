@@ -87,6 +87,9 @@ def setup(args) -> None:
     dist.init_process_group("nccl" if cuda else "gloo", timeout=TIMEOUT,
                             device_id=torch.device(args.device) if cuda else None)
     atexit.register(dist.destroy_process_group)
+    out = [args.out]
+    _collective(dist.broadcast_object_list, out, 0)  # a default run name holds each process's clock: rank 0's
+    args.out = out[0]
     _job.update(out=args.out, pid=os.getpid())
     signal.signal(signal.SIGTERM, _on_sigterm)
     sys.excepthook = _one_line_for_stopped(sys.excepthook)
