@@ -18,9 +18,8 @@ Workers (README "Sweeps and ablations"): any number of sweep.py processes share 
 storage (default DIR/study.db, SQLite). Each beats an Optuna heartbeat while it trains; a trial whose worker died
 is marked FAIL, never counted, and retried under a new number and run directory by a worker that is left.
 
-Ablations (§5.3): selector {transformer, mlp, conv} x routing {top1, gumbel} x grow/prune {both, grow-only,
-prune-only, off}, in DIR/<selector>-<policy>-<mode>; finished runs (final.json) are skipped, interrupted ones
-resumed. Writes ablations.md (also printed) and selector_curves.png (Fig. 3: val top-1 per epoch by selector).
+Ablations (§5.3): selector x routing x grow/prune (SELECTORS, POLICIES, MODES) in DIR/<selector>-<policy>-<mode>;
+finished runs are skipped, interrupted ones resumed. Writes ablations.md (printed), selector_curves.png (Fig. 3).
 """
 
 import argparse
@@ -91,8 +90,7 @@ def _static_macs(backbone: str, num_classes: int, input_size: int) -> float:
 
 
 def static_macs(run_dir: str) -> float:
-    """The normaliser of c: the static backbone's MACs per sample (it executes everything, so THOP on one
-    dummy input is exact for it), for the backbone, classes and input size that the run recorded."""
+    """The normaliser of c: the static backbone's MACs per sample (THOP is exact for it: it runs everything)."""
     config = runs.read_json(os.path.join(run_dir, "config.json"))
     return _static_macs(config["backbone"], config["num_classes"], config["input_size"])
 
@@ -144,6 +142,8 @@ def retry_stale(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
 
 def open_study(args) -> optuna.Study:
     sqlite = args.storage.startswith("sqlite")  # wait for the file lock; only our BEGIN below starts transactions
+    if sqlite and (db := sqlalchemy.engine.make_url(args.storage).database):
+        os.makedirs(os.path.dirname(os.path.abspath(db)), exist_ok=True)
     make = lambda: optuna.storages.RDBStorage(
         args.storage, {"connect_args": {"timeout": 60, "isolation_level": None}} if sqlite else {},
         heartbeat_interval=args.heartbeat, grace_period=3 * args.heartbeat, heartbeat_stale_trial_callback=retry_stale)
@@ -208,8 +208,8 @@ def worker(args, k: int) -> None:
 
 
 def run_sweep(args) -> None:
-    os.makedirs(args.out, exist_ok=True)
     study, failed = open_study(args), []  # with --jobs: created and checked once, before the workers start
+    os.makedirs(args.out, exist_ok=True)
     if args.jobs == 1:
         with tqdm(total=args.trials, desc="trials") as bar:
             work(args, bar)
