@@ -114,16 +114,18 @@ def test_a_trial_whose_heartbeat_stopped_is_failed_not_counted_and_retried(tmp_p
     assert len(load_study(out).trials) == 4
 
 
-def running(out) -> list:
-    """The study's trials that are training now (their worker is set just before training starts). Reads only:
-    the workers create the storage."""
+def running(out) -> dict:
+    """{worker pid: (trial number, whether it trains: its run directory holds its config)} over the study's
+    running trials. Reads only: the workers create the storage."""
     try:
         storage = optuna.storages.RDBStorage(f"sqlite:///{out}/study.db", skip_table_creation=True,
                                              skip_compatibility_check=True)
         trials = optuna.load_study(study_name="juliet", storage=storage).get_trials(states=(State.RUNNING,))
-        return [t for t in trials if "worker" in t.user_attrs]
+        return {int(t.user_attrs["worker"].split(":")[-1]):
+                (t.number, os.path.isfile(os.path.join(t.user_attrs["run_dir"], "config.json")))
+                for t in trials if "worker" in t.user_attrs}
     except (KeyError, sqlalchemy.exc.SQLAlchemyError, optuna.exceptions.StorageInternalError):  # not made yet
-        return []
+        return {}
 
 
 def test_two_workers_share_a_study_and_a_killed_workers_trial_is_retried_once(tmp_path):
@@ -138,11 +140,11 @@ def test_two_workers_share_a_study_and_a_killed_workers_trial_is_retried_once(tm
             for _ in range(2))
     try:
         deadline = time.time() + 90
-        while len(busy := running(out)) < 2 and time.time() < deadline and a.poll() is None:
-            time.sleep(0.2)
-        assert {t.user_attrs["worker"].split(":")[-1] for t in busy} == {str(a.pid), str(b.pid)}  # at once
+        while not ((busy := running(out)).keys() == {a.pid, b.pid} and busy[a.pid][1]) and time.time() < deadline:
+            time.sleep(0.2)  # until both run a trial at once, and a's trains
+        assert busy.keys() == {a.pid, b.pid} and busy[a.pid][1], busy
         a.send_signal(signal.SIGKILL)
-        killed = next(t.number for t in busy if t.user_attrs["worker"].endswith(f":{a.pid}"))
+        killed = busy[a.pid][0]
         err = b.communicate(timeout=120)[1]
     finally:
         for p in (a, b):
