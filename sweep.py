@@ -3,41 +3,41 @@
     python sweep.py --trials 50 --epochs 40 --out runs/sweep                    # §6.2: 50 trials, CIFAR-10
     python sweep.py --trials 8 --epochs 2 --dataset synthetic --backbone resnet18 --out runs/sweep-demo
     python sweep.py --trials 60 ... (same flags)                                # continues the study: 10 more
+    python sweep.py --jobs 8 [--storage postgresql://user:pw@host/db] ...       # 8 workers (per machine)
     python sweep.py --ablations --epochs 40 --out runs/ablations [--limit N]    # §5.3, Fig. 3
     python sweep.py ... -- --synthetic-size 2000 --workers 0                     # anything after -- goes to train_cifar
 
-Sweep (§6.2). Optuna minimises the paper's single weighted objective L = (1 - accuracy) + lambda * c, with
-accuracy the validation top-1 (a fraction) and c = expected executed MACs per validation sample / the static
-backbone's MACs. c uses the honest executed cost of the routed samples (README "Results"), not the paper-convention
-THOP number, which follows one dummy input down one path. Optuna cannot prune multi-objective studies, so the
-objective stays scalar and accuracy, c, MACs, params, wall time and the run directory are trial user
-attributes. A trial's value is L at its last epoch (the model the run keeps). --lam defaults to 0.1 (§6.2 gives
-no value): 1 point of top-1 weighs as much as 10% of the static compute. TPE sampler (seeded); L goes to a
-MedianPruner every epoch (from half of --epochs on, never at the last). Trial k trains in DIR/trial_k;
-the study lives in DIR/study.db, so the same command with a larger --trials runs only the missing finished
-(complete or pruned) trials. Writes best.json, trials.md, pareto.png, importances.png.
+Sweep (§6.2). Optuna minimises the paper's single weighted objective L = (1 - accuracy) + lambda * c: val top-1
+as a fraction, c = expected executed MACs per val sample (README "Results") over the static backbone's. L stays
+scalar so that Optuna can prune; accuracy, c, MACs, params, wall time, run dir are user attributes. A trial's value
+is L at its last epoch. TPE, seeded per trial number; a MedianPruner sees L every epoch (from half of --epochs on,
+never the last). Trial k trains in DIR/trial_k; a larger --trials runs only the missing finished (complete or
+pruned) trials. Writes best.json, trials.md, pareto.png, importances.png.
 
-Stale trials: one sweep per DIR at a time (an flock on DIR/sweep.lock, released by the kernel when the process
-dies), so a trial still RUNNING when the lock is taken was left by a killed process: it is marked FAIL, never
-counted, and its number and directory are not reused.
+Workers (README "Sweeps and ablations"): any number of sweep.py processes share one study in an Optuna RDB
+storage (default DIR/study.db, SQLite). Each beats an Optuna heartbeat while it trains; a trial whose worker died
+is marked FAIL, never counted, and retried under a new number and run directory by a worker that is left.
 
-Ablations (§5.3): selector {transformer, mlp, conv} x routing {top1, gumbel} x grow/prune {both, grow-only,
-prune-only, off}, in DIR/<selector>-<policy>-<mode>; finished runs (final.json) are skipped, interrupted ones
-resumed. Writes ablations.md (also printed) and selector_curves.png (Fig. 3: val top-1 per epoch by selector).
+Ablations (§5.3): selector x routing x grow/prune (SELECTORS, POLICIES, MODES) in DIR/<selector>-<policy>-<mode>;
+finished runs are skipped, interrupted ones resumed. Writes ablations.md (printed), selector_curves.png (Fig. 3).
 """
 
 import argparse
-import fcntl
 import itertools
 import json
+import multiprocessing
 import os
+import pathlib
 import shlex
+import socket
 import sys
 import time
 import warnings
 from functools import lru_cache
 
 import optuna
+import sqlalchemy
+import torch
 from tqdm import tqdm
 
 import data
@@ -49,7 +49,11 @@ from grow_prune import MODES
 from routers import SELECTORS
 from trie import POLICIES
 
-FINISHED = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
+State = optuna.trial.TrialState
+FINISHED, RUNNING = (State.COMPLETE, State.PRUNED), State.RUNNING
+# Flags that say how and where to run, not what the study is: they may differ between workers and reruns.
+RUN_ONLY = ("trials", "ablations", "limit", "out", "pruner_startup_trials", "pruner_warmup_epochs", "storage",
+            "study_name", "jobs", "heartbeat")
 
 # §6.2: "maximum depth, grow threshold, pruning interval, pruning threshold, learning rate, and weight decay".
 # (train_cifar dest, sweep flag, type, default range, log scale, allowed interval, help). The paper's best
@@ -86,8 +90,7 @@ def _static_macs(backbone: str, num_classes: int, input_size: int) -> float:
 
 
 def static_macs(run_dir: str) -> float:
-    """The normaliser of c: the static backbone's MACs per sample (it executes everything, so THOP on one
-    dummy input is exact for it), for the backbone, classes and input size that the run recorded."""
+    """The normaliser of c: the static backbone's MACs per sample (THOP is exact for it: it runs everything)."""
     config = runs.read_json(os.path.join(run_dir, "config.json"))
     return _static_macs(config["backbone"], config["num_classes"], config["input_size"])
 
@@ -114,11 +117,15 @@ def reporter(trial, lam: float, epochs: int, run_dir: str):
 
 
 def objective(trial, args) -> float:
-    params = {}
+    # One TPE seed per trial number, not per process: workers started together must not draw the same trials.
+    trial.study.sampler = optuna.samplers.TPESampler(seed=args.seed + trial.number)
+    params = {}  # a retried trial keeps the parameters it had
     for dest, flag, typ, _, log, *_ in SPACE:
         lo, hi = getattr(args, flag[2:].replace("-", "_"))
         params[dest] = trial.suggest_int(dest, lo, hi) if typ is int else trial.suggest_float(dest, lo, hi, log=log)
-    run_dir = os.path.join(args.out, f"trial_{trial.number}")
+    run_dir = os.path.join(args.out, f"trial_{trial.number}")  # trial numbers are never reused, nor are run dirs
+    trial.set_user_attr("worker", f"{socket.gethostname()}:{os.getpid()}")  # a retry inherits the failed
+    trial.set_user_attr("run_dir", run_dir)  # trial's attributes: overwrite them
     on_epoch, last = reporter(trial, args.lam, args.epochs, run_dir)
     final = train_cifar.main(train_cifar.parse_args(train_argv(args, run_dir, **params)), on_epoch=on_epoch)
     for k in ("test_top1", "test_executed_macs_per_sample", "flops_paper_convention_macs", "wall_time_s"):
@@ -126,13 +133,35 @@ def objective(trial, args) -> float:
     return last["L"]  # the final epoch's objective: the model the run keeps
 
 
+def retry_stale(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
+    """Optuna's heartbeat_stale_trial_callback: the trial's worker stopped beating (killed, preempted, lost)."""
+    print(f"trial {trial.number} lost its worker {trial.user_attrs.get('worker')}: FAIL, not counted; its parameters "
+          "are queued for a retry", file=sys.stderr)
+    optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=2)(study, trial)  # a WAITING copy: next free worker
+
+
 def open_study(args) -> optuna.Study:
-    storage = optuna.storages.RDBStorage(f"sqlite:///{os.path.abspath(os.path.join(args.out, 'study.db'))}")
-    study = optuna.create_study(storage=storage, study_name="juliet", direction="minimize", load_if_exists=True,
+    sqlite = args.storage.startswith("sqlite")  # wait for the file lock; only our BEGIN below starts transactions
+    if sqlite and (db := sqlalchemy.engine.make_url(args.storage).database):
+        os.makedirs(os.path.dirname(os.path.abspath(db)), exist_ok=True)
+    make = lambda: optuna.storages.RDBStorage(
+        args.storage, {"connect_args": {"timeout": 60, "isolation_level": None}} if sqlite else {},
+        heartbeat_interval=args.heartbeat, grace_period=3 * args.heartbeat, heartbeat_stale_trial_callback=retry_stale)
+    try:
+        storage = make()
+    except sqlalchemy.exc.SQLAlchemyError:  # workers started at once race to create a new storage's tables
+        time.sleep(1)
+        storage = make()  # the loser finds them made; a server that cannot be reached fails again, in guarded()
+    if sqlite:  # Python's sqlite3 reads outside transactions, so two workers could both fail one stale trial and
+        # queue two retries; BEGIN IMMEDIATE makes each transaction exclusive, as PostgreSQL's row locks do.
+        sqlalchemy.event.listen(storage.engine, "begin", lambda conn: conn.exec_driver_sql("BEGIN IMMEDIATE"))
+    study = optuna.create_study(storage=storage, study_name=args.study_name, direction="minimize", load_if_exists=True,
                                 pruner=optuna.pruners.MedianPruner(n_startup_trials=args.pruner_startup_trials,
                                                                    n_warmup_steps=args.pruner_warmup_epochs))
-    run_only = ("trials", "ablations", "limit", "out", "pruner_startup_trials", "pruner_warmup_epochs")
-    settings = {k: v for k, v in vars(args).items() if k not in run_only}
+    # What the study means, not where or how fast its runs go: workers may differ in --device, --data-dir, ...
+    train = vars(train_cifar.parse_args(train_argv(args, args.out)))
+    settings = {k: v for k, v in vars(args).items() if k not in RUN_ONLY} | {
+        "train_args": {k: v for k, v in train.items() if k not in (*runs.RUNTIME_FLAGS, "out", "explicit")}}
     settings = json.loads(json.dumps(settings))  # as stored: tuples become lists
     saved = study.user_attrs.get("settings")
     if saved is None:
@@ -140,39 +169,60 @@ def open_study(args) -> optuna.Study:
     elif saved != settings:  # L and the trials would not be comparable
         diff = ", ".join(f"{k}: {saved.get(k)} -> {v}" for k, v in settings.items() if saved.get(k) != v)
         raise runs.UsageError(f"{args.out} holds a study made with other settings ({diff}); "
-                                     f"rerun with the same flags or pick another --out")
-    # A fixed seed on every invocation would replay the first trials' random start-up draws on resume.
-    study.sampler = optuna.samplers.TPESampler(seed=args.seed + len(study.trials))
+                              f"rerun with the same flags or pick another --out")
     return study
 
 
-def fail_stale(study: optuna.Study) -> None:
-    """Under our lock nothing else runs trials, so a RUNNING one was left by a killed sweep."""
-    stale = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,))
-    for t in stale:
-        study.tell(t.number, state=optuna.trial.TrialState.FAIL)
-    if stale:
-        print(f"marked trial(s) {[t.number for t in stale]}, left RUNNING by a killed sweep, as FAIL", file=sys.stderr)
+def work(args, bar) -> None:
+    """One worker: trials until --trials are finished, at most as many as were missing (a diverged one is FAIL, left
+    for a rerun). When the rest run elsewhere it waits: should their worker die, it runs the retry."""
+    study, attempts, waited_for = open_study(args), None, None
+    while True:
+        optuna.storages.fail_stale_trials(study)  # a dead worker's trial: FAIL, and retry_stale queues it again
+        trials = study.get_trials(deepcopy=False)
+        finished, running = sum(t.state in FINISHED for t in trials), [t.number for t in trials if t.state == RUNNING]
+        attempts = args.trials - finished if attempts is None else attempts
+        bar.update(min(finished, args.trials) - bar.n)
+        if finished >= args.trials or attempts == 0:
+            return
+        if finished + len(running) >= args.trials:
+            if running != waited_for:
+                tqdm.write(f"waiting for trial(s) {running}, running in other workers", file=sys.stderr)
+                waited_for = running
+            time.sleep(args.heartbeat)
+        else:
+            study.optimize(lambda t: objective(t, args), n_trials=1,
+                           catch=(runs.NonFiniteLoss,))  # a diverged lr is a FAIL trial, the study goes on
+            attempts -= 1
+
+
+def worker(args, k: int) -> None:
+    """A --jobs process (spawned: a fresh interpreter, no inherited CUDA or thread state). It trains on GPU k
+    (round robin) when there are GPUs, else on an equal share of the CPU threads; flags after -- win."""
+    given = train_cifar.parse_args(train_argv(args, args.out)).explicit
+    if "device" not in given and torch.cuda.device_count():
+        args.train_args += ["--device", f"cuda:{k % torch.cuda.device_count()}"]
+    elif "threads" not in given:
+        args.train_args += ["--threads", str(max(1, len(os.sched_getaffinity(0)) // args.jobs))]
+    guarded(lambda: work(args, tqdm(disable=True)), args, f"sweep.py worker {k}")
 
 
 def run_sweep(args) -> None:
+    study, failed = open_study(args), []  # with --jobs: created and checked once, before the workers start
     os.makedirs(args.out, exist_ok=True)
-    with open(os.path.join(args.out, "sweep.lock"), "w") as lock:
-        try:
-            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise runs.UsageError(f"another sweep.py is running in {args.out}; wait for it "
-                                         "or pick another --out") from None
-        study = open_study(args)
-        fail_stale(study)
-        done = len(study.get_trials(deepcopy=False, states=FINISHED))
-        bar = tqdm(total=args.trials, initial=min(done, args.trials), desc="trials")
-        tick = lambda s, t: bar.update(t.state in FINISHED)  # an Optuna callback, after every trial
-        if args.trials > done:
-            study.optimize(lambda t: objective(t, args), n_trials=args.trials - done, callbacks=[tick],
-                           catch=(runs.NonFiniteLoss,))  # a diverged lr is a FAIL trial, the study goes on
-        bar.close()
-        report_sweep(study, args)
+    if args.jobs == 1:
+        with tqdm(total=args.trials, desc="trials") as bar:
+            work(args, bar)
+    else:  # N processes, each with its own log lines: one that crashes leaves the others running
+        procs = [multiprocessing.get_context("spawn").Process(target=worker, args=(args, k)) for k in range(args.jobs)]
+        for p in procs:
+            p.start()
+        for p in procs:
+            p.join()
+        failed = [f"worker {k}: status {p.exitcode}" for k, p in enumerate(procs) if p.exitcode]
+    report_sweep(study, args)
+    if failed:
+        raise runs.UsageError(f"{', '.join(failed)}; rerun the same command to finish the study")
 
 
 # ----------------------------------------------------------------------------- sweep reports
@@ -182,32 +232,38 @@ def cell(v, fmt: str, scale: float = 1.0) -> str:
     return "-" if v is None else format(v * scale, fmt)
 
 
+def publish(path: str, text: str | None = None, fig=None) -> None:
+    """Workers that end together all report: each writes its own temporary file, then renames it into place."""
+    tmp = f"{path}.{os.getpid()}.tmp"
+    fig.savefig(tmp, dpi=120, format="png") if fig else pathlib.Path(tmp).write_text(text)
+    os.replace(tmp, path)
+
+
 def report_sweep(study: optuna.Study, args) -> None:
-    """trials.md (printed), best.json, pareto.png, importances.png."""
+    """trials.md (printed; every trial of the study once, whichever worker ran it), best.json, the plots."""
     trials = study.get_trials(deepcopy=False)
     names = [dest for dest, *_ in SPACE]
-    lines = ["| trial | state | L | val top-1 (%) | c | exec MACs (M) | " + " | ".join(names) + " | wall (s) |",
-             "|" + "---|" * (len(names) + 7)]
+    lines = ["| trial | state | L | val top-1 (%) | c | exec MACs (M) | " + " | ".join(names)
+             + " | wall (s) | worker | retry of |", "|" + "---|" * (len(names) + 9)]
     for t in trials:
         a, p = t.user_attrs, t.params
         lines.append(f"| {t.number} | {t.state.name} | {cell(t.value, '.4f')} | {cell(a.get('accuracy'), '.2f', 100)} "
                      f"| {cell(a.get('c'), '.3f')} | {cell(a.get('val_executed_macs'), '.2f', 1e-6)} | "
                      + " | ".join(cell(p.get(n), ".3g") for n in names)
-                     + f" | {cell(a.get('wall_time_s'), '.1f')} |")
+                     + f" | {cell(a.get('wall_time_s'), '.1f')} | {a.get('worker', '-')} "
+                     f"| {t.system_attrs.get('failed_trial', '-')} |")
     table = "\n".join(lines)
     print(table)
-    with open(os.path.join(args.out, "trials.md"), "w") as f:
-        f.write(table + "\n")
+    publish(os.path.join(args.out, "trials.md"), table + "\n")
     finished = [t for t in trials if t.state in FINISHED and "accuracy" in t.user_attrs]
-    n_fail = sum(t.state == optuna.trial.TrialState.FAIL for t in trials)
+    n_fail = sum(t.state == State.FAIL for t in trials)
     if len(finished) < args.trials and n_fail:
         print(f"{n_fail} trial(s) failed; rerun the same command to replace them", file=sys.stderr)
-    complete = [t for t in trials if t.state == optuna.trial.TrialState.COMPLETE]
+    complete = [t for t in trials if t.state == State.COMPLETE]
     if complete:
         best = study.best_trial
-        runs.write_json(os.path.join(args.out, "best.json"),
-                               {"trial": best.number, "objective_L": best.value, "lam": args.lam,
-                                "params": best.params, "metrics": best.user_attrs})
+        publish(os.path.join(args.out, "best.json"), json.dumps({"trial": best.number, "objective_L": best.value,
+                "lam": args.lam, "params": best.params, "metrics": best.user_attrs}, indent=1))
         print(f"best: trial {best.number} L={best.value:.4f} {best.params}")
     plot_pareto(finished, os.path.join(args.out, "pareto.png"))
     plot_importances(study, len(complete), os.path.join(args.out, "importances.png"))
@@ -216,12 +272,8 @@ def report_sweep(study: optuna.Study, args) -> None:
 def pareto_front(points: list) -> list:
     """Indices of the (MACs, accuracy) points that no other point beats on both: fewer MACs, higher accuracy."""
     order = sorted(range(len(points)), key=lambda i: (points[i][0], -points[i][1]))
-    front, best = [], -float("inf")
-    for i in order:
-        if points[i][1] > best:
-            front.append(i)
-            best = points[i][1]
-    return front
+    best = list(itertools.accumulate((points[i][1] for i in order), max, initial=-float("inf")))  # best before k
+    return [i for k, i in enumerate(order) if points[i][1] > best[k]]
 
 
 def plot_pareto(trials: list, path: str) -> None:
@@ -239,25 +291,23 @@ def plot_pareto(trials: list, path: str) -> None:
         ax.axvline(trials[0].user_attrs["static_macs"] / 1e6, ls="--", c="0.3", lw=0.8, label="static backbone")
     ax.set(xlabel="expected executed MACs per sample (M, val)", ylabel="val top-1 (%)",
            title=f"§6.2 sweep: {len(trials)} finished trials")
-    ax.legend(fontsize=7), fig.tight_layout(), fig.savefig(path, dpi=120), plt.close(fig)
+    ax.legend(fontsize=7), fig.tight_layout(), publish(path, fig=fig), plt.close(fig)
 
 
 def plot_importances(study: optuna.Study, n_complete: int, path: str) -> None:
     if n_complete < 2:
-        print(f"importances.png not written: Optuna needs 2 completed trials, the study has {n_complete}",
-              file=sys.stderr)
+        print(f"importances.png not written: Optuna needs 2 completed trials, not {n_complete}", file=sys.stderr)
         return
     with warnings.catch_warnings(record=True) as caught:  # e.g. "too few trials: importances will be equal"
         warnings.simplefilter("always")
         imp = optuna.importance.get_param_importances(study)
-    note = " ".join(str(w.message) for w in caught)
-    if note:
+    if note := " ".join(str(w.message) for w in caught):
         print(f"importances.png: Optuna says: {note}", file=sys.stderr)
     plt = runs.pyplot()
     fig, ax = plt.subplots(figsize=(5, 3))
     ax.barh(list(imp)[::-1], list(imp.values())[::-1])
     ax.set(xlabel="importance for L (PED-ANOVA, Optuna default)", title=f"{n_complete} completed trials")
-    fig.tight_layout(), fig.savefig(path, dpi=120), plt.close(fig)
+    fig.tight_layout(), publish(path, fig=fig), plt.close(fig)
 
 
 # ----------------------------------------------------------------------------- §5.3 ablation grid
@@ -288,8 +338,7 @@ def run_ablations(args) -> None:
     table = (f"§5.3 ablations: {args.backbone}, {args.dataset}, {args.epochs} epochs; test top-1 and expected "
              "executed MACs per test sample\n\n" + "\n".join(rows))
     print(table)
-    with open(os.path.join(args.out, "ablations.md"), "w") as f:
-        f.write(table + "\n")
+    publish(os.path.join(args.out, "ablations.md"), table + "\n")
     plot_selector_curves(args.out, grid)
 
 
@@ -320,8 +369,8 @@ def plot_selector_curves(out: str, grid: list) -> None:
             curve, label = line
             ax.plot(sorted(curve), [curve[e] for e in sorted(curve)], "o-", label=label)
     ax.set(xlabel="epoch", ylabel="val top-1 (%)", title="selector architectures (Fig. 3)")
-    ax.legend(fontsize=7), fig.tight_layout(), fig.savefig(os.path.join(out, "selector_curves.png"), dpi=120)
-    plt.close(fig)
+    ax.legend(fontsize=7), fig.tight_layout()
+    publish(os.path.join(out, "selector_curves.png"), fig=fig), plt.close(fig)
 
 
 # ----------------------------------------------------------------------------- command line
@@ -333,20 +382,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ablations", action="store_true", help="run the §5.3 ablation grid instead of the sweep")
     p.add_argument("--limit", type=runs.positive, default=None, help="ablations: only the first N of the 24")
     p.add_argument("--trials", type=runs.positive, default=50, help="finished trials in the study (§6.2: 50)")
-    p.add_argument("--lam", type=float, default=0.1,
-                   help="lambda of L = (1 - acc) + lambda*c (§6.2 gives no value; 0.1 trades 1 point of top-1 "
-                        "for 10%% of the static compute, the paper's headline trade: within ~1 point at 21-70%% "
-                        "fewer FLOPs, Table 4)")
+    p.add_argument("--lam", type=float, default=0.1, help="lambda of L = (1 - acc) + lambda*c (§6.2 gives none; "
+                   "0.1 trades 1 point of top-1 for 10%% of the compute: Table 4's ~1 point at 21-70%% fewer FLOPs)")
     p.add_argument("--epochs", type=runs.positive, default=40, help="per run (§5.3: 40 epochs)")
     p.add_argument("--dataset", default="cifar10", choices=data.DATASETS)
     p.add_argument("--backbone", default="resnet101", choices=BACKBONES, help="§5.3 and §6.2: ResNet-Juliet-101")
     p.add_argument("--seed", type=int, default=0, help="TPE sampler seed and every run's training seed")
     p.add_argument("--out", default=None, help="sweep/ablation directory (default: runs/sweep or runs/ablations)")
     p.add_argument("--pruner-startup-trials", type=int, default=5, help="MedianPruner: trials before pruning")
-    p.add_argument("--pruner-warmup-epochs", type=int, default=None,
-                   help="MedianPruner: no pruning before this epoch (default: half of --epochs; §6.2: grow/prune "
-                        "events delay early learning and early stopping penalises Juliet)")
+    p.add_argument("--pruner-warmup-epochs", type=int, default=None, help="MedianPruner: no pruning before this "
+                   "epoch (default: half of --epochs; §6.2: grow/prune delays learning, early stopping penalises it)")
     p.add_argument("--train-args", default="", help='more train_cifar flags as one string, e.g. "--workers 0"')
+    p.add_argument("--storage", help="Optuna RDB storage URL that every worker shares, e.g. postgresql://user:"
+                   "password@host/db (default: sqlite:///DIR/study.db, one machine)")
+    p.add_argument("--study-name", default="juliet", help="the study in --storage")
+    p.add_argument("--jobs", type=runs.positive, default=1, help="workers here: one per GPU, else CPU threads split")
+    p.add_argument("--heartbeat", type=runs.positive, default=30, help="seconds between a worker's Optuna "
+                   "heartbeats; a trial silent for 3 has lost its worker")
     g = p.add_argument_group("search space (§6.2)")
     for _, flag, typ, default, _, _, text in SPACE:
         g.add_argument(flag, type=typ, nargs=2, default=default, metavar=("LOW", "HIGH"), help=text)
@@ -371,21 +423,34 @@ def parse_args(argv=None) -> argparse.Namespace:
     if owned:
         p.error(f"{', '.join(owned)}: set by sweep.py for every run; use sweep.py's own flags or ranges")
     args.out = args.out or os.path.join("runs", "ablations" if args.ablations else "sweep")
+    if args.ablations and (args.jobs > 1 or args.storage):
+        p.error("--jobs and --storage are for the sweep; the §5.3 grid runs one run at a time")
+    args.storage = args.storage or f"sqlite:///{os.path.abspath(os.path.join(args.out, 'study.db'))}"
+    try:
+        sqlalchemy.create_engine(args.storage).dispose()  # parses the URL and imports its driver; connects to nothing
+    except (sqlalchemy.exc.ArgumentError, ImportError) as e:
+        p.error(f"--storage: {e}; give an RDB URL, e.g. sqlite:///path/study.db or postgresql://user:pw@host/db")
     if args.pruner_warmup_epochs is None:
         args.pruner_warmup_epochs = args.epochs // 2
     train_cifar.parse_args(train_argv(args, args.out))  # bad pass-through flags: one line and exit 2, now
     return args
 
 
-def main(argv=None) -> None:
-    args = parse_args(argv)
+def guarded(run, args, prog: str = "sweep.py") -> None:
+    """Run; bad input ends with one line and status 1, Ctrl-C with how to continue."""
     optuna.logging.set_verbosity(optuna.logging.WARNING)  # one tqdm bar over trials instead
+    warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)  # heartbeats: used knowingly
     try:
-        run_ablations(args) if args.ablations else run_sweep(args)
-    except runs.UsageError as e:
-        sys.exit(f"sweep.py: error: {e}")
+        run()
+    except (runs.UsageError, sqlalchemy.exc.SQLAlchemyError) as e:  # bad input; a storage that cannot be opened
+        sys.exit(f"{prog}: error: {str(e).splitlines()[0]}")
     except KeyboardInterrupt:
         sys.exit(f"interrupted; the same command continues in {args.out}")
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    guarded(lambda: run_ablations(args) if args.ablations else run_sweep(args), args)
 
 
 if __name__ == "__main__":

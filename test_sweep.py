@@ -1,14 +1,19 @@
-"""sweep.py: the §6.2 Optuna study (continue, prune, stale trials, bad input) and the §5.3 ablation grid."""
+"""sweep.py: the §6.2 Optuna study (continue, prune, parallel workers, heartbeats, bad input) and the §5.3 grid."""
 
-import fcntl
 import json
 import os
+import signal
+import subprocess
+import sys
+import time
 
 import optuna
 import pytest
+import sqlalchemy
 import torch
 
 import sweep
+from conftest import REPO
 
 State = optuna.trial.TrialState
 TINY = ["--epochs", "1", "--dataset", "synthetic", "--backbone", "resnet18", "--",
@@ -87,23 +92,88 @@ def test_median_pruner_prunes_a_trial_below_the_median(tmp_path, monkeypatch):
 
 
 @pytest.mark.usefixtures("one_thread")
-def test_a_trial_left_running_is_failed_not_counted_and_does_not_block(tmp_path, monkeypatch, capsys):
+def test_a_trial_whose_heartbeat_stopped_is_failed_not_counted_and_retried(tmp_path, monkeypatch, capsys):
     scripted_runs(monkeypatch, [[50]] * 4)
     out = tmp_path / "sweep"
-    flags = ["--epochs", "1", "--dataset", "synthetic", "--out", str(out)]
+    flags = ["--epochs", "1", "--dataset", "synthetic", "--heartbeat", "1", "--out", str(out)]
     sweep.main(["--trials", "2", *flags])
-    load_study(out).ask()  # trial 2: RUNNING forever, like a trial whose process was killed
-    sweep.main(["--trials", "3", *flags])
+    storage = optuna.storages.RDBStorage(f"sqlite:///{out}/study.db")
+    study = optuna.load_study(study_name="juliet", storage=storage)
+    lost = study.ask({"lr": optuna.distributions.FloatDistribution(1e-4, 3e-3, log=True)})  # trial 2: RUNNING
+    storage.record_heartbeat(lost._trial_id)  # one beat, then silence: its worker was killed just now
+    sweep.main(["--trials", "3", *flags])  # nothing to start: waits until 3 beats (1 s) are missed, then retries
     t = load_study(out).trials
     assert [x.state for x in t] == [State.COMPLETE, State.COMPLETE, State.FAIL, State.COMPLETE]
-    assert "marked trial(s) [2]" in capsys.readouterr().err
-    with open(out / "sweep.lock", "w") as lock:  # a live sweep on the same directory
-        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        with pytest.raises(SystemExit, match="another sweep.py is running"):
-            sweep.main(["--trials", "4", *flags])
+    assert t[3].system_attrs["failed_trial"] == 2 and t[3].params["lr"] == lost.params["lr"]  # the retry
+    assert t[3].user_attrs["run_dir"] == str(out / "trial_3") and (out / "trial_3").is_dir()  # its own run dir
+    assert not (out / "trial_2").exists()
+    err = capsys.readouterr().err
+    assert "waiting for trial(s) [2], running in other workers" in err and "trial 2 lost its worker" in err
     with pytest.raises(SystemExit, match=r"other settings \(lam: 0.1 -> 0.5\)"):
         sweep.main(["--trials", "4", "--lam", "0.5", *flags])
     assert len(load_study(out).trials) == 4
+
+
+def running(out) -> dict:
+    """{worker pid: (trial number, whether it trains: its run directory holds its config)} over the study's
+    running trials. Reads only: the workers create the storage."""
+    try:
+        storage = optuna.storages.RDBStorage(f"sqlite:///{out}/study.db", skip_table_creation=True,
+                                             skip_compatibility_check=True)
+        trials = optuna.load_study(study_name="juliet", storage=storage).get_trials(states=(State.RUNNING,))
+        return {int(t.user_attrs["worker"].split(":")[-1]):
+                (t.number, os.path.isfile(os.path.join(t.user_attrs["run_dir"], "config.json")))
+                for t in trials if "worker" in t.user_attrs}
+    except (KeyError, sqlalchemy.exc.SQLAlchemyError, optuna.exceptions.StorageInternalError):  # not made yet
+        return {}
+
+
+def test_two_workers_share_a_study_and_a_killed_workers_trial_is_retried_once(tmp_path):
+    """Two sweep.py processes on one SQLite study run different trials at the same time; the one killed
+    mid-trial (SIGKILL: no cleanup) leaves a FAIL trial that is not counted, and the other goes on and runs
+    its retry."""
+    out = tmp_path / "sweep"
+    cmd = [sys.executable, os.path.join(REPO, "sweep.py"), "--trials", "2", "--heartbeat", "1", "--out", str(out),
+           *TINY[:-2], "--threads", "1"]  # whole runs: a trial lasts long enough to be killed in the middle
+    env = dict(os.environ, PYTHONWARNINGS="ignore")
+    a, b = (subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            for _ in range(2))
+    try:
+        deadline = time.time() + 90
+        while not ((busy := running(out)).keys() == {a.pid, b.pid} and busy[a.pid][1]) and time.time() < deadline:
+            time.sleep(0.2)  # until both run a trial at once, and a's trains
+        assert busy.keys() == {a.pid, b.pid} and busy[a.pid][1], busy
+        a.send_signal(signal.SIGKILL)
+        killed = busy[a.pid][0]
+        err = b.communicate(timeout=120)[1]
+    finally:
+        for p in (a, b):
+            p.kill()
+            p.wait()
+    assert b.returncode == 0, err
+    assert f"trial {killed} lost its worker" in err
+    trials = load_study(out).trials
+    assert [t.number for t in trials if t.state == State.FAIL] == [killed]
+    assert sum(t.state in sweep.FINISHED for t in trials) == 2 and len(trials) == 3  # the FAIL is not counted
+    retry = next(t for t in trials if t.system_attrs.get("failed_trial") == killed)
+    assert retry.state == State.COMPLETE and retry.params == trials[killed].params
+    assert retry.user_attrs["worker"].endswith(f":{b.pid}")
+    dirs = [t.user_attrs["run_dir"] for t in trials]
+    assert len(set(dirs)) == 3 and all(os.path.isdir(d) for d in dirs)  # one run dir per trial, never reused
+    rows = [r.split(" | ")[0] for r in (out / "trials.md").read_text().splitlines()[2:]]
+    assert sorted(rows) == [f"| {k}" for k in range(3)]  # every trial once
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_jobs_runs_worker_processes_on_one_study_with_a_share_of_the_threads(tmp_path):
+    out = tmp_path / "sweep"
+    sweep.main(["--trials", "2", "--jobs", "2", "--heartbeat", "1", "--out", str(out), *TINY])
+    trials = load_study(out).trials
+    assert [t.state for t in trials] == [State.COMPLETE] * 2
+    assert all(not t.user_attrs["worker"].endswith(f":{os.getpid()}") for t in trials)  # ran in the workers
+    threads = max(1, len(os.sched_getaffinity(0)) // 2)
+    assert [json.loads((out / f"trial_{k}" / "config.json").read_text())["threads"] for k in range(2)] == [threads] * 2
+    assert len((out / "trials.md").read_text().splitlines()) == 4
 
 
 @pytest.mark.usefixtures("one_thread")
@@ -127,7 +197,9 @@ def test_ablation_grid_with_limit_and_resume(tmp_path, monkeypatch, capsys):
 
 @pytest.mark.usefixtures("one_thread")
 @pytest.mark.parametrize("bad", [["--grow-range", "0.9", "0.1"], ["--lr-range", "0", "1e-3"], ["--trials", "0"],
-                                 ["--prune-range", "0.1", "1.5"], ["--", "--lr", "0.1"]])
+                                 ["--prune-range", "0.1", "1.5"], ["--", "--lr", "0.1"], ["--jobs", "0"],
+                                 ["--storage", "not-a-url"], ["--storage", "redis://localhost"],
+                                 ["--ablations", "--jobs", "2"], ["--heartbeat", "0"]])
 def test_bad_input_is_one_line_and_exit_2(tmp_path, capsys, bad):
     out = tmp_path / "sweep"
     with pytest.raises(SystemExit) as e:
