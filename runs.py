@@ -28,6 +28,11 @@ from tqdm import tqdm
 from backbones import make_backbone, static_model
 from trie import JulietNet
 
+# MKL, torch's CPU BLAS, picks kernels by memory alignment unless asked for reproducible results: the same step
+# could differ in its last bits between two processes (or two runs in one), and --resume would not be exact.
+# MKL reads this at its first call, so it holds unless something ran a matmul before this module was imported.
+os.environ.setdefault("MKL_CBWR", "AUTO")
+
 
 class UsageError(Exception):
     """Bad input: the CLI prints this one line and exits with status 1, touching nothing on disk."""
