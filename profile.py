@@ -192,31 +192,32 @@ def _fail(message):
 
 
 def main(argv=None):
+    import runs
+
     parser = argparse.ArgumentParser(prog="profile.py", description=__doc__.split("\n\n")[0])
     parser.add_argument("run_dir", nargs="?", metavar="RUN",
                         help="a finished run directory (runs/<name>), profiled on its test set")
     parser.add_argument("--backbone", help="profile a fresh model: resnet18, resnet101, densenet121, efficientnet_b0")
     parser.add_argument("--static", action="store_true", help="the static baseline instead of a Juliet chain")
-    parser.add_argument("--input-size", type=int, default=32, help="32: CIFAR-10 (§5.1); 224: ImageNet (§5.2)")
-    parser.add_argument("--num-classes", type=int, default=10)
+    parser.add_argument("--input-size", type=runs.positive, default=32,
+                        help="32: CIFAR-10 (§5.1); 224: ImageNet (§5.2)")
+    parser.add_argument("--num-classes", type=runs.positive, default=10)
     parser.add_argument("--selector", default="transformer", help="transformer (§4.1), mlp or conv (§5.3)")
-    parser.add_argument("--batch", type=int, default=128, help="batch of memory and --bench (Table 2: 128)")
+    parser.add_argument("--batch", type=runs.positive, default=128, help="batch of memory and --bench (Table 2: 128)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--max-batches", type=int, help="run profile: count paths on this many test batches")
+    parser.add_argument("--max-batches", type=runs.positive, help="run profile: count paths on this many test batches")
     parser.add_argument("--table", nargs="+", metavar="RUN", help="Table 4 for these runs, and the Fig. 4/5 plot")
     parser.add_argument("--out", help="--table: PNG path (default: RUN/top1_per_gflop.png of the first run)")
     parser.add_argument("--bench", action="store_true", help="Table 5: wall time, static vs Juliet")
-    parser.add_argument("--repeats", type=int, default=15)
-    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--repeats", type=runs.positive, default=15)
+    parser.add_argument("--warmup", type=runs.nonneg, default=3)
     parser.add_argument("--run", dest="bench_run", help="--bench: also time this run's trained trie")
     parser.add_argument("--json", action="store_true", help="print one JSON object, nothing else, on stdout")
     parser.error = _fail  # one line and exit 2, like every other bad input
     args = parser.parse_args(argv)
-    from runs import UsageError
-
     try:
         out, text = _dispatch(args)
-    except UsageError as e:
+    except runs.UsageError as e:
         _fail(str(e))
     print(json.dumps(out, indent=2) if args.json else text)
     return out

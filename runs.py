@@ -16,6 +16,7 @@ prints it as one line on stderr and exits non-zero, before any file is made.
 
 import argparse
 import json
+import math
 import os
 import random
 import sys
@@ -50,33 +51,41 @@ class Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message}\n")
 
 
-def unit_interval(s: str) -> float:
-    v = float(s)
-    if not 0.0 <= v <= 1.0:
-        raise argparse.ArgumentTypeError(f"must be in [0, 1], got {s}")
-    return v
+def _ranged(kind, ok, what: str):
+    """An argparse type: a finite number of `kind` for which ok(v) holds, else one line saying what it must be."""
+    def parse(s: str):
+        try:
+            v = kind(s)
+        except ValueError:
+            v = None
+        if v is None or not math.isfinite(v) or not ok(v):
+            raise argparse.ArgumentTypeError(f"must be {what}, got {s!r}")
+        return v
+    return parse
 
 
-def positive(s: str) -> int:
-    v = int(s)
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {s}")
-    return v
+positive_float = _ranged(float, lambda v: v > 0, "a number > 0")
+nonneg_float = _ranged(float, lambda v: v >= 0, "a number >= 0")
+unit_interval = _ranged(float, lambda v: 0 <= v <= 1, "in [0, 1]")
+open_unit = _ranged(float, lambda v: 0 < v < 1, "in (0, 1)")
+positive = _ranged(int, lambda v: v >= 1, "a positive integer")
+nonneg = _ranged(int, lambda v: v >= 0, "an integer >= 0")
+seed_int = _ranged(int, lambda v: 0 <= v < 2**31, "an integer in [0, 2^31)")
 
 
 def add_run_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("run")
-    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--seed", type=seed_int, default=0)
     g.add_argument("--out", default=None, help="run directory (default: runs/<backbone>-<variant>-<time>)")
     g.add_argument("--resume", default=None, metavar="DIR", help="continue the run in DIR from its last checkpoint")
     g.add_argument("--eval-only", action="store_true", help="only evaluate the checkpoint of --resume DIR on test")
     g.add_argument("--device", default="auto", help="auto (CUDA if available), cpu, cuda, cuda:1, ...")
     g.add_argument("--amp", action="store_true", help="mixed precision on CUDA (§5.3 software stack)")
     g.add_argument("--compile", action="store_true", help="torch.compile every stage (§5.3 software stack)")
-    g.add_argument("--workers", type=int, default=2, help="DataLoader workers")
-    g.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    g.add_argument("--workers", type=nonneg, default=2, help="DataLoader workers")
+    g.add_argument("--threads", type=nonneg, default=0, help="torch CPU threads (0: torch's default)")
     g.add_argument("--deterministic", action="store_true", help="deterministic kernels (slower on CUDA)")
-    g.add_argument("--limit-batches", type=int, default=0, help="stop each pass after N batches (smoke tests)")
+    g.add_argument("--limit-batches", type=nonneg, default=0, help="stop each pass after N batches (smoke tests)")
     g.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
@@ -84,8 +93,15 @@ def finish_args(p: argparse.ArgumentParser, argv=None) -> argparse.Namespace:
     """Parse, remember which flags were given explicitly (for --resume), and name a new run's directory."""
     argv = sys.argv[1:] if argv is None else list(argv)
     args = p.parse_args(argv)
-    flags = {a.split("=")[0] for a in argv if a.startswith("--")}
-    args.explicit = [a.dest for a in p._actions if flags & set(a.option_strings)]
+    # Explicit flags: parse again into a namespace pre-filled with a marker, which argparse's defaults leave alone
+    # (robust to abbreviations and aliases such as --router).
+    unset = object()
+    given = vars(p.parse_args(argv, argparse.Namespace(**{a.dest: unset for a in p._actions})))
+    args.explicit = sorted(d for d, v in given.items() if v is not unset and d != "help")
+    for a in p._actions:  # also flags declared with a plain `type=float`: finite, and loss weights >= 0
+        v = getattr(args, a.dest, None)
+        if isinstance(v, float) and not (math.isfinite(v) and (v >= 0 or not a.dest.endswith("_weight"))):
+            p.error(f"argument {a.option_strings[0]}: must be a finite number{' >= 0' * (v < 0)}, got {v}")
     if args.eval_only and not args.resume:
         p.error("--eval-only needs --resume DIR (the run to evaluate)")
     if args.out is None and not args.resume:

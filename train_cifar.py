@@ -351,15 +351,17 @@ def build_parser(description: str) -> argparse.ArgumentParser:
     g.add_argument("--selector", "--router", default="transformer", choices=list(SELECTORS),
                    help="path selector N.PS (§4.1; §5.3 ablation)")
     g.add_argument("--policy", default="top1", choices=POLICIES, help="routing policy (§4.1 top-1; §5.3 gumbel)")
-    g.add_argument("--tau0", type=float, default=1.0, help="gumbel: initial temperature (§3.1.3 annealing)")
-    g.add_argument("--tau-min", type=float, default=0.1, help="gumbel: final temperature")
-    g.add_argument("--prebuild", type=int, default=None,
+    g.add_argument("--tau0", type=runs.positive_float, default=1.0,
+                   help="gumbel: initial temperature (§3.1.3 annealing)")
+    g.add_argument("--tau-min", type=runs.positive_float, default=0.1, help="gumbel: final temperature")
+    g.add_argument("--prebuild", type=runs.positive, default=None,
                    help="nodes in the initial chain; default one per stage (§5.3 'Initialisation': 5, or 10 "
                         "for ResNet-101)")
     g.add_argument("--no-stop", action="store_true", help="no stop children: every path runs every stage")
-    g.add_argument("--d-model", type=int, default=64, help="selector width d_model (§4.1)")
-    g.add_argument("--n-head", type=int, default=4, help="selector heads n_head (§4.1)")
-    g.add_argument("--ema-beta", type=float, default=0.99, help="EMA beta of alpha and sigma^2 (Eq. 3; lambda=1-beta)")
+    g.add_argument("--d-model", type=runs.positive, default=64, help="selector width d_model (§4.1)")
+    g.add_argument("--n-head", type=runs.positive, default=4, help="selector heads n_head (§4.1)")
+    g.add_argument("--ema-beta", type=runs.unit_interval, default=0.99,
+                   help="EMA beta of alpha and sigma^2 (Eq. 3; lambda=1-beta)")
     g = p.add_argument_group("routing recipe (ours; README 'Paper notes and deviations')")
     g.add_argument("--train-depth", default="full", choices=TRAIN_DEPTHS,
                    help="full: training samples run to a leaf whatever they decide, so every exit and the rest "
@@ -387,28 +389,28 @@ def build_parser(description: str) -> argparse.ArgumentParser:
                    help="E_prune, epochs (Table 2: every 3 ep; Table 3: 5)")
     g.add_argument("--t-min", type=runs.positive, default=3, help="epochs of alpha < theta_prune before pruning")
     g.add_argument("--m-max", type=runs.positive, default=3, help="M_max stage children per node (Alg. 2)")
-    g.add_argument("--max-depth", type=int, default=None, help="deepest node depth (default: last stage)")
+    g.add_argument("--max-depth", type=runs.nonneg, default=None, help="deepest node depth (default: last stage)")
     g = p.add_argument_group("data (§5.1, Table 2)")
     g.add_argument("--dataset", default="cifar10", choices=data.DATASETS)
     g.add_argument("--data-dir", default="./data", help="CIFAR root, or an image folder with train/ and test/")
     g.add_argument("--download", action="store_true", help="let torchvision download CIFAR")
-    g.add_argument("--input-size", type=int, default=32, help="image side (CIFAR: 32)")
+    g.add_argument("--input-size", type=runs.positive, default=32, help="image side (CIFAR: 32)")
     g.add_argument("--synthetic-size", type=runs.positive, default=10000, help="synthetic train+val images")
-    g.add_argument("--data-seed", type=int, default=0, help="seed of the synthetic images")
-    g.add_argument("--val-split", type=float, default=0.1, help="Table 2: 90/10 train/val split")
-    g.add_argument("--split-seed", type=int, default=0, help="seed of the train/val split")
+    g.add_argument("--data-seed", type=runs.seed_int, default=0, help="seed of the synthetic images")
+    g.add_argument("--val-split", type=runs.open_unit, default=0.1, help="Table 2: 90/10 train/val split")
+    g.add_argument("--split-seed", type=runs.seed_int, default=0, help="seed of the train/val split")
     g = p.add_argument_group("optimisation (Table 2 for CIFAR-10, Table 3 for ImageNet)")
     g.add_argument("--epochs", type=runs.positive, default=60, help="Table 2: 15, 30 or 60; §6.3: 120")
     g.add_argument("--batch-size", type=runs.positive, default=128, help="Table 2: 128; Table 3: 256")
     g.add_argument("--optimizer", default="adam", choices=("adam", "sgd"), help="Table 2: Adam; Table 3: SGD")
-    g.add_argument("--lr", type=float, default=1e-3, help="Table 2: 1e-3; Table 3: 0.1")
-    g.add_argument("--momentum", type=float, default=0.9, help="SGD only (Table 3: 0.9)")
-    g.add_argument("--wd", type=float, default=1e-5, help="weight decay (Table 2: 1e-5; Table 3: 1e-4)")
+    g.add_argument("--lr", type=runs.positive_float, default=1e-3, help="Table 2: 1e-3; Table 3: 0.1")
+    g.add_argument("--momentum", type=runs.unit_interval, default=0.9, help="SGD only (Table 3: 0.9)")
+    g.add_argument("--wd", type=runs.nonneg_float, default=1e-5, help="weight decay (Table 2: 1e-5; Table 3: 1e-4)")
     g.add_argument("--scheduler", default="plateau", choices=("plateau", "cosine"),
                    help="Table 2: ReduceLROnPlateau on val loss; Table 3: CosineAnnealingLR")
-    g.add_argument("--lr-factor", type=float, default=0.5, help="plateau factor (Table 2)")
-    g.add_argument("--lr-patience", type=int, default=3, help="plateau patience (Table 2)")
-    g.add_argument("--t-max", type=int, default=40, help="cosine T_max (Table 3)")
+    g.add_argument("--lr-factor", type=runs.open_unit, default=0.5, help="plateau factor (Table 2)")
+    g.add_argument("--lr-patience", type=runs.nonneg, default=3, help="plateau patience (Table 2)")
+    g.add_argument("--t-max", type=runs.positive, default=40, help="cosine T_max (Table 3)")
     runs.add_run_args(p)
     return p
 
