@@ -161,7 +161,8 @@ def test_bad_input_ends_with_one_line_and_keeps_existing_runs(tmp_path):
 
 
 def test_cifar10_missing_says_how_to_download(tmp_path):
-    line = one_line_error(run_cli("--data-dir", str(tmp_path), "--epochs", "1", "--quiet"), code=1)
+    # downloading is the default (offline, see test_bad_input.py); --no-download forbids it
+    line = one_line_error(run_cli("--data-dir", str(tmp_path), "--epochs", "1", "--quiet", "--no-download"), code=1)
     assert "--download" in line and str(tmp_path) in line
 
 

@@ -1,7 +1,7 @@
 """train_cifar.py: the paper's CIFAR-10 protocol (§5.1, Table 2), end to end, for Juliet or its static backbone.
 
     python train_cifar.py --backbone densenet121 --epochs 60             # Juliet-DenseNet-121 on CIFAR-10
-    python train_cifar.py --backbone resnet18 --static --download        # the static baseline (fetches CIFAR-10)
+    python train_cifar.py --backbone resnet18 --static                   # the static baseline (fetches CIFAR-10)
     python train_cifar.py --dataset synthetic --epochs 8                 # offline: the built-in synthetic set
     python train_cifar.py --resume runs/resnet18-juliet-20261124-101500  # continue an interrupted run
 
@@ -393,8 +393,10 @@ def build_parser(description: str) -> argparse.ArgumentParser:
     g = p.add_argument_group("data (§5.1, Table 2)")
     g.add_argument("--dataset", default="cifar10", choices=data.DATASETS)
     g.add_argument("--data-dir", default="./data", help="CIFAR root, or an image folder with train/ and test/")
-    g.add_argument("--download", action="store_true", help="let torchvision download CIFAR")
-    g.add_argument("--input-size", type=runs.positive, default=32, help="image side (CIFAR: 32)")
+    g.add_argument("--download", action=argparse.BooleanOptionalAction, default=True,
+                   help="let torchvision download and MD5-check CIFAR when it is absent")
+    g.add_argument("--input-size", type=runs.positive, default=32,
+                   help="image side (CIFAR: 32, resized to another; an ImageFolder's images must have it)")
     g.add_argument("--synthetic-size", type=runs.positive, default=10000, help="synthetic train+val images")
     g.add_argument("--data-seed", type=runs.seed_int, default=0, help="seed of the synthetic images")
     g.add_argument("--val-split", type=runs.open_unit, default=0.1, help="Table 2: 90/10 train/val split")
