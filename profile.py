@@ -63,19 +63,21 @@ def profile_run(run_dir, device="cpu", max_batches=None) -> dict:
     import runs
     from data import run_test_loader
 
-    config, model = runs.load_run(run_dir, device)
-    size = config.get("input_size", 32)
-    out = {"backbone": config["backbone"],
-           **measure.model_profile(model, config.get("dataset"), size, config["num_classes"])}
-    if out["proxy"]:
-        counts = measure.count_leaves(model, run_test_loader(config), device, max_batches)
-        exp = measure.expected_macs(model, counts, size)
-        out.update(expected_macs_per_sample=exp["expected_macs_per_sample"], expected_macs_samples=exp["samples"],
-                   paths=exp["paths"], nodes=exp["nodes"], params_executed=measure.executed_params(model, counts))
-    else:  # every sample runs the same modules: the one-dummy count is the executed cost
-        out.update(expected_macs_per_sample=out["flops_paper_convention_macs"], params_executed=out["params"])
-    path = os.path.join(run_dir, "model_profile.json")
-    runs.write_json(path, {**runs.read_json(path, {}), **out})
+    config, model = runs.load_run(run_dir, device)  # checked (safe loader) before anything is written
+    size = config["input_size"]
+    with runs.claim_run_dir(run_dir, new=False):  # one writer: not while a training run holds the directory
+        path = os.path.join(run_dir, "model_profile.json")
+        saved = runs.read_json(path, {})
+        out = {"backbone": config["backbone"],
+               **measure.model_profile(model, config["dataset"], size, config["num_classes"])}
+        if out["proxy"]:
+            counts = measure.count_leaves(model, run_test_loader(config), device, max_batches)
+            exp = measure.expected_macs(model, counts, size)
+            out.update(expected_macs_per_sample=exp["expected_macs_per_sample"], expected_macs_samples=exp["samples"],
+                       paths=exp["paths"], nodes=exp["nodes"], params_executed=measure.executed_params(model, counts))
+        else:  # every sample runs the same modules: the one-dummy count is the executed cost
+            out.update(expected_macs_per_sample=out["flops_paper_convention_macs"], params_executed=out["params"])
+        runs.write_json(path, {**saved, **out})
     return out
 
 
@@ -83,17 +85,24 @@ def table_rows(run_dirs) -> list[dict]:
     """One Table 4 row per run. Training FLOPs = 3 x F_inf x |D_train| per epoch (§5.1); Table 4 also
     multiplies by the epochs (ResNet-18: 3 x 37.22 M x 45,000 x 60 = 301.5 T), so we do when config has them."""
     import runs
+    from runs import UsageError
 
-    rows = []
-    for run_dir in run_dirs:
+    checked, keys = [], ("expected_macs_per_sample", "params", "flops_paper_convention_macs")
+    for run_dir in run_dirs:  # every run's small files first: a damaged one fails before any work or write
+        final = {**runs.read_config(run_dir), **runs.read_json(os.path.join(run_dir, "final.json"), {})}
         path, ckpt = os.path.join(run_dir, "model_profile.json"), os.path.join(run_dir, "checkpoint.pt")
         p = runs.read_json(path, {}) if os.path.exists(ckpt) else {}
-        if "expected_macs_per_sample" not in p or os.path.getmtime(ckpt) > os.path.getmtime(path):
-            p = profile_run(run_dir)  # none yet, or the checkpoint changed since
-        config = runs.read_json(os.path.join(run_dir, "config.json"))
-        final = {**config, **runs.read_json(os.path.join(run_dir, "final.json"), {})}  # epochs run, test_top1
+        numbers = (final.get("test_top1") or 0, final.get("train_size", 0), final.get("epochs", 1),
+                   *(p.get(k, 0) for k in keys))
+        if not all(isinstance(v, (int, float)) for v in numbers):
+            raise UsageError(f"{run_dir}: final.json or model_profile.json holds a value that is not a number")
+        stale = not all(k in p for k in (*keys, "proxy")) or os.path.getmtime(ckpt) > os.path.getmtime(path)
+        checked.append((run_dir, final, p, stale))  # stale: no profile yet, or the checkpoint changed since
+    rows = []
+    for run_dir, final, p, stale in checked:  # final: config.json with final.json's epochs and test_top1 over it
+        p = profile_run(run_dir) if stale else p
         top1 = final.get("test_top1")
-        family, variant = _NAMES.get(config["backbone"], (config["backbone"], config["backbone"] + " {}"))
+        family, variant = _NAMES.get(final["backbone"], (final["backbone"], final["backbone"] + " {}"))
         scale = 3 * final.get("train_size", float("nan")) * final.get("epochs", 1) / 1e12
         rows.append({"run": run_dir, "family": family, "variant": variant.format("Juliet-" if p["proxy"] else ""),
                      "params_m": p["params"] / 1e6, "paper_macs_m": p["flops_paper_convention_macs"] / 1e6,
@@ -101,7 +110,6 @@ def table_rows(run_dirs) -> list[dict]:
                      "train_t_paper": scale * p["flops_paper_convention_macs"],
                      "train_t_expected": scale * p["expected_macs_per_sample"], "top1": top1})
     return rows
-
 
 
 def format_table(rows) -> str:

@@ -8,7 +8,8 @@
 Every epoch (`fit`): train_one_epoch (growth, Alg. 2, every --grow-every mini-batches), evaluate on the 10%
 validation split, end_epoch (pruning sweep, Alg. 3, every --prune-every epochs), ReduceLROnPlateau on
 the validation loss, one log line, epoch_<k>.json, and checkpoint.pt (written atomically). At the end:
-the test set, final.json and the plots. The run directory (runs.py) is never overwritten.
+the test set, final.json and the plots. The run directory (runs.py) is never overwritten, and bad input
+fails with one line before any file is made.
 
 FLOPs are reported two ways (README "Results"): `*_paper_convention_macs` is THOP on one dummy input (what
 the paper calls FLOPs; for Juliet it follows one path), `*_executed_macs*` is what the routed samples ran.
@@ -288,7 +289,8 @@ def final_eval(model, test_loader, args, progress: dict) -> dict:
 
 
 def train_and_test(args, make_datasets, on_epoch=None) -> dict:
-    """Everything around the epoch loop: data, model, optimiser, run directory, resume, test, plots."""
+    """Everything around the epoch loop: checks, data, model, then (with the run directory claimed: runs.py)
+    optimiser, resume, fit, test, plots. Bad input fails before any file is made."""
     t_start = time.perf_counter()
     args, ckpt = runs.open_run(args)
     runs.setup_device(args)
@@ -304,35 +306,42 @@ def train_and_test(args, make_datasets, on_epoch=None) -> dict:
                        "test_size": len(test_ds), "torch": torch.__version__}
     runs.seed_all(args.seed)
     if ckpt is None:
-        runs.make_run_dir(args.out)
         model = build_model(args, num_classes)
     else:  # resume: rebuild the grown trie first, then load the weights
         model = runs.model_from_checkpoint(ckpt, args.backbone, num_classes)
-    model.to(args.device)
-    maybe_compile(model, args)
-    opt, sched = make_optim(args, model)
-    scaler = torch.amp.GradScaler(enabled=args.amp)
-    state = {"optimizer": opt, "scheduler": sched, "scaler": scaler}
-    progress = {"epoch": 0, "step": 0, "best_val_top1": 0.0, "history": [], "train_size": len(train_ds)}
-    if ckpt:
-        for k in state:
-            state[k].load_state_dict(ckpt[k])
-        progress = ckpt["run"]
-    else:
-        runs.write_json(os.path.join(args.out, "config.json"), config)
-    profile = measure.model_profile(model, args.dataset, args.input_size, num_classes)
-    runs.write_json(os.path.join(args.out, "model_profile.json"), profile)
-    variant = "static" if args.static else "juliet"
-    tqdm.write(f"{args.out}: {variant}-{args.backbone} params={profile['params'] / 1e6:.2f}M "
-               f"paper-convention MACs (one dummy input)={profile['flops_paper_convention_macs'] / 1e6:.2f}M; "
-               f"expected executed MACs per sample are measured on val every epoch")
-    if not args.eval_only:
-        loaders = (data.make_loader(train_ds, config, shuffle=True), data.make_loader(val_ds, config, shuffle=False))
-        fit(model, loaders, args, progress, state, on_epoch)
-    final = final_eval(model, data.make_loader(test_ds, config, shuffle=False), args, progress)
-    final["wall_time_s"], final["run_dir"] = time.perf_counter() - t_start, args.out
-    runs.write_json(os.path.join(args.out, "final.json"), final)
-    runs.plot_run(args.out, progress["history"], model, final)
+    try:  # one dummy forward: an input size the backbone's pooling cannot take fails here
+        profile = measure.model_profile(model, args.dataset, args.input_size, num_classes)
+    except RuntimeError as e:
+        raise UsageError(f"--input-size {args.input_size} does not fit {args.backbone}: {str(e)[:100]}") from None
+    with runs.claim_run_dir(args.out, ckpt):
+        if args.eval_only:  # its results go beside the run's own files, never over them
+            args.out = runs.new_eval_dir(args.out)
+        model.to(args.device)
+        maybe_compile(model, args)
+        opt, sched = make_optim(args, model)
+        scaler = torch.amp.GradScaler(enabled=args.amp)
+        state = {"optimizer": opt, "scheduler": sched, "scaler": scaler}
+        progress = {"epoch": 0, "step": 0, "best_val_top1": 0.0, "history": [], "train_size": len(train_ds)}
+        if ckpt:
+            for k in state:
+                state[k].load_state_dict(ckpt[k])
+            progress = ckpt["run"]
+            runs.set_rng_state(ckpt["rng"])
+        if not os.path.exists(os.path.join(args.out, "config.json")):  # a new run, an eval, a resume that lost it
+            runs.write_json(os.path.join(args.out, "config.json"), config | {"out": args.out})
+        runs.write_json(os.path.join(args.out, "model_profile.json"), profile)
+        variant = "static" if args.static else "juliet"
+        tqdm.write(f"{args.out}: {variant}-{args.backbone} params={profile['params'] / 1e6:.2f}M "
+                   f"paper-convention MACs (one dummy input)={profile['flops_paper_convention_macs'] / 1e6:.2f}M; "
+                   f"expected executed MACs per sample are measured on val every epoch")
+        if not args.eval_only:
+            loaders = (data.make_loader(train_ds, config, shuffle=True),
+                       data.make_loader(val_ds, config, shuffle=False))
+            fit(model, loaders, args, progress, state, on_epoch)
+        final = final_eval(model, data.make_loader(test_ds, config, shuffle=False), args, progress)
+        final["wall_time_s"], final["run_dir"] = time.perf_counter() - t_start, args.out
+        runs.write_json(os.path.join(args.out, "final.json"), final)
+        runs.plot_run(args.out, progress["history"], model, final)
     tqdm.write(f"test_top1={final['test_top1']:.2f} test_top5={final['test_top5']:.2f} "
                f"paper_MMACs={final['flops_paper_convention_macs'] / 1e6:.2f} "
                f"exec_MMACs={final['test_executed_macs_per_sample'] / 1e6:.2f} params={final['params'] / 1e6:.2f}M")
