@@ -347,7 +347,8 @@ def load_checkpoint(path: str, device="cpu", need=("model", "structure")) -> dic
     except Exception as e:  # zip, EOF, unpickling and storage errors all mean: not usable
         what = re.search(r"Unsupported (global: GLOBAL \S+|operand \d+)", str(e))
         if what:
-            raise UsageError(f"{path} refused: the safe loader (weights_only) meets {what.group(1)}, which our "
+            found = what.group(1).replace("global: GLOBAL", "the global").replace("operand", "pickle operand")
+            raise UsageError(f"{path} refused: the safe loader (weights_only) meets {found}, which our "
                              "checkpoints never hold; a full unpickle of it could run code") from None
         reason = f"{type(e).__name__}: {str(e).splitlines()[0][:120]}" if str(e) else type(e).__name__
         raise UsageError(f"{path} is not a readable checkpoint (truncated or damaged?): {reason}") from None
