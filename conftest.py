@@ -13,7 +13,6 @@ import torch.nn.functional as F
 from PIL import Image
 
 from backbones import make_backbone
-from losses import balance_loss
 from trie import JulietNet
 
 REPO = os.path.dirname(os.path.abspath(__file__))
@@ -41,9 +40,14 @@ def varied_batch(n, gen):
             + 2 * torch.randn(n, 3, 1, 1, generator=gen))
 
 
+def spread_loss(net):
+    """§2.2's balance formula over every choice of every decision, stop included: spreads traffic everywhere."""
+    return torch.stack([P.shape[1] * (P.mean(0) - 1.0 / P.shape[1]).pow(2).sum() for _, P in net.decisions]).mean()
+
+
 def routed_trie(backbone, selector="mlp", seed=0, steps=20):
     # the transformer selector starts out less sensitive to its input than the MLP; give it 50 steps
-    """A grown trie whose selectors were trained on the §2.2 balance loss alone, to spread traffic."""
+    """A grown trie whose selectors were trained to spread traffic over every choice (stop included)."""
     net = grown_trie(backbone, selector=selector, seed=seed)
     gen = torch.Generator().manual_seed(seed)
     opt = torch.optim.Adam([p for n in net.nodes() if n.selector for p in n.selector.parameters()], 3e-2)
@@ -51,7 +55,7 @@ def routed_trie(backbone, selector="mlp", seed=0, steps=20):
     for _ in range(steps):
         net(varied_batch(32, gen))
         opt.zero_grad()
-        balance_loss(net).backward()
+        spread_loss(net).backward()
         opt.step()
     return net.eval()
 

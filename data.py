@@ -74,7 +74,8 @@ class SyntheticImages(Dataset):
 
     PAIRS = ((0, 1), (1, 0), (2, 3), (3, 2), (4, 0), (0, 4), (1, 2), (2, 1), (3, 4), (4, 3))
 
-    def __init__(self, n: int, seed: int, size: int = 32, hard_fraction: float = 0.5):
+    def __init__(self, n: int, seed: int, size: int = 32, hard_fraction: float = 0.5, hard_amp: float = 0.35,
+                 hard_noise: float = 0.25, clutter: int = 0, gap: int = 0):
         g = torch.Generator().manual_seed(seed)
         y = torch.randint(0, 10, (n,), generator=g)
         self.hard = torch.rand(n, generator=g) < hard_fraction
@@ -95,10 +96,18 @@ class SyntheticImages(Dataset):
         pairs = torch.tensor(self.PAIRS)[y]  # (n, 2)
         split = torch.randint(12, 21, (n, 1, 1), generator=g)  # the row where the bottom texture starts
         wave = torch.where(yy < split, texture(pairs[:, 0]), texture(pairs[:, 1]))  # (n, S, S)
-        amp = torch.where(self.hard, 0.35, 0.6)[:, None, None]
+        if gap:  # a blank band between the two textures: their order is no longer visible at the seam
+            wave = torch.where(((yy - split).abs() < gap / 2) & self.hard[:, None, None], 0.0, wave)
+        amp = torch.where(self.hard, hard_amp, 0.6)[:, None, None]
         colour = torch.where(self.hard[:, None], 0.2 + 0.8 * torch.rand(n, 3, generator=g), palette[y])  # (n, 3)
-        noise = torch.where(self.hard, 0.25, 0.08)[:, None, None, None] * torch.randn(n, size, size, 3, generator=g)
-        img = 0.5 + (amp * wave)[..., None] * colour[:, None, None, :] + noise  # (n, S, S, 3)
+        noise = torch.where(self.hard, hard_noise, 0.08)[:, None, None, None] * torch.randn(n, size, size, 3, generator=g)
+        img = 0.5 + (amp * wave)[..., None] * colour[:, None, None, :]  # (n, S, S, 3)
+        for _ in range(clutter):  # random-colour rectangles over the hard samples' textures
+            x0, y0 = torch.randint(0, size - 4, (2, n, 1, 1), generator=g)
+            w, h = torch.randint(4, 12, (2, n, 1, 1), generator=g)
+            box = (xx >= x0) & (xx < x0 + w) & (yy >= y0) & (yy < y0 + h) & self.hard[:, None, None]  # (n, S, S)
+            img = torch.where(box[..., None], torch.rand(n, 1, 1, 3, generator=g), img)
+        img = img + noise
         self.data = (img.clamp(0, 1) * 255).round().to(torch.uint8).numpy()
         self.targets = y.tolist()
         self.classes = [f"{a}-over-{b}" for a, b in self.PAIRS]

@@ -11,7 +11,7 @@ Each is a function of the last training forward pass of a `trie.JulietNet` (its 
                 the per-sample twin of §6.2's L = (1 - acc) + lambda c
   exit_loss     ours: deep supervision of every exit (BranchyNet-style)
   cost_loss     expected stage cost under P (compute-aware straight-through routing)
-  balance_loss  §2.2's load-balancing loss over siblings
+  balance_loss  §2.2's load-balancing loss over sibling stage children
   freeze_selectors  a routing warm-up: selectors frozen while stages and exits learn
 """
 
@@ -108,6 +108,13 @@ def route_loss(net, logits: torch.Tensor, y: torch.Tensor, price: float = 0.1) -
 
 
 def balance_loss(net) -> torch.Tensor:
-    """§2.2 load-balancing loss M sum_m (f_m - 1/M)^2 per routing node (f_m: mean P), averaged over nodes."""
-    terms = [P.shape[1] * (P.mean(0) - 1.0 / P.shape[1]).pow(2).sum() for _, P in net.decisions]
+    """§2.2's load-balancing loss M sum_m (f_m - 1/M)^2 over the M sibling stage children of each node that has
+    several (f_m: mean of P renormalised over them), averaged over those nodes. The stop child is left out:
+    how many samples stop is route_loss's business, and balancing it would fight the price of compute."""
+    terms = []
+    for node, P in net.decisions:
+        M = len(node.stage_children)
+        if M > 1:
+            f = (P[:, :M] / P[:, :M].sum(1, keepdim=True)).mean(0)  # (M,) the siblings' shares
+            terms.append(M * (f - 1.0 / M).pow(2).sum())
     return torch.stack(terms).mean() if terms else torch.zeros((), device=net.root.alpha.device)

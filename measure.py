@@ -305,6 +305,28 @@ def nvml_status() -> tuple[bool, str]:
         return False, f"NVML unavailable: {e}"
 
 
+def nvml_index(device) -> int:
+    """NVML's index of a CUDA device, for EnergyMeter: NVML counts GPUs in PCI order and ignores
+    CUDA_VISIBLE_DEVICES, CUDA need not, so match the PCI address. 0 off CUDA or without NVML."""
+    device = torch.device(device)
+    if device.type != "cuda" or not nvml_status()[0]:
+        return 0
+    import pynvml
+
+    props = torch.cuda.get_device_properties(device)
+    pynvml.nvmlInit()
+    try:
+        for i in range(pynvml.nvmlDeviceGetCount()):
+            pci = pynvml.nvmlDeviceGetPciInfo(pynvml.nvmlDeviceGetHandleByIndex(i))
+            if (pci.domain, pci.bus, pci.device) == (props.pci_domain_id, props.pci_bus_id, props.pci_device_id):
+                return i
+    except pynvml.NVMLError:
+        pass
+    finally:
+        pynvml.nvmlShutdown()
+    return device.index or 0
+
+
 def trapezoid_joules(times_s, watts) -> float:
     """J = sum_t (t_t - t_{t-1})/2 (P_{t-1} + P_t) (paper, "Computation of FLOPs/energy")."""
     t, p = [float(v) for v in times_s], [float(v) for v in watts]

@@ -5,6 +5,7 @@
     python profile.py runs/<name> [--json]      # a finished run on its test set; updates model_profile.json
     python profile.py --table runs/a runs/b ... [--out fig.png]   # Table 4 markdown + Fig. 4/5-style plot
     python profile.py --bench --backbone resnet18 [--batch 128] [--repeats 15] [--run runs/x]   # Table 5
+    python profile.py runs/<juliet run> --curve [--baseline runs/<static run>] [--budget MMACS]  # the compute knob
 
 The counting conventions (FLOPs both ways, params, memory, energy) live in measure.py; this script applies
 them to fresh models and finished runs and prints the tables. Wall time: static vs Juliet in one process,
@@ -79,6 +80,42 @@ def profile_run(run_dir, device="cpu", max_batches=None) -> dict:
             out.update(expected_macs_per_sample=out["flops_paper_convention_macs"], params_executed=out["params"])
         runs.write_json(path, {**saved, **out})
     return out
+
+
+def curve_run(run_dir, baseline=None, budget=None, device="cpu", max_batches=None) -> dict:
+    """The compute knob of one trained checkpoint (README "Per-sample routing"): the test set's accuracy vs
+    executed MACs over stop thresholds, against the fixed-depth exits, the confidence exit and the static
+    backbone (`baseline`: its run directory, for its test top-1). With `budget` (MACs per sample), the
+    threshold is calibrated on the validation split and its test point reported. Writes curve.json, curve.png."""
+    import data
+    import measure
+    import routing
+    import runs
+    from backbones import static_model
+
+    config, model = runs.load_run(run_dir, device)
+    if not hasattr(model, "root"):
+        raise runs.UsageError(f"{run_dir} is a static run: the curve needs a Juliet run")
+    size = config.get("input_size", 32)
+    static = {"macs": measure.paper_macs(static_model(config["backbone"], config["num_classes"]), size)[0],
+              "top1": runs.read_json(os.path.join(baseline, "final.json"), need=("test_top1",))["test_top1"]
+              if baseline else None}
+    table = routing.exit_table(model, data.run_test_loader(config), device, size, max_batches)
+    rep = routing.curve_report(table, static)
+    if budget is not None:
+        splits = (data.imagenet_datasets if config["dataset"] == "imagenet" else data.cifar_datasets)(config)
+        val = routing.exit_table(model, data.make_loader(splits[1], config, shuffle=False), device, size, max_batches)
+        try:
+            t = routing.threshold_for_budget(val, budget)
+        except ValueError as e:
+            raise runs.UsageError(str(e)) from None
+        rep["budget"] = {"budget_macs": budget, "t": t, "val": routing.score(val, routing.juliet_exits(val, t)),
+                         "test": routing.score(table, routing.juliet_exits(table, t))}
+    rep["run_dir"] = run_dir
+    with runs.claim_run_dir(run_dir, new=False):  # one writer: not while a training run holds the directory
+        runs.write_json(os.path.join(run_dir, "curve.json"), rep)
+        routing.plot_curve(os.path.join(run_dir, "curve.png"), rep)
+    return rep
 
 
 def table_rows(run_dirs) -> list[dict]:
@@ -220,6 +257,11 @@ def main(argv=None):
     parser.add_argument("--repeats", type=runs.positive, default=15)
     parser.add_argument("--warmup", type=runs.nonneg, default=3)
     parser.add_argument("--run", dest="bench_run", help="--bench: also time this run's trained trie")
+    parser.add_argument("--curve", action="store_true",
+                        help="RUN: accuracy vs executed MACs over stop thresholds -> RUN/curve.json, curve.png")
+    parser.add_argument("--baseline", metavar="RUN", help="--curve: the static run whose test top-1 to compare")
+    parser.add_argument("--budget", type=runs.positive_float, metavar="MMACS",
+                        help="--curve: a budget in M MACs per sample; the threshold is calibrated on val")
     parser.add_argument("--json", action="store_true", help="print one JSON object, nothing else, on stdout")
     parser.error = _fail  # one line and exit 2, like every other bad input
     args = parser.parse_args(argv)
@@ -251,6 +293,20 @@ def _dispatch(args):
         ops = [f"\n{name}: one train step, top operators by self CPU time\n{m['top_ops']}"
                for name, m in r["models"].items()]
         return r, "\n".join([format_bench(r), *ops])
+    if args.curve:
+        if args.run_dir is None:
+            raise UsageError("--curve needs a run directory: python profile.py runs/<name> --curve")
+        import routing
+
+        rep = curve_run(args.run_dir, args.baseline, None if args.budget is None else args.budget * 1e6,
+                        args.device, args.max_batches)
+        text = routing.format_curve(rep)
+        if "budget" in rep:
+            b = rep["budget"]
+            text += (f"\nbudget {b['budget_macs'] / 1e6:.2f} M MACs: t = {b['t']} on val "
+                     f"({b['val']['macs'] / 1e6:.2f} M, {b['val']['top1']:.2f}%) -> test {b['test']['macs'] / 1e6:.2f} M, "
+                     f"{b['test']['top1']:.2f}%")
+        return rep, text + f"\nwrote {os.path.join(args.run_dir, 'curve.json')} and curve.png"
     if args.run_dir is not None:
         p = profile_run(args.run_dir, args.device, args.max_batches)
     elif args.backbone is not None:

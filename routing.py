@@ -36,8 +36,9 @@ THRESHOLDS = tuple(round(float(t), 3) for t in np.linspace(0, 1, 21))  # the kno
 
 @torch.no_grad()
 def exit_table(net, loader, device, input_size=32, max_batches=None, quiet=False) -> dict:
-    """Per sample n and depth d of its path (NaN / -1 past its leaf): p_stop and p_stage (the best stage child's P),
-    correct and conf (max softmax) of the exit at d, and the node index (into `nodes`) it sits at; plus
+    """Per sample n and depth d of its path (NaN / -1 / False past its leaf): p_stop and p_stage (the best stage
+    child's P; NaN at the leaf, which decides nothing), correct and conf (max softmax) of the exit at d, the node
+    index (into `nodes`) it sits at, and `leaf`, True at the depth of the stage leaf that ends the path; plus
     labels, the dataset's `group` of each sample where it has one, and the MACs tables of `costs`."""
     D, rows = len(net.backbone.stages), collections.defaultdict(list)
     nodes = [n.node_id for n in net.nodes() if not n.is_stop]
@@ -53,20 +54,19 @@ def exit_table(net, loader, device, input_size=32, max_batches=None, quiet=False
             logits, paths = net(x, return_paths=True, stop_threshold=1.0)  # nobody stops: every exit runs
             t = {k: torch.full((B, D), v, dtype=dt) for k, v, dt in
                  (("p_stop", float("nan"), torch.float), ("p_stage", float("nan"), torch.float),
-                  ("conf", float("nan"), torch.float), ("correct", False, torch.bool), ("node", -1, torch.long))}
+                  ("conf", float("nan"), torch.float), ("correct", False, torch.bool), ("node", -1, torch.long),
+                  ("leaf", False, torch.bool))}
             for node, idx, pooled, P in net.exits:  # (B_n,), (B_n, C), (B_n, K) with the stop child last
                 conf, pred = net.head(net.adapt(pooled)).float().softmax(-1).max(-1)  # the exit's prediction
                 i, d = idx.cpu(), node.depth
                 t["p_stop"][i, d], t["p_stage"][i, d] = P[:, -1].cpu(), P[:, :-1].max(-1).values.cpu()
                 t["conf"][i, d], t["correct"][i, d] = conf.cpu(), (pred == y[idx]).cpu()
                 t["node"][i, d] = index[node.node_id]
-            for n, leaf in enumerate(paths):  # the stage leaf every sample reached: its exit is the logits
-                d = net.node(leaf).depth
-                t["node"][n, d], t["p_stop"][n, d] = index[leaf], 1.0
+            # the stage leaf every sample reached: its exit is the net's logits
+            n, d = torch.arange(B), torch.tensor([net.node(p).depth for p in paths])  # (B,), (B,)
             conf, pred = logits.float().softmax(-1).max(-1)
-            leaf_d = torch.tensor([net.node(p).depth for p in paths])
-            rows_n = torch.arange(B)
-            t["conf"][rows_n, leaf_d], t["correct"][rows_n, leaf_d] = conf.cpu(), (pred == y).cpu()
+            t["node"][n, d], t["leaf"][n, d] = torch.tensor([index[p] for p in paths]), True
+            t["conf"][n, d], t["correct"][n, d] = conf.cpu(), (pred == y).cpu()
             for k, v in t.items():
                 rows[k].append(v)
             rows["label"].append(y.cpu())
@@ -110,8 +110,7 @@ def score(table: dict, exit_depth: torch.Tensor, cost: str = "cost_juliet") -> d
 
 def first(mask: torch.Tensor, table: dict) -> torch.Tensor:
     """Depth of each sample's first True in `mask` (N, D), its leaf if none: where it exits."""
-    leaf = table["p_stop"] == 1.0  # the stage leaf, where every path ends
-    return (mask | leaf).float().argmax(1)
+    return (mask | table["leaf"]).float().argmax(1)
 
 
 def juliet_exits(table: dict, t: float | None) -> torch.Tensor:
@@ -166,7 +165,73 @@ def interp(points: list[dict], macs: float) -> float | None:
 
 
 def hull_top1(points: list[dict], macs: float) -> float | None:
-    return interp(upper_hull(points), macs)
+    """Top-1 that mixing the points at random reaches at `macs`: their upper hull, flat beyond its best point
+    (more compute can always be wasted); None below the cheapest point."""
+    hull = upper_hull(points)
+    return hull[-1]["top1"] if hull and macs > hull[-1]["macs"] else interp(hull, macs)
+
+
+def threshold_for_budget(table: dict, budget: float, steps: int = 201) -> float:
+    """The largest stop threshold t whose mean executed MACs on `table` (a validation split) stay within `budget`:
+    MSDNet's budgeted classification on one checkpoint. MACs grow with t, so larger t is the better trade."""
+    ok = [t for t in np.linspace(0, 1, steps) if score(table, juliet_exits(table, float(t)))["macs"] <= budget]
+    if not ok:
+        raise ValueError(f"a budget of {budget / 1e6:.2f} M MACs is below the cheapest exit "
+                         f"({score(table, juliet_exits(table, 0.0))['macs'] / 1e6:.2f} M)")
+    return round(float(ok[-1]), 4)
+
+
+def curve_report(table: dict, static: dict, thresholds=THRESHOLDS) -> dict:
+    """curve.json: the compute knob of one checkpoint against (a) the fixed-depth exits and their hull, (b) the
+    confidence early exit on the same exits and (c) the static backbone, each read at the knob's MACs."""
+    curve, conf, fixed = juliet_curve(table, thresholds), confidence_curve(table, thresholds), fixed_depth_points(table)
+    matched = [{"t": p["t"], "macs": p["macs"], "juliet_top1": p["top1"], "fixed_hull_top1": hull_top1(fixed, p["macs"]),
+                "confidence_top1": hull_top1(conf, p["macs"]), "static_top1": static.get("top1")}
+               for p in curve]
+    macs = [p["macs"] for p in curve]
+    return {"juliet_curve": curve, "juliet_top1_policy": score(table, juliet_exits(table, None)),
+            "confidence_curve": conf, "fixed_depth": fixed, "fixed_hull": upper_hull(fixed), "static": static,
+            "matched": matched, "macs_span": max(macs) / min(macs), "samples": len(table["label"])}
+
+
+def format_curve(rep: dict) -> str:
+    """The matched-MACs table of curve_report, one row per distinct point of the knob."""
+    f = lambda v: "n/a" if v is None else f"{v:.2f}"
+    out = ["| t | executed MACs (M) | Juliet top-1 | fixed-depth hull | confidence exit | static |",
+           "|---|---|---|---|---|---|"]
+    seen = set()
+    for r in rep["matched"]:
+        if round(r["macs"]) not in seen:
+            seen.add(round(r["macs"]))
+            out.append(f"| {r['t']:.2f} | {r['macs'] / 1e6:.2f} | {f(r['juliet_top1'])} | {f(r['fixed_hull_top1'])} | "
+                       f"{f(r['confidence_top1'])} | {f(r['static_top1'])} |")
+    top = rep["juliet_top1_policy"]
+    out.append(f"\ntop-1 routing (argmax, the paper's policy): {top['top1']:.2f}% at {top['macs'] / 1e6:.2f} M MACs; "
+               f"static: {f(rep['static'].get('top1'))}% at {rep['static']['macs'] / 1e6:.2f} M; "
+               f"the knob spans {rep['macs_span']:.1f}x in executed MACs")
+    return "\n".join(out)
+
+
+def plot_curve(path: str, rep: dict) -> None:
+    """curve.png: top-1 against executed MACs per sample for the knob, its baselines and the static backbone."""
+    from runs import pyplot
+
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(6, 4.2))
+    xy = lambda pts: ([p["macs"] / 1e6 for p in pts], [p["top1"] for p in pts])
+    ax.plot(*xy(rep["juliet_curve"]), "o-", ms=3, label="Juliet, stop threshold t (one checkpoint)")
+    ax.plot(*xy(sorted(rep["confidence_curve"], key=lambda p: p["macs"])), "s--", ms=3,
+            label="confidence early exit (same exits)")
+    ax.plot(*xy(rep["fixed_hull"]), ":", color="0.4", label="fixed-depth exits: hull")
+    ax.plot(*xy(rep["fixed_depth"]), "x", color="0.4")
+    top = rep["juliet_top1_policy"]
+    ax.plot([top["macs"] / 1e6], [top["top1"]], "*", ms=12, label="Juliet, top-1 routing (paper)")
+    if rep["static"].get("top1") is not None:
+        ax.plot([rep["static"]["macs"] / 1e6], [rep["static"]["top1"]], "D", label="static backbone")
+    ax.set(xlabel="executed MACs per sample (M)", ylabel="test top-1 (%)", title="accuracy vs compute")
+    lo = min(p["top1"] for p in rep["fixed_depth"])
+    ax.set_ylim(max(0, lo - 5), 100.5), ax.grid(alpha=0.3), ax.legend(fontsize=7, loc="lower right")
+    fig.tight_layout(), fig.savefig(path, dpi=120), plt.close(fig)
 
 
 # ----------------------------------------------------------------------------- reports and plots
@@ -175,7 +240,7 @@ def hull_top1(points: list[dict], macs: float) -> float | None:
 def leaf_ids(table: dict, exit_depth: torch.Tensor) -> list[str]:
     """The leaf each sample ends at when it exits at exit_depth: a node's stop child, or the stage leaf."""
     n = torch.arange(len(exit_depth))
-    node, leaf = table["node"][n, exit_depth].tolist(), (table["p_stop"][n, exit_depth] == 1.0).tolist()
+    node, leaf = table["node"][n, exit_depth].tolist(), table["leaf"][n, exit_depth].tolist()
     return [table["nodes"][i] + ("" if is_leaf else "/stop") for i, is_leaf in zip(node, leaf)]
 
 
@@ -183,6 +248,7 @@ def report(table: dict) -> dict:
     """final.json's routing fields: every exit on all samples, where top-1 routing sits against their hull,
     and per group of samples (e.g. easy / hard on the synthetic set) the mean depth, top-1 and leaves."""
     fixed = fixed_depth_points(table)
+    last = (table["node"] >= 0).long().cumsum(1).argmax(1)  # (N,) each sample's leaf depth
     depth = juliet_exits(table, None)
     top1 = score(table, depth)
     hull = hull_top1(fixed, top1["macs"])
@@ -199,6 +265,8 @@ def report(table: dict) -> dict:
             out["test_groups"][g] = {
                 "samples": int(mask.sum()), "mean_depth": float(depth[mask].float().mean()),
                 "top1": 100 * float(table["correct"][torch.arange(len(depth)), depth][mask].float().mean()),
+                "exits_top1": [100 * float(table["correct"][torch.arange(len(depth)), last.clamp(max=p["depth"])][mask]
+                                           .float().mean()) for p in fixed],
                 "leaves": dict(collections.Counter(leaf for leaf, m in zip(leaves, mask.tolist()) if m))}
     return out
 

@@ -4,6 +4,7 @@
     python train_cifar.py --backbone resnet18 --static                   # the static baseline (fetches CIFAR-10)
     python train_cifar.py --dataset synthetic --epochs 8                 # offline: the built-in synthetic set
     python train_cifar.py --resume runs/resnet18-juliet-20261124-101500  # continue an interrupted run
+    torchrun --standalone --nproc_per_node 2 train_cifar.py --threads 1  # data parallel (distributed.py)
 
 Every epoch (`fit`): train_one_epoch (growth, Alg. 2, every --grow-every mini-batches), evaluate on the 10%
 validation split, end_epoch (pruning sweep, Alg. 3, every --prune-every epochs), ReduceLROnPlateau on
@@ -26,6 +27,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 import data
+import distributed
 import measure
 import routing
 import runs
@@ -155,6 +157,7 @@ def train_one_epoch(model, loader, opt, scaler, args, progress: dict) -> dict:
             raise NonFiniteLoss(f"loss is {loss.item()} at epoch {progress['epoch']}, step {progress['step'] + 1}")
         opt.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
+        distributed.sync_step(model)  # torchrun: gradients, alpha/sigma^2/BatchNorm statistics, leaf counts
         scaler.step(opt)
         scaler.update()
         progress["step"] += 1
@@ -163,6 +166,7 @@ def train_one_epoch(model, loader, opt, scaler, args, progress: dict) -> dict:
             costs.add(model.ran_leaf_counts)  # what ran: in full-depth training, every path to its leaf
             new = grow(model, cfg, progress["step"], opt)
             if new:
+                distributed.broadcast_model(model)  # the new child: rank 0's weights on every rank
                 events += [dict(e, epoch=progress["epoch"]) for e in new]
                 costs.changed()
                 freeze_selectors(model, progress["epoch"] <= args.route_warmup)
@@ -201,6 +205,7 @@ def evaluate(model, loader, args, split: str) -> dict:
     if juliet:
         out[f"{split}_leaf_counts"] = dict(leaves)
         out[f"{split}_class_depth"] = {c: depth_sum[c] / n for c, n in class_n.items()}
+        out[f"{split}_class_samples"] = dict(class_n)
         out[f"{split}_node_visits"] = dict(model.visits)
         out[f"{split}_node_throughput_img_s"] = {k: round(model.visits[k] / s, 1) for k, s in seconds.items() if s > 0}
         macs = measure.expected_macs(model, dict(leaves), args.input_size)
@@ -212,19 +217,20 @@ def fit(model, loaders, args, progress: dict, state: dict, on_epoch=None) -> Non
     """The epoch loop of §5.1: train, validate, prune (Alg. 3), step the scheduler, log, checkpoint."""
     train_loader, val_loader = loaders
     opt, sched, scaler = state["optimizer"], state["scheduler"], state["scaler"]
-    juliet = isinstance(model, JulietNet)
+    juliet, gpu = isinstance(model, JulietNet), measure.nvml_index(args.device)
     for epoch in tqdm(range(progress["epoch"] + 1, args.epochs + 1), desc="epochs", disable=args.quiet):
         progress["epoch"] = epoch
-        runs.seed_epoch(args.seed, epoch, train_loader)  # same data order and draws with or without --resume
+        distributed.seed_epoch(args.seed, epoch, train_loader)  # same data order and draws with or without --resume
         if juliet:
             model.visits.clear()
             model.tau = gumbel_tau(epoch - 1, args.epochs, args.tau0, args.tau_min)
             freeze_selectors(model, epoch <= args.route_warmup)
         t0 = time.perf_counter()
-        with measure.EnergyMeter() as e_train:
+        with measure.EnergyMeter(gpu) as e_train:
             log = train_one_epoch(model, train_loader, opt, scaler, args, progress)
-        with measure.EnergyMeter() as e_val:
+        with measure.EnergyMeter(gpu) as e_val:
             log |= evaluate(model, val_loader, args, "val")
+        log = distributed.reduce_log(log)  # torchrun: each rank saw its own part of the data
         if juliet:
             warning = routing.collapse_message(log["val_leaf_counts"], len(model.leaves()))
             log["routing_collapsed"] = warning is not None
@@ -235,11 +241,13 @@ def fit(model, loaders, args, progress: dict, state: dict, on_epoch=None) -> Non
             if prune_events:
                 maybe_compile(model, args)
         step_scheduler(sched, log["val_loss"])
-        log |= epoch_record(model, args, progress, opt, log, e_train, e_val, time.perf_counter() - t0)
+        log |= distributed.reduce_log(epoch_record(model, args, progress, opt, log, e_train, e_val,
+                                                   time.perf_counter() - t0))
         progress["best_val_top1"] = max(progress["best_val_top1"], log["val_top1"])
         progress["history"].append(log)
-        runs.write_epoch(args.out, log, args.quiet)
-        runs.save_checkpoint(args.out, model, state, progress, args)
+        if distributed.is_main():
+            runs.write_epoch(args.out, log, args.quiet)
+            runs.save_checkpoint(args.out, model, state, progress, args)
         if on_epoch is not None:  # e.g. sweep.py's pruner; may raise to stop the run after a saved epoch
             on_epoch(log)
 
@@ -294,6 +302,7 @@ def train_and_test(args, make_datasets, on_epoch=None) -> dict:
     t_start = time.perf_counter()
     args, ckpt = runs.open_run(args)
     runs.setup_device(args)
+    distributed.setup(args)  # under torchrun: this rank's device and the process group
     try:
         grow_prune_config(args)
     except ValueError as e:
@@ -313,10 +322,12 @@ def train_and_test(args, make_datasets, on_epoch=None) -> dict:
         profile = measure.model_profile(model, args.dataset, args.input_size, num_classes)
     except RuntimeError as e:
         raise UsageError(f"--input-size {args.input_size} does not fit {args.backbone}: {str(e)[:100]}") from None
-    with runs.claim_run_dir(args.out, ckpt):
-        if args.eval_only:  # its results go beside the run's own files, never over them
+    # rank 0 (or the only process) writes the run directory; under torchrun the others only compute
+    with runs.claim_run_dir(args.out, ckpt) if distributed.is_main() else contextlib.nullcontext():
+        if args.eval_only and distributed.is_main():  # its results go beside the run's own files, never over them
             args.out = runs.new_eval_dir(args.out)
         model.to(args.device)
+        distributed.broadcast_model(model)
         maybe_compile(model, args)
         opt, sched = make_optim(args, model)
         scaler = torch.amp.GradScaler(enabled=args.amp)
@@ -327,9 +338,10 @@ def train_and_test(args, make_datasets, on_epoch=None) -> dict:
                 state[k].load_state_dict(ckpt[k])
             progress = ckpt["run"]
             runs.set_rng_state(ckpt["rng"])
-        if not os.path.exists(os.path.join(args.out, "config.json")):  # a new run, an eval, a resume that lost it
-            runs.write_json(os.path.join(args.out, "config.json"), config | {"out": args.out})
-        runs.write_json(os.path.join(args.out, "model_profile.json"), profile)
+        if distributed.is_main():
+            if not os.path.exists(os.path.join(args.out, "config.json")):  # new run, an eval, a resume that lost it
+                runs.write_json(os.path.join(args.out, "config.json"), config | {"out": args.out})
+            runs.write_json(os.path.join(args.out, "model_profile.json"), profile)
         variant = "static" if args.static else "juliet"
         tqdm.write(f"{args.out}: {variant}-{args.backbone} params={profile['params'] / 1e6:.2f}M "
                    f"paper-convention MACs (one dummy input)={profile['flops_paper_convention_macs'] / 1e6:.2f}M; "
@@ -337,7 +349,9 @@ def train_and_test(args, make_datasets, on_epoch=None) -> dict:
         if not args.eval_only:
             loaders = (data.make_loader(train_ds, config, shuffle=True),
                        data.make_loader(val_ds, config, shuffle=False))
-            fit(model, loaders, args, progress, state, on_epoch)
+            fit(model, [distributed.shard(loader, args.seed) for loader in loaders], args, progress, state, on_epoch)
+        if not distributed.is_main():  # rank 0 alone runs the test set and writes final.json
+            return {}
         final = final_eval(model, data.make_loader(test_ds, config, shuffle=False), args, progress)
         final["wall_time_s"], final["run_dir"] = time.perf_counter() - t_start, args.out
         runs.write_json(os.path.join(args.out, "final.json"), final)

@@ -4,6 +4,7 @@
     python train_imagenet.py --data-dir /data/imagenet --static         # the static ResNet-101
     python train_imagenet.py --data-dir /data/imagenet --amp --compile  # §5.3 software stack on CUDA
     python train_imagenet.py --resume runs/resnet101-juliet-20261124-101500
+    torchrun --standalone --nproc_per_node 8 train_imagenet.py --data-dir /data/imagenet  # 8 GPUs (distributed.py)
 
 --data-dir holds ImageNet in ImageFolder layout: train/<wnid>/*.JPEG and val/<wnid>/*.JPEG. The
 defaults are Table 3: batch 256, 8 workers, pinned memory; RandomResizedCrop 224 + flip + ImageNet
@@ -24,6 +25,7 @@ import glob
 import os
 
 import data
+import distributed
 import runs
 import train_cifar
 
@@ -71,7 +73,8 @@ def main(args, on_epoch=None) -> dict:
         raise runs.UsageError("train_imagenet.py trains on an ImageFolder ImageNet (--data-dir); "
                               "for CIFAR or other 32x32 sets use train_cifar.py")
     final = train_cifar.train_and_test(args, data.imagenet_datasets, on_epoch)
-    plot_imagenet(final["run_dir"], final)
+    if distributed.is_main():  # under torchrun, rank 0 writes the run directory
+        plot_imagenet(final["run_dir"], final)
     return final
 
 
