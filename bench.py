@@ -13,6 +13,7 @@ import collections
 import contextlib
 import copy
 import itertools
+import os
 import statistics
 import time
 
@@ -69,6 +70,8 @@ def profile_step(step, opt, device):
         measure.sync(device)
         torch.cuda.reset_peak_memory_stats(device)
         before = torch.cuda.memory_allocated(device)
+    if not cuda:  # kineto's log (USDT lines, "gpuGetDeviceCount failed") is noise without a GPU; read at its start
+        os.environ.setdefault("KINETO_LOG_LEVEL", "6")
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
     with profile(activities=acts, profile_memory=True) as prof:
         step()

@@ -1,8 +1,13 @@
 """Datasets and transform presets of the two protocols: CIFAR-10 (paper §5.1, Table 2) and ImageNet (§5.2, Table 3).
 
-Everything comes through torchvision's own loaders: `CIFAR10`/`CIFAR100` (download and MD5 check on
-request) and `ImageFolder` (ImageNet, or any folder of 32x32 images). Offline, the default demo set is
-`SyntheticImages`, a seeded procedural 10-class set with easy and hard samples.
+Everything comes through torchvision's own loaders: `CIFAR10`/`CIFAR100` (downloaded with a progress bar and
+MD5-checked when absent, unless `--no-download`) and `ImageFolder` (ImageNet, or any folder of 32x32 images).
+Offline, the default demo set is `SyntheticImages`, a seeded procedural 10-class set with easy and hard samples.
+
+Bad data is a `UsageError` (one line) before any training: class folders that differ by name between splits,
+images that are the wrong size or cannot be decoded (the file named; ImageNet's are decoded lazily, and a bad
+one is still named), too few images for the validation split. `--input-size` holds for every dataset: CIFAR
+is resized to it, ImageFolder images must have it, the synthetic set is generated at it.
 
     train, val, test, num_classes = cifar_datasets(config)     # Table 2: seeded 90/10 train/val split + test
     train, val, test, num_classes = imagenet_datasets(config)  # Table 3: the val set is also the test set
@@ -14,6 +19,7 @@ workers, device, val_split, split_seed, synthetic_size, data_seed, download.
 
 import math
 import os
+import sys
 
 import torch
 import torchvision
@@ -23,6 +29,26 @@ from torchvision import transforms as T
 from tqdm import tqdm
 
 from runs import UsageError
+
+
+class UnreadableImage(UsageError):
+    """An image file that cannot be decoded, named. A DataLoader worker's exception comes back as "Caught
+    UnreadableImage in DataLoader worker process k. Original Traceback ...", whose last line is the message."""
+
+    def __init__(self, message: str):
+        if message.startswith("Caught ") and "\n" in message:
+            message = message.rstrip().splitlines()[-1].split("UnreadableImage: ", 1)[-1]
+        super().__init__(message)
+
+
+def open_image(path: str) -> Image.Image:
+    """ImageFolder's loader, decoding the whole file now and naming it when that fails."""
+    try:
+        with open(path, "rb") as f:
+            img = Image.open(f)
+            return img.convert("RGB")
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:  # PIL's ways to say "broken"
+        raise UnreadableImage(f"cannot decode image {path}: {e}") from None
 
 CIFAR_STATS = {"cifar10": ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
                "cifar100": ((0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762))}
@@ -112,42 +138,72 @@ class Split(Dataset):
 
 
 def cifar_transform(dataset: str, size: int, train: bool):
-    """Table 2: random crop 32 with padding 4, horizontal flip, normalisation."""
+    """Table 2: random crop 32 with padding 4, horizontal flip, normalisation; CIFAR resized first to another
+    --input-size."""
     mean, std = CIFAR_STATS.get(dataset, ((0.5, 0.5, 0.5), (0.25, 0.25, 0.25)))
+    resize = [T.Resize(size)] if dataset in CIFAR_STATS and size != 32 else []
     aug = [T.RandomCrop(size, padding=4), T.RandomHorizontalFlip()] if train else []
-    return T.Compose([*aug, T.ToTensor(), T.Normalize(mean, std)])
+    return T.Compose([*resize, *aug, T.ToTensor(), T.Normalize(mean, std)])
+
+
+def image_folder(root: str, hint: str) -> torchvision.datasets.ImageFolder:
+    """torchvision's ImageFolder with the naming loader; one line when the folder is missing or has no images."""
+    if not os.path.isdir(root):
+        raise UsageError(f"{root} does not exist; {hint}")
+    try:
+        return torchvision.datasets.ImageFolder(root, loader=open_image)
+    except (FileNotFoundError, RuntimeError) as e:  # no class folders, or a class folder without images
+        raise UsageError(f"{root}: {e}") from None
 
 
 def check_image_folder(root: str, size: int):
-    """An ImageFolder split, every image checked to be size x size (headers only: fast)."""
-    if not os.path.isdir(root):
-        raise UsageError(f"image folder {root} does not exist (expected <data-dir>/train and <data-dir>/test "
-                         f"with one sub-folder of images per class)")
-    try:
-        ds = torchvision.datasets.ImageFolder(root)
-    except (FileNotFoundError, RuntimeError) as e:
-        raise UsageError(f"image folder {root}: {e}") from None
+    """A 32x32-style ImageFolder split, every image decoded and checked to be size x size (small images: fast)."""
+    ds = image_folder(root, "expected <data-dir>/train and <data-dir>/test with one sub-folder of images per class")
     for path, _ in tqdm(ds.samples, desc=f"checking {root}", leave=False, disable=len(ds) < 5000):
-        with Image.open(path) as im:
-            if im.size != (size, size):
-                raise UsageError(f"{path} is {im.size[0]}x{im.size[1]}, expected {size}x{size} (--input-size)")
+        w, h = open_image(path).size
+        if (w, h) != (size, size):
+            raise UsageError(f"{path} is {w}x{h}, expected {size}x{size} (--input-size)")
     return ds
+
+
+def same_classes(a, b, names: tuple[str, str], root: str) -> None:
+    """Splits with the same classes, by name; a warning for a one-class dataset."""
+    if a.classes != b.classes:
+        lacks, extra = sorted(set(a.classes) - set(b.classes)), sorted(set(b.classes) - set(a.classes))
+        what = [f"lacks {', '.join(lacks)}"] * bool(lacks) + [f"has extra {', '.join(extra)}"] * bool(extra)
+        raise UsageError(f"{root}: {names[1]}/ {' and '.join(what)}; {names[0]}/ and {names[1]}/ need the same "
+                         "class folders (ImageFolder numbers classes by their sorted names)")
+    if len(a.classes) == 1:
+        tqdm.write(f"warning: {root} has one class ({a.classes[0]}): every prediction is right, so top-1 is 100% "
+                   "and means nothing", file=sys.stderr)
 
 
 def cifar_base(config: dict, train: bool):
     """The raw train or test split of the configured 32x32 dataset, through torchvision's own loaders."""
     name, root = config["dataset"], config["data_dir"]
     if name in ("cifar10", "cifar100"):
-        cls = torchvision.datasets.CIFAR10 if name == "cifar10" else torchvision.datasets.CIFAR100
-        try:
-            return cls(root, train=train, download=config.get("download", False))
-        except RuntimeError:
-            raise UsageError(f"{name} not found in {root}; fetch it with: python train_cifar.py --dataset {name} "
-                             f"--data-dir {root} --download") from None
+        return cifar_download(name, root, train, config.get("download", True))
     if name == "imagefolder":
         return check_image_folder(os.path.join(root, "train" if train else "test"), config["input_size"])
     n = config["synthetic_size"] if train else max(1, config["synthetic_size"] // 5)
-    return SyntheticImages(n, seed=config["data_seed"] + (0 if train else 1))
+    return SyntheticImages(n, seed=config["data_seed"] + (0 if train else 1), size=config["input_size"])
+
+
+def cifar_download(name: str, root: str, train: bool, download: bool):
+    """torchvision's CIFAR: fetched and MD5-checked (with its progress bar) when absent, unless --no-download."""
+    cls = torchvision.datasets.CIFAR10 if name == "cifar10" else torchvision.datasets.CIFAR100
+    existed = os.path.isdir(root)
+    try:
+        return cls(root, train=train, download=download)
+    except (OSError, RuntimeError) as e:  # URLError is an OSError; a missing or corrupt copy a RuntimeError
+        if not existed and os.path.isdir(root) and not os.listdir(root):
+            os.rmdir(root)  # the download made it; leave nothing behind
+        copy = f"point --data-dir at a folder holding {cls.base_folder}/ (or {cls.filename})"
+        if not download:
+            raise UsageError(f"{name} not found in {root}, and --no-download forbids fetching it; run without "
+                             f"--no-download (or with --download), or {copy}") from None
+        raise UsageError(f"downloading {name} into {root} failed ({str(e).splitlines()[0][:100]}); without a "
+                         f"network, {copy}") from None
 
 
 def cifar_datasets(config: dict):
@@ -155,10 +211,15 @@ def cifar_datasets(config: dict):
     base = cifar_base(config, train=True)
     perm = torch.randperm(len(base), generator=torch.Generator().manual_seed(config["split_seed"])).tolist()
     n_val = int(round(len(base) * config["val_split"]))
+    if not 0 < n_val < len(base):
+        raise UsageError(f"--val-split {config['val_split']} of {len(base)} training images leaves "
+                         f"{n_val} for validation and {len(base) - n_val} for training; both need some")
     size, name = config["input_size"], config["dataset"]
     train = Split(base, perm[n_val:], cifar_transform(name, size, train=True))
     val = Split(base, perm[:n_val], cifar_transform(name, size, train=False))
-    return train, val, make_test_set(config), len(base.classes)
+    test = make_test_set(config)
+    same_classes(base, test.base, ("train", "test"), config["data_dir"])
+    return train, val, test, len(base.classes)
 
 
 # ----------------------------------------------------------------------------- ImageNet protocol (§5.2, Table 3)
@@ -173,22 +234,16 @@ def imagenet_transform(size: int, train: bool):
 
 
 def imagenet_folder(root: str, split: str) -> torchvision.datasets.ImageFolder:
-    path = os.path.join(root, split)
-    if not os.path.isdir(path):
-        raise UsageError(f"{path} does not exist; --data-dir must hold train/ and val/ with one folder of "
-                         f"images per class (ImageNet's ImageFolder layout)")
-    try:
-        return torchvision.datasets.ImageFolder(path)
-    except FileNotFoundError as e:  # no class folders, or a class folder without images
-        raise UsageError(f"{path}: {e}") from None
+    """An ImageNet split; its images are decoded lazily (a scan of 1.3 M files is too slow), a bad one named."""
+    return image_folder(os.path.join(root, split), "--data-dir must hold train/ and val/ with one folder of "
+                        "images per class (ImageNet's ImageFolder layout)")
 
 
 def imagenet_datasets(config: dict):
     """Train, val and 'test' (the val set again, as in §6.3) through torchvision's ImageFolder."""
     train = imagenet_folder(config["data_dir"], "train")
     val = make_test_set(config)
-    if val.base.classes != train.classes:
-        raise UsageError(f"train/ and val/ under {config['data_dir']} have different class folders")
+    same_classes(train, val.base, ("train", "val"), config["data_dir"])
     train_ds = Split(train, range(len(train)), imagenet_transform(config["input_size"], train=True))
     return train_ds, val, val, len(train.classes)
 

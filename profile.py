@@ -64,19 +64,21 @@ def profile_run(run_dir, device="cpu", max_batches=None) -> dict:
     import runs
     from data import run_test_loader
 
-    config, model = runs.load_run(run_dir, device)
-    size = config.get("input_size", 32)
-    out = {"backbone": config["backbone"],
-           **measure.model_profile(model, config.get("dataset"), size, config["num_classes"])}
-    if out["proxy"]:
-        counts = measure.count_leaves(model, run_test_loader(config), device, max_batches)
-        exp = measure.expected_macs(model, counts, size)
-        out.update(expected_macs_per_sample=exp["expected_macs_per_sample"], expected_macs_samples=exp["samples"],
-                   paths=exp["paths"], nodes=exp["nodes"], params_executed=measure.executed_params(model, counts))
-    else:  # every sample runs the same modules: the one-dummy count is the executed cost
-        out.update(expected_macs_per_sample=out["flops_paper_convention_macs"], params_executed=out["params"])
-    path = os.path.join(run_dir, "model_profile.json")
-    runs.write_json(path, {**runs.read_json(path, {}), **out})
+    config, model = runs.load_run(run_dir, device)  # checked (safe loader) before anything is written
+    size = config["input_size"]
+    with runs.claim_run_dir(run_dir, new=False):  # one writer: not while a training run holds the directory
+        path = os.path.join(run_dir, "model_profile.json")
+        saved = runs.read_json(path, {})
+        out = {"backbone": config["backbone"],
+               **measure.model_profile(model, config["dataset"], size, config["num_classes"])}
+        if out["proxy"]:
+            counts = measure.count_leaves(model, run_test_loader(config), device, max_batches)
+            exp = measure.expected_macs(model, counts, size)
+            out.update(expected_macs_per_sample=exp["expected_macs_per_sample"], expected_macs_samples=exp["samples"],
+                       paths=exp["paths"], nodes=exp["nodes"], params_executed=measure.executed_params(model, counts))
+        else:  # every sample runs the same modules: the one-dummy count is the executed cost
+            out.update(expected_macs_per_sample=out["flops_paper_convention_macs"], params_executed=out["params"])
+        runs.write_json(path, {**saved, **out})
     return out
 
 
@@ -96,7 +98,8 @@ def curve_run(run_dir, baseline=None, budget=None, device="cpu", max_batches=Non
         raise runs.UsageError(f"{run_dir} is a static run: the curve needs a Juliet run")
     size = config.get("input_size", 32)
     static = {"macs": measure.paper_macs(static_model(config["backbone"], config["num_classes"]), size)[0],
-              "top1": runs.read_json(os.path.join(baseline, "final.json"))["test_top1"] if baseline else None}
+              "top1": runs.read_json(os.path.join(baseline, "final.json"), need=("test_top1",))["test_top1"]
+              if baseline else None}
     table = routing.exit_table(model, data.run_test_loader(config), device, size, max_batches)
     rep = routing.curve_report(table, static)
     if budget is not None:
@@ -109,8 +112,9 @@ def curve_run(run_dir, baseline=None, budget=None, device="cpu", max_batches=Non
         rep["budget"] = {"budget_macs": budget, "t": t, "val": routing.score(val, routing.juliet_exits(val, t)),
                          "test": routing.score(table, routing.juliet_exits(table, t))}
     rep["run_dir"] = run_dir
-    runs.write_json(os.path.join(run_dir, "curve.json"), rep)
-    routing.plot_curve(os.path.join(run_dir, "curve.png"), rep)
+    with runs.claim_run_dir(run_dir, new=False):  # one writer: not while a training run holds the directory
+        runs.write_json(os.path.join(run_dir, "curve.json"), rep)
+        routing.plot_curve(os.path.join(run_dir, "curve.png"), rep)
     return rep
 
 
@@ -118,17 +122,24 @@ def table_rows(run_dirs) -> list[dict]:
     """One Table 4 row per run. Training FLOPs = 3 x F_inf x |D_train| per epoch (§5.1); Table 4 also
     multiplies by the epochs (ResNet-18: 3 x 37.22 M x 45,000 x 60 = 301.5 T), so we do when config has them."""
     import runs
+    from runs import UsageError
 
-    rows = []
-    for run_dir in run_dirs:
+    checked, keys = [], ("expected_macs_per_sample", "params", "flops_paper_convention_macs")
+    for run_dir in run_dirs:  # every run's small files first: a damaged one fails before any work or write
+        final = {**runs.read_config(run_dir), **runs.read_json(os.path.join(run_dir, "final.json"), {})}
         path, ckpt = os.path.join(run_dir, "model_profile.json"), os.path.join(run_dir, "checkpoint.pt")
         p = runs.read_json(path, {}) if os.path.exists(ckpt) else {}
-        if "expected_macs_per_sample" not in p or os.path.getmtime(ckpt) > os.path.getmtime(path):
-            p = profile_run(run_dir)  # none yet, or the checkpoint changed since
-        config = runs.read_json(os.path.join(run_dir, "config.json"))
-        final = {**config, **runs.read_json(os.path.join(run_dir, "final.json"), {})}  # epochs run, test_top1
+        numbers = (final.get("test_top1") or 0, final.get("train_size", 0), final.get("epochs", 1),
+                   *(p.get(k, 0) for k in keys))
+        if not all(isinstance(v, (int, float)) for v in numbers):
+            raise UsageError(f"{run_dir}: final.json or model_profile.json holds a value that is not a number")
+        stale = not all(k in p for k in (*keys, "proxy")) or os.path.getmtime(ckpt) > os.path.getmtime(path)
+        checked.append((run_dir, final, p, stale))  # stale: no profile yet, or the checkpoint changed since
+    rows = []
+    for run_dir, final, p, stale in checked:  # final: config.json with final.json's epochs and test_top1 over it
+        p = profile_run(run_dir) if stale else p
         top1 = final.get("test_top1")
-        family, variant = _NAMES.get(config["backbone"], (config["backbone"], config["backbone"] + " {}"))
+        family, variant = _NAMES.get(final["backbone"], (final["backbone"], final["backbone"] + " {}"))
         scale = 3 * final.get("train_size", float("nan")) * final.get("epochs", 1) / 1e12
         rows.append({"run": run_dir, "family": family, "variant": variant.format("Juliet-" if p["proxy"] else ""),
                      "params_m": p["params"] / 1e6, "paper_macs_m": p["flops_paper_convention_macs"] / 1e6,
@@ -136,7 +147,6 @@ def table_rows(run_dirs) -> list[dict]:
                      "train_t_paper": scale * p["flops_paper_convention_macs"],
                      "train_t_expected": scale * p["expected_macs_per_sample"], "top1": top1})
     return rows
-
 
 
 def format_table(rows) -> str:
@@ -227,36 +237,37 @@ def _fail(message):
 
 
 def main(argv=None):
+    import runs
+
     parser = argparse.ArgumentParser(prog="profile.py", description=__doc__.split("\n\n")[0])
     parser.add_argument("run_dir", nargs="?", metavar="RUN",
                         help="a finished run directory (runs/<name>), profiled on its test set")
     parser.add_argument("--backbone", help="profile a fresh model: resnet18, resnet101, densenet121, efficientnet_b0")
     parser.add_argument("--static", action="store_true", help="the static baseline instead of a Juliet chain")
-    parser.add_argument("--input-size", type=int, default=32, help="32: CIFAR-10 (§5.1); 224: ImageNet (§5.2)")
-    parser.add_argument("--num-classes", type=int, default=10)
+    parser.add_argument("--input-size", type=runs.positive, default=32,
+                        help="32: CIFAR-10 (§5.1); 224: ImageNet (§5.2)")
+    parser.add_argument("--num-classes", type=runs.positive, default=10)
     parser.add_argument("--selector", default="transformer", help="transformer (§4.1), mlp or conv (§5.3)")
-    parser.add_argument("--batch", type=int, default=128, help="batch of memory and --bench (Table 2: 128)")
+    parser.add_argument("--batch", type=runs.positive, default=128, help="batch of memory and --bench (Table 2: 128)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--max-batches", type=int, help="run profile: count paths on this many test batches")
+    parser.add_argument("--max-batches", type=runs.positive, help="run profile: count paths on this many test batches")
     parser.add_argument("--table", nargs="+", metavar="RUN", help="Table 4 for these runs, and the Fig. 4/5 plot")
     parser.add_argument("--out", help="--table: PNG path (default: RUN/top1_per_gflop.png of the first run)")
     parser.add_argument("--bench", action="store_true", help="Table 5: wall time, static vs Juliet")
-    parser.add_argument("--repeats", type=int, default=15)
-    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--repeats", type=runs.positive, default=15)
+    parser.add_argument("--warmup", type=runs.nonneg, default=3)
     parser.add_argument("--run", dest="bench_run", help="--bench: also time this run's trained trie")
     parser.add_argument("--curve", action="store_true",
                         help="RUN: accuracy vs executed MACs over stop thresholds -> RUN/curve.json, curve.png")
     parser.add_argument("--baseline", metavar="RUN", help="--curve: the static run whose test top-1 to compare")
-    parser.add_argument("--budget", type=float, metavar="MMACS",
+    parser.add_argument("--budget", type=runs.positive_float, metavar="MMACS",
                         help="--curve: a budget in M MACs per sample; the threshold is calibrated on val")
     parser.add_argument("--json", action="store_true", help="print one JSON object, nothing else, on stdout")
     parser.error = _fail  # one line and exit 2, like every other bad input
     args = parser.parse_args(argv)
-    from runs import UsageError
-
     try:
         out, text = _dispatch(args)
-    except UsageError as e:
+    except runs.UsageError as e:
         _fail(str(e))
     print(json.dumps(out, indent=2) if args.json else text)
     return out

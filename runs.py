@@ -7,26 +7,38 @@
     runs/<name>/checkpoint.pt        model, optimizer, scheduler, scaler, progress, args, RNG state, trie structure
     runs/<name>/final.json           test-set numbers
     runs/<name>/*.png                accuracy curves, node usage, the trie
+    runs/<name>/eval_<k>/            what `--eval-only` wrote (final.json, plots): a run's own files stay as they are
 
-A run directory is never overwritten: a new run into one that holds a checkpoint is refused. Checkpoints
-are written atomically (write, then rename). `--resume DIR` rebuilds the trie from its structure first,
-then loads the weights; `load_run(DIR)` does the same for measurement. Bad input is a `UsageError`: `cli`
-prints it as one line on stderr and exits non-zero, before any file is made.
+Nothing is lost: a new run needs a new or empty directory, one process at a time writes a run directory (it
+holds DIR/.lock), files are written atomically (write, then rename). Nothing read can run code: checkpoints
+hold tensors and plain containers and load with `weights_only=True`; JSON is checked when read. `--resume DIR`
+rebuilds the trie from its structure first, then the weights; `load_run(DIR)` does the same for measurement.
+Bad input is a `UsageError`: `cli` prints it as one line on stderr and exits 1, before any work or file.
 """
 
 import argparse
+import contextlib
+import fcntl
 import json
+import math
 import os
 import random
+import re
 import sys
 import time
+import warnings
 
 import numpy as np
 import torch
 from tqdm import tqdm
 
-from backbones import make_backbone, static_model
+from backbones import BACKBONES, make_backbone, static_model
 from trie import JulietNet
+
+# MKL, torch's CPU BLAS, picks kernels by memory alignment unless asked for reproducible results: the same step
+# could differ in its last bits between two processes (or two runs in one), and --resume would not be exact.
+# MKL reads this at its first call, so it holds unless something ran a matmul before this module was imported.
+os.environ.setdefault("MKL_CBWR", "AUTO")
 
 
 class UsageError(Exception):
@@ -45,33 +57,42 @@ class Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message}\n")
 
 
-def unit_interval(s: str) -> float:
-    v = float(s)
-    if not 0.0 <= v <= 1.0:
-        raise argparse.ArgumentTypeError(f"must be in [0, 1], got {s}")
-    return v
+def _ranged(kind, ok, what: str):
+    """An argparse type: a finite number of `kind` for which ok(v) holds, else one line saying what it must be."""
+    def parse(s: str):
+        try:
+            v = kind(s)
+        except ValueError:
+            v = None
+        if v is None or not math.isfinite(v) or not ok(v):
+            raise argparse.ArgumentTypeError(f"must be {what}, got {s!r}")
+        return v
+    return parse
 
 
-def positive(s: str) -> int:
-    v = int(s)
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {s}")
-    return v
+positive_float = _ranged(float, lambda v: v > 0, "a number > 0")
+nonneg_float = _ranged(float, lambda v: v >= 0, "a number >= 0")
+unit_interval = _ranged(float, lambda v: 0 <= v <= 1, "in [0, 1]")
+open_unit = _ranged(float, lambda v: 0 < v < 1, "in (0, 1)")
+positive = _ranged(int, lambda v: v >= 1, "a positive integer")
+nonneg = _ranged(int, lambda v: v >= 0, "an integer >= 0")
+seed_int = _ranged(int, lambda v: 0 <= v < 2**31, "an integer in [0, 2^31)")
 
 
 def add_run_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("run")
-    g.add_argument("--seed", type=int, default=0)
-    g.add_argument("--out", default=None, help="run directory (default: runs/<backbone>-<variant>-<time>)")
+    g.add_argument("--seed", type=seed_int, default=0)
+    g.add_argument("--out", default=None, help="new or empty run directory (default: runs/<backbone>-<variant>-<time>)")
     g.add_argument("--resume", default=None, metavar="DIR", help="continue the run in DIR from its last checkpoint")
-    g.add_argument("--eval-only", action="store_true", help="only evaluate the checkpoint of --resume DIR on test")
+    g.add_argument("--eval-only", action="store_true",
+                   help="only evaluate the checkpoint of --resume DIR on test; results go to DIR/eval_<k>/")
     g.add_argument("--device", default="auto", help="auto (CUDA if available), cpu, cuda, cuda:1, ...")
     g.add_argument("--amp", action="store_true", help="mixed precision on CUDA (§5.3 software stack)")
     g.add_argument("--compile", action="store_true", help="torch.compile every stage (§5.3 software stack)")
-    g.add_argument("--workers", type=int, default=2, help="DataLoader workers")
-    g.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    g.add_argument("--workers", type=nonneg, default=2, help="DataLoader workers")
+    g.add_argument("--threads", type=nonneg, default=0, help="torch CPU threads (0: torch's default)")
     g.add_argument("--deterministic", action="store_true", help="deterministic kernels (slower on CUDA)")
-    g.add_argument("--limit-batches", type=int, default=0, help="stop each pass after N batches (smoke tests)")
+    g.add_argument("--limit-batches", type=nonneg, default=0, help="stop each pass after N batches (smoke tests)")
     g.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
@@ -79,8 +100,15 @@ def finish_args(p: argparse.ArgumentParser, argv=None) -> argparse.Namespace:
     """Parse, remember which flags were given explicitly (for --resume), and name a new run's directory."""
     argv = sys.argv[1:] if argv is None else list(argv)
     args = p.parse_args(argv)
-    flags = {a.split("=")[0] for a in argv if a.startswith("--")}
-    args.explicit = [a.dest for a in p._actions if flags & set(a.option_strings)]
+    # Explicit flags: parse again into a namespace pre-filled with a marker, which argparse's defaults leave alone
+    # (robust to abbreviations and aliases such as --router).
+    unset = object()
+    given = vars(p.parse_args(argv, argparse.Namespace(**{a.dest: unset for a in p._actions})))
+    args.explicit = sorted(d for d, v in given.items() if v is not unset and d != "help")
+    for a in p._actions:  # also flags declared with a plain `type=float`: finite, and loss weights >= 0
+        v = getattr(args, a.dest, None)
+        if isinstance(v, float) and not (math.isfinite(v) and (v >= 0 or not a.dest.endswith("_weight"))):
+            p.error(f"argument {a.option_strings[0]}: must be a finite number{' >= 0' * (v < 0)}, got {v}")
     if args.eval_only and not args.resume:
         p.error("--eval-only needs --resume DIR (the run to evaluate)")
     if args.out is None and not args.resume:
@@ -90,50 +118,104 @@ def finish_args(p: argparse.ArgumentParser, argv=None) -> argparse.Namespace:
 
 
 def cli(main, parse_args) -> None:
-    """Run main(); bad input and a diverged loss end with one line on stderr and a non-zero status."""
+    """Run main(); bad input and a diverged loss end with one line on stderr and exit status 1."""
     args = parse_args()
     try:
-        main(args)
+        return main(args)
     except UsageError as e:
-        sys.exit(f"error: {e}")
+        message = str(e)
     except NonFiniteLoss as e:
-        sys.exit(f"error: {e}; stopped, the last good checkpoint (if any) is in {args.resume or args.out}")
+        message = f"{e}; stopped, the last good checkpoint (if any) is in {args.resume or args.out}"
     except KeyboardInterrupt:
-        sys.exit(f"interrupted; continue with: --resume {args.resume or args.out}")
+        message = f"interrupted; continue with: --resume {args.resume or args.out}"
+    print(f"error: {message}", file=sys.stderr)  # printed here, not by sys.exit: in-process callers see it too
+    sys.exit(1)
 
 
 # ----------------------------------------------------------------------------- opening a run
 
 
 RUNTIME_FLAGS = ("epochs", "device", "workers", "threads", "amp", "compile", "quiet", "limit_batches", "data_dir",
-                 "eval_only")
+                 "download", "eval_only")
+LOCK = ".lock"
 
 
 def open_run(args):
-    """New run: refuse to touch an existing run. --resume/--eval-only: saved args + runtime overrides."""
+    """Check the run directory before any work. New run: --out must be new or empty. --resume/--eval-only: DIR's
+    checkpoint (safe loader) and its settings, with the runtime flags given now; a flag that would change the
+    run itself (backbone, data, lr, ...) is refused, naming it."""
     if not (args.resume or args.eval_only):
-        if os.path.exists(os.path.join(args.out, "checkpoint.pt")):
-            raise UsageError(f"{args.out} already holds a run; continue it with --resume {args.out} "
-                             "or pick another --out")
+        check_unused(args.out)
         return args, None
-    path = os.path.join(args.resume or args.out, "checkpoint.pt")
-    ckpt = load_checkpoint(path)
-    merged = argparse.Namespace(**ckpt["args"])
+    run_dir = args.resume
+    if args.out is not None and os.path.abspath(args.out) != os.path.abspath(run_dir):
+        raise UsageError(f"--out {args.out} and --resume {run_dir} differ; a resumed run stays in its directory")
+    if not os.path.isdir(run_dir):
+        raise UsageError(f"--resume {run_dir}: no such run directory")
+    ckpt = load_checkpoint(os.path.join(run_dir, "checkpoint.pt"), need=CHECKPOINT_KEYS)
+    if os.path.exists(os.path.join(run_dir, "config.json")):
+        read_json(os.path.join(run_dir, "config.json"))  # damaged: refuse rather than carry on beside it
+    saved = ckpt["args"]
+    changed = [f"--{k.replace('_', '-')} {getattr(args, k)} (the run's: {saved.get(k)})" for k in args.explicit
+               if k not in (*RUNTIME_FLAGS, "resume", "out") and getattr(args, k) != saved.get(k)]
+    if changed:
+        raise UsageError(f"--resume continues {run_dir} with its own settings; these flags would change them: "
+                         f"{', '.join(changed)}; drop them, or start a new run with --out")
+    merged = argparse.Namespace(**{**vars(args), **saved})  # flags newer than the run keep today's defaults
     for k in RUNTIME_FLAGS:
         if k in args.explicit:
             setattr(merged, k, getattr(args, k))
-    merged.out, merged.resume, merged.explicit = os.path.dirname(path), args.resume, args.explicit
+    merged.out, merged.resume = run_dir, args.resume
+    # the run's record of what its user chose, plus the runtime flags given now
+    merged.explicit = sorted(set(saved.get("explicit", [])) | (set(args.explicit) & set(RUNTIME_FLAGS)))
     return merged, ckpt
 
 
-def make_run_dir(out: str) -> None:
+def check_unused(out: str) -> None:
+    """A new run's directory: new or empty (a lock file left by a finished process is no run), and creatable."""
+    if os.path.isdir(out):
+        held = sorted(set(os.listdir(out)) - {LOCK})
+        if held:
+            hint = f"a run: continue it with --resume {out}" if "checkpoint.pt" in held else "files: move them away"
+            raise UsageError(f"{out} already holds {', '.join(held[:3])}{' ...' * (len(held) > 3)}; it is {hint}, "
+                             "or pick another --out (a new run needs a new or empty directory)")
+        return
+    parent = out
+    while not os.path.exists(parent):  # the nearest existing ancestor must be a writable directory
+        parent = os.path.dirname(os.path.abspath(parent))
+    if not os.path.isdir(parent) or not os.access(parent, os.W_OK | os.X_OK):
+        why = "is not a directory" if not os.path.isdir(parent) else "is not writable"
+        raise UsageError(f"cannot write the run directory {out}: {parent} {why}")
+
+
+@contextlib.contextmanager
+def claim_run_dir(out: str, ckpt=None, new=True):
+    """Hold `out` for this process: an exclusive flock on out/.lock that the kernel drops however the process ends.
+    Under it a new run finds `out` still unused, a resumed one (ckpt) its checkpoint as it was loaded."""
     try:
         os.makedirs(out, exist_ok=True)
-        probe = os.path.join(out, ".write_test")
-        open(probe, "w").close()
-        os.remove(probe)
+        lock = open(os.path.join(out, LOCK), "a")  # "a": never truncates what another process holds
     except OSError as e:
         raise UsageError(f"cannot write the run directory {out}: {e.strerror}") from None
+    with lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise UsageError(f"another process is writing {out}; wait for it to end or pick another --out") from None
+        if new and ckpt is None:
+            check_unused(out)
+        elif ckpt is not None and file_signature(ckpt["loaded_from"][0]) != ckpt["loaded_from"][1]:
+            raise UsageError(f"{ckpt['loaded_from'][0]} changed while this process started; run the command again")
+        yield
+
+
+def new_eval_dir(run_dir: str) -> str:
+    """run_dir/eval_<k>, the first k not taken: --eval-only results never replace a run's own files."""
+    k = 1
+    while os.path.exists(os.path.join(run_dir, f"eval_{k}")):
+        k += 1
+    os.mkdir(os.path.join(run_dir, f"eval_{k}"))  # under the run's lock: nobody takes k meanwhile
+    return os.path.join(run_dir, f"eval_{k}")
 
 
 def setup_device(args) -> None:
@@ -155,10 +237,6 @@ def setup_device(args) -> None:
         torch.use_deterministic_algorithms(True)
 
 
-def device_of(model) -> torch.device:
-    return next(model.parameters()).device
-
-
 def seed_all(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
@@ -176,57 +254,132 @@ def seed_epoch(seed: int, epoch: int, loader) -> None:
 # ----------------------------------------------------------------------------- files of a run
 
 
-def write_json(path: str, obj) -> None:
-    """Write then rename: a crash never leaves a half-written file."""
-    with open(path + ".tmp", "w") as f:
-        json.dump(obj, f, indent=1)
+def atomic_write(path: str, write) -> None:
+    """write(f) into path.tmp, flush it to disk, then rename: a crash leaves the old file or the new one."""
+    with open(path + ".tmp", "wb") as f:
+        write(f)
+        f.flush()
+        os.fsync(f.fileno())
     os.replace(path + ".tmp", path)
 
 
-def read_json(path: str, default=None):
-    """A JSON file of a run; `default` when it does not exist."""
+def write_json(path: str, obj) -> None:
+    atomic_write(path, lambda f: f.write(json.dumps(obj, indent=1).encode()))
+
+
+def read_json(path: str, default=None, need=()) -> dict:
+    """A JSON object of a run (`default` when the file does not exist), checked: one line naming the file when it
+    is not JSON, not an object, or lacks a key of `need`."""
     if default is not None and not os.path.exists(path):
         return default
-    with open(path) as f:
-        return json.load(f)
+    try:
+        with open(path, "rb") as f:
+            obj = json.loads(f.read())
+    except FileNotFoundError:
+        raise UsageError(f"{path} does not exist") from None
+    except ValueError as e:  # JSONDecodeError, or bytes that are not UTF-8
+        raise UsageError(f"{path} is damaged, not valid JSON ({str(e).splitlines()[0]})") from None
+    if not isinstance(obj, dict):
+        raise UsageError(f"{path} holds a JSON {type(obj).__name__}, not the object a run writes")
+    missing = [k for k in need if k not in obj]
+    if missing:
+        raise UsageError(f"{path} lacks {', '.join(missing)}")
+    return obj
+
+
+def read_config(run_dir: str) -> dict:
+    """A run's config.json, with the fields that rebuild its model and data checked."""
+    path = os.path.join(run_dir, "config.json")
+    config = read_json(path, need=("backbone", "num_classes", "dataset", "input_size"))
+    bad = [k for k in ("num_classes", "input_size") if type(config[k]) is not int or config[k] < 1]
+    bad += ["backbone"] * (config["backbone"] not in BACKBONES) + ["dataset"] * (type(config["dataset"]) is not str)
+    if bad:
+        raise UsageError(f"{path}: {bad[0]} is {config[bad[0]]!r}, which no run writes")
+    return config
+
+
+CHECKPOINT_KEYS = ("model", "structure", "optimizer", "scheduler", "scaler", "run", "args", "rng")
+
+
+def rng_state() -> dict:
+    """Every generator's state as tensors and plain values: what the safe loader accepts (no numpy arrays)."""
+    version, keys, gauss = random.getstate()
+    _, mt, pos, has_gauss, cached = np.random.get_state()
+    return {"python": [version, torch.tensor(keys, dtype=torch.int64), gauss],
+            "numpy": [torch.from_numpy(mt.astype(np.int64)), int(pos), int(has_gauss), float(cached)],
+            "torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+
+
+def set_rng_state(s: dict) -> None:
+    version, keys, gauss = s["python"]
+    random.setstate((version, tuple(keys.tolist()), gauss))
+    mt, pos, has_gauss, cached = s["numpy"]
+    np.random.set_state(("MT19937", mt.numpy().astype(np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(s["torch"])
+    if s["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(s["cuda"])
 
 
 def save_checkpoint(out: str, model, state: dict, progress: dict, args) -> None:
-    """Model, optimizer, scheduler, GradScaler, progress, args, RNG state and the trie structure, atomically."""
+    """Model, optimizer, scheduler, GradScaler, progress, args, RNG state and the trie structure, atomically:
+    tensors and plain containers only, so that it loads with weights_only=True."""
     ckpt = {"model": model.state_dict(), "structure": model.structure() if isinstance(model, JulietNet) else None,
             "optimizer": state["optimizer"].state_dict(), "scheduler": state["scheduler"].state_dict(),
-            "scaler": state["scaler"].state_dict(), "run": progress, "args": vars(args),
-            "rng": {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
-                    "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}}
-    path = os.path.join(out, "checkpoint.pt")
-    torch.save(ckpt, path + ".tmp")
-    os.replace(path + ".tmp", path)
+            "scaler": state["scaler"].state_dict(), "run": progress, "args": vars(args), "rng": rng_state()}
+    atomic_write(os.path.join(out, "checkpoint.pt"), lambda f: torch.save(ckpt, f))
 
 
-def load_checkpoint(path: str, device="cpu") -> dict:
+def file_signature(path: str):
+    st = os.stat(path)
+    return st.st_ino, st.st_size, st.st_mtime_ns
+
+
+def load_checkpoint(path: str, device="cpu", need=("model", "structure")) -> dict:
+    """A checkpoint through torch's safe loader: a file that would need unsafe unpickling (which can run code,
+    e.g. one that a shared run directory was given) is refused, and so is a truncated or foreign one."""
     if not os.path.isfile(path):
         raise UsageError(f"no checkpoint at {path}")
-    # Our own run's checkpoint: besides tensors it holds args and RNG state, which weights_only=True rejects.
-    return torch.load(path, map_location=device, weights_only=False)
+    signature = file_signature(path)
+    try:
+        with warnings.catch_warnings():  # e.g. "Detected pickle protocol 4": the error below says it all
+            warnings.simplefilter("ignore")
+            ckpt = torch.load(path, map_location=device, weights_only=True)
+    except Exception as e:  # zip, EOF, unpickling and storage errors all mean: not usable
+        what = re.search(r"Unsupported (global: GLOBAL \S+|operand \d+)", str(e))
+        if what:
+            found = what.group(1).replace("global: GLOBAL", "the global").replace("operand", "pickle operand")
+            raise UsageError(f"{path} refused: the safe loader (weights_only) meets {found}, which our "
+                             "checkpoints never hold; a full unpickle of it could run code") from None
+        reason = f"{type(e).__name__}: {str(e).splitlines()[0][:120]}" if str(e) else type(e).__name__
+        raise UsageError(f"{path} is not a readable checkpoint (truncated or damaged?): {reason}") from None
+    missing = [k for k in need if k not in ckpt] if isinstance(ckpt, dict) else list(need)
+    if missing or ("args" in need and not isinstance(ckpt["args"], dict)):
+        raise UsageError(f"{path} is not a checkpoint of this code: it lacks {', '.join(missing) or 'its args'}")
+    ckpt["loaded_from"] = (path, signature)  # claim_run_dir checks that nobody wrote it since
+    return ckpt
 
 
 def model_from_checkpoint(ckpt: dict, backbone: str, num_classes: int):
     """The checkpoint's model: the trie rebuilt from its structure first (or the static backbone), then weights."""
     s = ckpt["structure"]
-    if s is None:
-        model = static_model(backbone, num_classes)
-    else:
-        model = JulietNet.from_structure(s, make_backbone(s["backbone"], s["num_classes"]))
-    model.load_state_dict(ckpt["model"])
+    try:
+        if s is None:
+            model = static_model(backbone, num_classes)
+        else:
+            model = JulietNet.from_structure(s, make_backbone(s["backbone"], s["num_classes"]))
+        model.load_state_dict(ckpt["model"])
+    except (KeyError, TypeError, ValueError, RuntimeError, AttributeError) as e:
+        where = ckpt.get("loaded_from", ["the checkpoint"])[0]
+        raise UsageError(f"{where}: its structure and weights do not make a model ({type(e).__name__}: "
+                         f"{str(e).splitlines()[0][:120] if str(e) else ''})") from None
     return model
 
 
 def load_run(run_dir: str, device="cpu"):
     """(config, model in eval mode) of a run directory, for measurement."""
-    for name in ("", "config.json", "checkpoint.pt"):
-        if not os.path.exists(os.path.join(run_dir, name)):
-            raise UsageError(f"{run_dir} has no {name}" if name else f"{run_dir}: no such run directory")
-    config = read_json(os.path.join(run_dir, "config.json"))
+    if not os.path.isdir(run_dir):
+        raise UsageError(f"{run_dir}: no such run directory")
+    config = read_config(run_dir)
     ckpt = load_checkpoint(os.path.join(run_dir, "checkpoint.pt"), device)
     model = model_from_checkpoint(ckpt, config["backbone"], config["num_classes"])
     return config, model.to(device).eval()

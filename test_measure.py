@@ -219,6 +219,7 @@ def test_cli_static_json_keys_and_profile_py_loads_once():
     imported = [line.rsplit("|", 1)[1].strip() for line in out.stderr.splitlines() if line.startswith("import time")]
     # torch imported cProfile, which imports `profile`: it found the running script, not a second copy of it
     assert "cProfile" in imported and "profile" not in imported
+    assert "USDT" not in out.stderr and "gpuGetDeviceCount" not in out.stderr  # CPU profiling is quiet
     d = json.loads(out.stdout)
     for key in ("dataset", "input_size", "params", "flops_paper_convention_macs", "flops_paper_convention_note",
                 "proxy", "nvml_available", "nvml_status", "memory", "counters"):

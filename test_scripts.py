@@ -97,7 +97,7 @@ def test_one_epoch_of_each_backbone_writes_the_run_directory(tmp_path, backbone)
     assert 0 < final["test_executed_macs_per_sample"]
     profile_json = read_json(out / "model_profile.json")
     assert profile_json["proxy"] is True and profile_json["dataset"] == "imagefolder"
-    ckpt = torch.load(out / "checkpoint.pt", weights_only=False)
+    ckpt = torch.load(out / "checkpoint.pt", weights_only=True)  # tensors and plain containers only
     assert {"model", "structure", "optimizer", "scheduler", "run", "args", "rng"} <= set(ckpt)
 
 
@@ -114,6 +114,9 @@ def test_resume_is_exact(tmp_path):
     for k in ["train_loss", "val_loss", "val_top1", "train_top1", "lr", "structure", "events", "val_leaf_counts"]:
         assert ea[k] == eb[k], k
     assert read_json(a / "final.json")["test_top1"] == read_json(b / "final.json")["test_top1"]
+    # the resumed checkpoint still records the flags its user chose, plus the runtime flag given at resume
+    explicit = torch.load(b / "checkpoint.pt", weights_only=True)["args"]["explicit"]
+    assert {"dataset", "selector", "grow_every", "seed", "out", "epochs"} <= set(explicit)
 
 
 def test_synthetic_set_is_seeded_learnable_shape_and_mixed():
@@ -161,7 +164,8 @@ def test_bad_input_ends_with_one_line_and_keeps_existing_runs(tmp_path):
 
 
 def test_cifar10_missing_says_how_to_download(tmp_path):
-    line = one_line_error(run_cli("--data-dir", str(tmp_path), "--epochs", "1", "--quiet"), code=1)
+    # downloading is the default (offline, see test_bad_input.py); --no-download forbids it
+    line = one_line_error(run_cli("--data-dir", str(tmp_path), "--epochs", "1", "--quiet", "--no-download"), code=1)
     assert "--download" in line and str(tmp_path) in line
 
 

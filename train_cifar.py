@@ -1,7 +1,7 @@
 """train_cifar.py: the paper's CIFAR-10 protocol (§5.1, Table 2), end to end, for Juliet or its static backbone.
 
     python train_cifar.py --backbone densenet121 --epochs 60             # Juliet-DenseNet-121 on CIFAR-10
-    python train_cifar.py --backbone resnet18 --static --download        # the static baseline (fetches CIFAR-10)
+    python train_cifar.py --backbone resnet18 --static                   # the static baseline (fetches CIFAR-10)
     python train_cifar.py --dataset synthetic --epochs 8                 # offline: the built-in synthetic set
     python train_cifar.py --resume runs/resnet18-juliet-20261124-101500  # continue an interrupted run
     torchrun --standalone --nproc_per_node 2 train_cifar.py --threads 1  # data parallel (distributed.py)
@@ -9,7 +9,8 @@
 Every epoch (`fit`): train_one_epoch (growth, Alg. 2, every --grow-every mini-batches), evaluate on the 10%
 validation split, end_epoch (pruning sweep, Alg. 3, every --prune-every epochs), ReduceLROnPlateau on
 the validation loss, one log line, epoch_<k>.json, and checkpoint.pt (written atomically). At the end:
-the test set, final.json and the plots. The run directory (runs.py) is never overwritten.
+the test set, final.json and the plots. The run directory (runs.py) is never overwritten, and bad input
+fails with one line before any file is made.
 
 FLOPs are reported two ways (README "Results"): `*_paper_convention_macs` is THOP on one dummy input (what
 the paper calls FLOPs; for Juliet it follows one path), `*_executed_macs*` is what the routed samples ran.
@@ -296,7 +297,8 @@ def final_eval(model, test_loader, args, progress: dict) -> dict:
 
 
 def train_and_test(args, make_datasets, on_epoch=None) -> dict:
-    """Everything around the epoch loop: data, model, optimiser, run directory, resume, test, plots."""
+    """Everything around the epoch loop: checks, data, model, then (with the run directory claimed: runs.py)
+    optimiser, resume, fit, test, plots. Bad input fails before any file is made."""
     t_start = time.perf_counter()
     args, ckpt = runs.open_run(args)
     runs.setup_device(args)
@@ -313,40 +315,47 @@ def train_and_test(args, make_datasets, on_epoch=None) -> dict:
                        "test_size": len(test_ds), "torch": torch.__version__}
     runs.seed_all(args.seed)
     if ckpt is None:
-        if distributed.is_main():
-            runs.make_run_dir(args.out)
         model = build_model(args, num_classes)
     else:  # resume: rebuild the grown trie first, then load the weights
         model = runs.model_from_checkpoint(ckpt, args.backbone, num_classes)
-    model.to(args.device)
-    distributed.broadcast_model(model)
-    maybe_compile(model, args)
-    opt, sched = make_optim(args, model)
-    scaler = torch.amp.GradScaler(enabled=args.amp)
-    state = {"optimizer": opt, "scheduler": sched, "scaler": scaler}
-    progress = {"epoch": 0, "step": 0, "best_val_top1": 0.0, "history": [], "train_size": len(train_ds)}
-    if ckpt:
-        for k in state:
-            state[k].load_state_dict(ckpt[k])
-        progress = ckpt["run"]
-    elif distributed.is_main():
-        runs.write_json(os.path.join(args.out, "config.json"), config)
-    profile = measure.model_profile(model, args.dataset, args.input_size, num_classes)
-    if distributed.is_main():
-        runs.write_json(os.path.join(args.out, "model_profile.json"), profile)
-    variant = "static" if args.static else "juliet"
-    tqdm.write(f"{args.out}: {variant}-{args.backbone} params={profile['params'] / 1e6:.2f}M "
-               f"paper-convention MACs (one dummy input)={profile['flops_paper_convention_macs'] / 1e6:.2f}M; "
-               f"expected executed MACs per sample are measured on val every epoch")
-    if not args.eval_only:
-        loaders = (data.make_loader(train_ds, config, shuffle=True), data.make_loader(val_ds, config, shuffle=False))
-        fit(model, [distributed.shard(loader, args.seed) for loader in loaders], args, progress, state, on_epoch)
-    if not distributed.is_main():  # rank 0 alone runs the test set and writes final.json
-        return {}
-    final = final_eval(model, data.make_loader(test_ds, config, shuffle=False), args, progress)
-    final["wall_time_s"], final["run_dir"] = time.perf_counter() - t_start, args.out
-    runs.write_json(os.path.join(args.out, "final.json"), final)
-    runs.plot_run(args.out, progress["history"], model, final)
+    try:  # one dummy forward: an input size the backbone's pooling cannot take fails here
+        profile = measure.model_profile(model, args.dataset, args.input_size, num_classes)
+    except RuntimeError as e:
+        raise UsageError(f"--input-size {args.input_size} does not fit {args.backbone}: {str(e)[:100]}") from None
+    # rank 0 (or the only process) writes the run directory; under torchrun the others only compute
+    with runs.claim_run_dir(args.out, ckpt) if distributed.is_main() else contextlib.nullcontext():
+        if args.eval_only and distributed.is_main():  # its results go beside the run's own files, never over them
+            args.out = runs.new_eval_dir(args.out)
+        model.to(args.device)
+        distributed.broadcast_model(model)
+        maybe_compile(model, args)
+        opt, sched = make_optim(args, model)
+        scaler = torch.amp.GradScaler(enabled=args.amp)
+        state = {"optimizer": opt, "scheduler": sched, "scaler": scaler}
+        progress = {"epoch": 0, "step": 0, "best_val_top1": 0.0, "history": [], "train_size": len(train_ds)}
+        if ckpt:
+            for k in state:
+                state[k].load_state_dict(ckpt[k])
+            progress = ckpt["run"]
+            runs.set_rng_state(ckpt["rng"])
+        if distributed.is_main():
+            if not os.path.exists(os.path.join(args.out, "config.json")):  # new run, an eval, a resume that lost it
+                runs.write_json(os.path.join(args.out, "config.json"), config | {"out": args.out})
+            runs.write_json(os.path.join(args.out, "model_profile.json"), profile)
+        variant = "static" if args.static else "juliet"
+        tqdm.write(f"{args.out}: {variant}-{args.backbone} params={profile['params'] / 1e6:.2f}M "
+                   f"paper-convention MACs (one dummy input)={profile['flops_paper_convention_macs'] / 1e6:.2f}M; "
+                   f"expected executed MACs per sample are measured on val every epoch")
+        if not args.eval_only:
+            loaders = (data.make_loader(train_ds, config, shuffle=True),
+                       data.make_loader(val_ds, config, shuffle=False))
+            fit(model, [distributed.shard(loader, args.seed) for loader in loaders], args, progress, state, on_epoch)
+        if not distributed.is_main():  # rank 0 alone runs the test set and writes final.json
+            return {}
+        final = final_eval(model, data.make_loader(test_ds, config, shuffle=False), args, progress)
+        final["wall_time_s"], final["run_dir"] = time.perf_counter() - t_start, args.out
+        runs.write_json(os.path.join(args.out, "final.json"), final)
+        runs.plot_run(args.out, progress["history"], model, final)
     tqdm.write(f"test_top1={final['test_top1']:.2f} test_top5={final['test_top5']:.2f} "
                f"paper_MMACs={final['flops_paper_convention_macs'] / 1e6:.2f} "
                f"exec_MMACs={final['test_executed_macs_per_sample'] / 1e6:.2f} params={final['params'] / 1e6:.2f}M")
@@ -365,15 +374,17 @@ def build_parser(description: str) -> argparse.ArgumentParser:
     g.add_argument("--selector", "--router", default="transformer", choices=list(SELECTORS),
                    help="path selector N.PS (§4.1; §5.3 ablation)")
     g.add_argument("--policy", default="top1", choices=POLICIES, help="routing policy (§4.1 top-1; §5.3 gumbel)")
-    g.add_argument("--tau0", type=float, default=1.0, help="gumbel: initial temperature (§3.1.3 annealing)")
-    g.add_argument("--tau-min", type=float, default=0.1, help="gumbel: final temperature")
-    g.add_argument("--prebuild", type=int, default=None,
+    g.add_argument("--tau0", type=runs.positive_float, default=1.0,
+                   help="gumbel: initial temperature (§3.1.3 annealing)")
+    g.add_argument("--tau-min", type=runs.positive_float, default=0.1, help="gumbel: final temperature")
+    g.add_argument("--prebuild", type=runs.positive, default=None,
                    help="nodes in the initial chain; default one per stage (§5.3 'Initialisation': 5, or 10 "
                         "for ResNet-101)")
     g.add_argument("--no-stop", action="store_true", help="no stop children: every path runs every stage")
-    g.add_argument("--d-model", type=int, default=64, help="selector width d_model (§4.1)")
-    g.add_argument("--n-head", type=int, default=4, help="selector heads n_head (§4.1)")
-    g.add_argument("--ema-beta", type=float, default=0.99, help="EMA beta of alpha and sigma^2 (Eq. 3; lambda=1-beta)")
+    g.add_argument("--d-model", type=runs.positive, default=64, help="selector width d_model (§4.1)")
+    g.add_argument("--n-head", type=runs.positive, default=4, help="selector heads n_head (§4.1)")
+    g.add_argument("--ema-beta", type=runs.unit_interval, default=0.99,
+                   help="EMA beta of alpha and sigma^2 (Eq. 3; lambda=1-beta)")
     g = p.add_argument_group("routing recipe (ours; README 'Paper notes and deviations')")
     g.add_argument("--train-depth", default="full", choices=TRAIN_DEPTHS,
                    help="full: training samples run to a leaf whatever they decide, so every exit and the rest "
@@ -401,28 +412,30 @@ def build_parser(description: str) -> argparse.ArgumentParser:
                    help="E_prune, epochs (Table 2: every 3 ep; Table 3: 5)")
     g.add_argument("--t-min", type=runs.positive, default=3, help="epochs of alpha < theta_prune before pruning")
     g.add_argument("--m-max", type=runs.positive, default=3, help="M_max stage children per node (Alg. 2)")
-    g.add_argument("--max-depth", type=int, default=None, help="deepest node depth (default: last stage)")
+    g.add_argument("--max-depth", type=runs.nonneg, default=None, help="deepest node depth (default: last stage)")
     g = p.add_argument_group("data (§5.1, Table 2)")
     g.add_argument("--dataset", default="cifar10", choices=data.DATASETS)
     g.add_argument("--data-dir", default="./data", help="CIFAR root, or an image folder with train/ and test/")
-    g.add_argument("--download", action="store_true", help="let torchvision download CIFAR")
-    g.add_argument("--input-size", type=int, default=32, help="image side (CIFAR: 32)")
+    g.add_argument("--download", action=argparse.BooleanOptionalAction, default=True,
+                   help="let torchvision download and MD5-check CIFAR when it is absent")
+    g.add_argument("--input-size", type=runs.positive, default=32,
+                   help="image side (CIFAR: 32, resized to another; an ImageFolder's images must have it)")
     g.add_argument("--synthetic-size", type=runs.positive, default=10000, help="synthetic train+val images")
-    g.add_argument("--data-seed", type=int, default=0, help="seed of the synthetic images")
-    g.add_argument("--val-split", type=float, default=0.1, help="Table 2: 90/10 train/val split")
-    g.add_argument("--split-seed", type=int, default=0, help="seed of the train/val split")
+    g.add_argument("--data-seed", type=runs.seed_int, default=0, help="seed of the synthetic images")
+    g.add_argument("--val-split", type=runs.open_unit, default=0.1, help="Table 2: 90/10 train/val split")
+    g.add_argument("--split-seed", type=runs.seed_int, default=0, help="seed of the train/val split")
     g = p.add_argument_group("optimisation (Table 2 for CIFAR-10, Table 3 for ImageNet)")
     g.add_argument("--epochs", type=runs.positive, default=60, help="Table 2: 15, 30 or 60; §6.3: 120")
     g.add_argument("--batch-size", type=runs.positive, default=128, help="Table 2: 128; Table 3: 256")
     g.add_argument("--optimizer", default="adam", choices=("adam", "sgd"), help="Table 2: Adam; Table 3: SGD")
-    g.add_argument("--lr", type=float, default=1e-3, help="Table 2: 1e-3; Table 3: 0.1")
-    g.add_argument("--momentum", type=float, default=0.9, help="SGD only (Table 3: 0.9)")
-    g.add_argument("--wd", type=float, default=1e-5, help="weight decay (Table 2: 1e-5; Table 3: 1e-4)")
+    g.add_argument("--lr", type=runs.positive_float, default=1e-3, help="Table 2: 1e-3; Table 3: 0.1")
+    g.add_argument("--momentum", type=runs.unit_interval, default=0.9, help="SGD only (Table 3: 0.9)")
+    g.add_argument("--wd", type=runs.nonneg_float, default=1e-5, help="weight decay (Table 2: 1e-5; Table 3: 1e-4)")
     g.add_argument("--scheduler", default="plateau", choices=("plateau", "cosine"),
                    help="Table 2: ReduceLROnPlateau on val loss; Table 3: CosineAnnealingLR")
-    g.add_argument("--lr-factor", type=float, default=0.5, help="plateau factor (Table 2)")
-    g.add_argument("--lr-patience", type=int, default=3, help="plateau patience (Table 2)")
-    g.add_argument("--t-max", type=int, default=40, help="cosine T_max (Table 3)")
+    g.add_argument("--lr-factor", type=runs.open_unit, default=0.5, help="plateau factor (Table 2)")
+    g.add_argument("--lr-patience", type=runs.nonneg, default=3, help="plateau patience (Table 2)")
+    g.add_argument("--t-max", type=runs.positive, default=40, help="cosine T_max (Table 3)")
     runs.add_run_args(p)
     return p
 
