@@ -100,7 +100,8 @@ class SyntheticImages(Dataset):
             wave = torch.where(((yy - split).abs() < gap / 2) & self.hard[:, None, None], 0.0, wave)
         amp = torch.where(self.hard, hard_amp, 0.6)[:, None, None]
         colour = torch.where(self.hard[:, None], 0.2 + 0.8 * torch.rand(n, 3, generator=g), palette[y])  # (n, 3)
-        noise = torch.where(self.hard, hard_noise, 0.08)[:, None, None, None] * torch.randn(n, size, size, 3, generator=g)
+        sd = torch.where(self.hard, hard_noise, 0.08)[:, None, None, None]
+        noise = sd * torch.randn(n, size, size, 3, generator=g)  # (n, S, S, 3)
         img = 0.5 + (amp * wave)[..., None] * colour[:, None, None, :]  # (n, S, S, 3)
         for _ in range(clutter):  # random-colour rectangles over the hard samples' textures
             x0, y0 = torch.randint(0, size - 4, (2, n, 1, 1), generator=g)

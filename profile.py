@@ -89,6 +89,7 @@ def curve_run(run_dir, baseline=None, budget=None, device="cpu", max_batches=Non
     threshold is calibrated on the validation split and its test point reported. Writes curve.json, curve.png."""
     import data
     import measure
+    import plots
     import routing
     import runs
     from backbones import static_model
@@ -114,7 +115,7 @@ def curve_run(run_dir, baseline=None, budget=None, device="cpu", max_batches=Non
     rep["run_dir"] = run_dir
     with runs.claim_run_dir(run_dir, new=False):  # one writer: not while a training run holds the directory
         runs.write_json(os.path.join(run_dir, "curve.json"), rep)
-        routing.plot_curve(os.path.join(run_dir, "curve.png"), rep)
+        plots.plot_curve(os.path.join(run_dir, "curve.png"), rep)
     return rep
 
 
@@ -162,7 +163,7 @@ def format_table(rows) -> str:
 
 def plot_top1_per_gflop(rows, path):
     """Fig. 4/5 style bars: test top-1 per GFLOP (GMAC), paper convention beside expected executed MACs."""
-    from runs import pyplot
+    from plots import pyplot
 
     plt = pyplot()
     rows = [r for r in rows if r["top1"] is not None]
@@ -304,8 +305,8 @@ def _dispatch(args):
         if "budget" in rep:
             b = rep["budget"]
             text += (f"\nbudget {b['budget_macs'] / 1e6:.2f} M MACs: t = {b['t']} on val "
-                     f"({b['val']['macs'] / 1e6:.2f} M, {b['val']['top1']:.2f}%) -> test {b['test']['macs'] / 1e6:.2f} M, "
-                     f"{b['test']['top1']:.2f}%")
+                     f"({b['val']['macs'] / 1e6:.2f} M, {b['val']['top1']:.2f}%) -> "
+                     f"test {b['test']['macs'] / 1e6:.2f} M, {b['test']['top1']:.2f}%")
         return rep, text + f"\nwrote {os.path.join(args.run_dir, 'curve.json')} and curve.png"
     if args.run_dir is not None:
         p = profile_run(args.run_dir, args.device, args.max_batches)

@@ -18,6 +18,7 @@ tries. Selectors count for the baselines only where a node has sibling stages to
     table = exit_table(net, loader, device)
     curve = juliet_curve(table, thresholds)        # [{"t", "macs", "top1"}, ...], monotone in t
     fixed = fixed_depth_points(table); hull_top1(fixed, macs)
+    rep = curve_report(table, static)              # curve.json; plots.plot_curve draws it
 """
 
 import collections
@@ -185,7 +186,8 @@ def curve_report(table: dict, static: dict, thresholds=THRESHOLDS) -> dict:
     """curve.json: the compute knob of one checkpoint against (a) the fixed-depth exits and their hull, (b) the
     confidence early exit on the same exits and (c) the static backbone, each read at the knob's MACs."""
     curve, conf, fixed = juliet_curve(table, thresholds), confidence_curve(table, thresholds), fixed_depth_points(table)
-    matched = [{"t": p["t"], "macs": p["macs"], "juliet_top1": p["top1"], "fixed_hull_top1": hull_top1(fixed, p["macs"]),
+    matched = [{"t": p["t"], "macs": p["macs"], "juliet_top1": p["top1"],
+                "fixed_hull_top1": hull_top1(fixed, p["macs"]),
                 "confidence_top1": hull_top1(conf, p["macs"]), "static_top1": static.get("top1")}
                for p in curve]
     macs = [p["macs"] for p in curve]
@@ -212,29 +214,7 @@ def format_curve(rep: dict) -> str:
     return "\n".join(out)
 
 
-def plot_curve(path: str, rep: dict) -> None:
-    """curve.png: top-1 against executed MACs per sample for the knob, its baselines and the static backbone."""
-    from runs import pyplot
-
-    plt = pyplot()
-    fig, ax = plt.subplots(figsize=(6, 4.2))
-    xy = lambda pts: ([p["macs"] / 1e6 for p in pts], [p["top1"] for p in pts])
-    ax.plot(*xy(rep["juliet_curve"]), "o-", ms=3, label="Juliet, stop threshold t (one checkpoint)")
-    ax.plot(*xy(sorted(rep["confidence_curve"], key=lambda p: p["macs"])), "s--", ms=3,
-            label="confidence early exit (same exits)")
-    ax.plot(*xy(rep["fixed_hull"]), ":", color="0.4", label="fixed-depth exits: hull")
-    ax.plot(*xy(rep["fixed_depth"]), "x", color="0.4")
-    top = rep["juliet_top1_policy"]
-    ax.plot([top["macs"] / 1e6], [top["top1"]], "*", ms=12, label="Juliet, top-1 routing (paper)")
-    if rep["static"].get("top1") is not None:
-        ax.plot([rep["static"]["macs"] / 1e6], [rep["static"]["top1"]], "D", label="static backbone")
-    ax.set(xlabel="executed MACs per sample (M)", ylabel="test top-1 (%)", title="accuracy vs compute")
-    lo = min(p["top1"] for p in rep["fixed_depth"])
-    ax.set_ylim(max(0, lo - 5), 100.5), ax.grid(alpha=0.3), ax.legend(fontsize=7, loc="lower right")
-    fig.tight_layout(), fig.savefig(path, dpi=120), plt.close(fig)
-
-
-# ----------------------------------------------------------------------------- reports and plots
+# ----------------------------------------------------------------------------- reports
 
 
 def leaf_ids(table: dict, exit_depth: torch.Tensor) -> list[str]:
@@ -281,45 +261,3 @@ def collapse_message(leaf_counts: dict, n_leaves: int, share: float = 0.95) -> s
         return None
     return (f"routing has collapsed: {100 * top / n:.1f}% of {n} samples end at {leaf} "
             f"while the trie has {n_leaves} leaves")
-
-
-def plot_routing(out_dir: str, table: dict, dataset, classes=None) -> None:
-    """routing.png: share of each class's (and each group's) test samples per leaf; leaf_samples.png: test
-    images that ended at each leaf."""
-    import os
-
-    from runs import pyplot
-
-    plt = pyplot()
-    leaves = leaf_ids(table, juliet_exits(table, None))
-    names = sorted(set(leaves), key=lambda s: (s.count("/"), s))
-    rows = [("class", [str(c) for c in table["label"].tolist()])]
-    if "group" in table:
-        rows.append(("group", table["group"]))
-    fig, axes = plt.subplots(1, len(rows), figsize=(3 + 1.2 * len(names) * len(rows), 4.5), squeeze=False)
-    for ax, (what, keys) in zip(axes[0], rows):
-        kinds = sorted(set(keys), key=lambda k: (len(k), k))
-        m = np.zeros((len(kinds), len(names)))
-        for k, leaf in zip(keys, leaves):
-            m[kinds.index(k), names.index(leaf)] += 1
-        m /= m.sum(1, keepdims=True)
-        ax.imshow(m, cmap="viridis", vmin=0, vmax=1, aspect="auto")
-        ax.set_xticks(range(len(names)), names, rotation=60, fontsize=7)
-        labels = [classes[int(k)] if what == "class" and classes else k for k in kinds]
-        ax.set_yticks(range(len(kinds)), labels, fontsize=7)
-        for (i, j), v in np.ndenumerate(m):
-            ax.text(j, i, f"{100 * v:.0f}", ha="center", va="center", fontsize=6, color="w" if v < 0.5 else "k")
-        ax.set(title=f"test samples per leaf (% of each {what})", xlabel="leaf")
-    fig.tight_layout(), fig.savefig(os.path.join(out_dir, "routing.png"), dpi=120), plt.close(fig)
-    per_leaf, k = {leaf: [i for i, x in enumerate(leaves) if x == leaf][:8] for leaf in names}, 8
-    fig, axes = plt.subplots(len(names), k, figsize=(k * 0.9, len(names) * 1.0 + 0.3), squeeze=False)
-    base, indices = getattr(dataset, "base", dataset), getattr(dataset, "indices", None)
-    for r, leaf in enumerate(names):
-        for c in range(k):
-            ax = axes[r][c]
-            ax.axis("off")
-            if c < len(per_leaf[leaf]):
-                i = per_leaf[leaf][c]
-                ax.imshow(base[indices[i] if indices is not None else i][0])
-        axes[r][0].set_title(f"{leaf} ({leaves.count(leaf)})", fontsize=7, loc="left")
-    fig.tight_layout(), fig.savefig(os.path.join(out_dir, "leaf_samples.png"), dpi=120), plt.close(fig)

@@ -6,7 +6,7 @@
     runs/<name>/epoch_<k>.json       one record per epoch (the log line's fields and many more)
     runs/<name>/checkpoint.pt        model, optimizer, scheduler, scaler, progress, args, RNG state, trie structure
     runs/<name>/final.json           test-set numbers
-    runs/<name>/*.png                accuracy curves, node usage, the trie
+    runs/<name>/*.png                accuracy curves, node usage, the trie, routing (plots.py)
     runs/<name>/eval_<k>/            what `--eval-only` wrote (final.json, plots): a run's own files stay as they are
 
 Nothing is lost: a new run needs a new or empty directory, one process at a time writes a run directory (it
@@ -396,63 +396,3 @@ def write_epoch(out: str, log: dict, quiet: bool) -> None:
                    f"events={len(log['events'])}"]
     fields.append(f"time={log['time_epoch_s']:.1f}s")
     tqdm.write(" ".join(fields))
-
-
-# ----------------------------------------------------------------------------- plots
-
-
-def pyplot():
-    """matplotlib's pyplot on the Agg backend (no display needed)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
-def plot_run(out: str, history: list, model, final: dict) -> None:
-    """accuracy.png (Fig. 2 style curves); for Juliet also node_usage.png and trie.png (test traffic)."""
-    plt = pyplot()
-    if history:
-        ep = [h["epoch"] for h in history]
-        fig, ax = plt.subplots(figsize=(5, 3.5))
-        ax.plot(ep, [h["train_top1"] for h in history], "o-", label="train")
-        ax.plot(ep, [h["val_top1"] for h in history], "s-", label="val")
-        ax.set(xlabel="epoch", ylabel="top-1 (%)", title=os.path.basename(os.path.abspath(out)))
-        ax.legend(), fig.tight_layout(), fig.savefig(os.path.join(out, "accuracy.png"), dpi=120), plt.close(fig)
-    if not isinstance(model, JulietNet):
-        return
-    visits, n = final["test_node_visits"], max(1, final["test_samples"])
-    ids = [node.node_id for node in model.nodes()]
-    fig, ax = plt.subplots(figsize=(6, 0.25 * len(ids) + 1))
-    ax.barh(ids[::-1], [100 * visits.get(i, 0) / n for i in ids[::-1]])
-    ax.set(xlabel="test samples entering the node (%)", title="node usage")
-    fig.tight_layout(), fig.savefig(os.path.join(out, "node_usage.png"), dpi=120), plt.close(fig)
-    fig, ax = plt.subplots(figsize=(max(4, 0.9 * len(model.leaves())), 4))
-    draw_trie(ax, model, {k: v / n for k, v in visits.items()})
-    fig.tight_layout(), fig.savefig(os.path.join(out, "trie.png"), dpi=120), plt.close(fig)
-
-
-def draw_trie(ax, model, share: dict) -> None:
-    """Leaves left to right, parents centred over their children; size and colour show the traffic share."""
-    pos, next_x = {}, iter(range(10**6))
-
-    def place(node, level):
-        xs = [place(k, level + 1) for k in node.choices]
-        pos[node.node_id] = (sum(xs) / len(xs) if xs else next(next_x), -level)
-        return pos[node.node_id][0]
-
-    place(model.root, 0)
-    for node in model.nodes():
-        for k in node.choices:
-            (x0, y0), (x1, y1) = pos[node.node_id], pos[k.node_id]
-            ax.plot([x0, x1], [y0, y1], "-", color="0.6", lw=0.5 + 4 * share.get(k.node_id, 0), zorder=1)
-    nodes = list(model.nodes())
-    s = [share.get(n.node_id, 0) for n in nodes]
-    ax.scatter([pos[n.node_id][0] for n in nodes], [pos[n.node_id][1] for n in nodes], s=[60 + 600 * v for v in s],
-               c=s, cmap="viridis", vmin=0, vmax=1, marker="o", edgecolors="k", zorder=2)
-    for n, v in zip(nodes, s):
-        label = ("stop" if n.is_stop else n.node_id) + f"\n{100 * v:.0f}%"
-        ax.annotate(label, pos[n.node_id], textcoords="offset points", xytext=(0, -22), ha="center", fontsize=7)
-    ax.set_title("trie, share of test samples per node"), ax.axis("off")

@@ -42,6 +42,7 @@ from tqdm import tqdm
 
 import data
 import measure
+import plots
 import runs
 import train_cifar
 from backbones import BACKBONES, static_model
@@ -277,7 +278,7 @@ def pareto_front(points: list) -> list:
 
 
 def plot_pareto(trials: list, path: str) -> None:
-    plt = runs.pyplot()
+    plt = plots.pyplot()
     pts = [(t.user_attrs["val_executed_macs"] / 1e6, 100 * t.user_attrs["accuracy"]) for t in trials]
     front = pareto_front(pts)
     fig, ax = plt.subplots(figsize=(5.5, 4))
@@ -303,7 +304,7 @@ def plot_importances(study: optuna.Study, n_complete: int, path: str) -> None:
         imp = optuna.importance.get_param_importances(study)
     if note := " ".join(str(w.message) for w in caught):
         print(f"importances.png: Optuna says: {note}", file=sys.stderr)
-    plt = runs.pyplot()
+    plt = plots.pyplot()
     fig, ax = plt.subplots(figsize=(5, 3))
     ax.barh(list(imp)[::-1], list(imp.values())[::-1])
     ax.set(xlabel="importance for L (PED-ANOVA, Optuna default)", title=f"{n_complete} completed trials")
@@ -362,7 +363,7 @@ def selector_curve(out: str, grid: list, sel: str):
 
 
 def plot_selector_curves(out: str, grid: list) -> None:
-    plt = runs.pyplot()
+    plt = plots.pyplot()
     fig, ax = plt.subplots(figsize=(5.5, 4))
     for sel in SELECTORS:
         if (line := selector_curve(out, grid, sel)) is not None:

@@ -20,8 +20,8 @@ import torch.nn.functional as F
 from backbones import BACKBONES, make_backbone, static_model
 from conftest import REPO, grown_trie, routed_trie, train_step, varied_batch
 from grow_prune import GrowPruneConfig, end_epoch, grow, prune_sweep, sync_optimizer
-from routers import SELECTORS
 from losses import balance_loss, cost_loss, exit_loss, freeze_selectors, route_loss, stage_macs
+from routers import SELECTORS
 from trie import JulietNet
 
 # ----------------------------------------------------------------------------- backbones

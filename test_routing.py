@@ -115,9 +115,9 @@ def test_report_gives_every_exit_per_group_and_the_depth_of_each_group(r18, tabl
         grp = rep["test_groups"][g]
         assert grp["samples"] == 32 and 0 <= grp["mean_depth"] <= len(r18.stages) - 1
         assert len(grp["exits_top1"]) == len(r18.stages) and sum(grp["leaves"].values()) == 32
-    overall = [p["top1"] for p in rep["test_exits_all_samples"]]
-    for d, a in enumerate(overall):  # the two halves average to the whole
-        assert abs(a - (rep["test_groups"]["easy"]["exits_top1"][d] + rep["test_groups"]["hard"]["exits_top1"][d]) / 2) < 1e-6
+    easy, hard = rep["test_groups"]["easy"]["exits_top1"], rep["test_groups"]["hard"]["exits_top1"]
+    for d, p in enumerate(rep["test_exits_all_samples"]):  # the two halves average to the whole
+        assert abs(p["top1"] - (easy[d] + hard[d]) / 2) < 1e-6
 
 
 def test_demo_set_labels_groups_and_honours_its_parameters():

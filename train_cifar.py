@@ -29,6 +29,7 @@ from tqdm import tqdm
 import data
 import distributed
 import measure
+import plots
 import routing
 import runs
 from backbones import BACKBONES, make_backbone, static_model
@@ -287,7 +288,7 @@ def final_eval(model, test_loader, args, progress: dict) -> dict:
         table = routing.exit_table(model, test_loader, measure.device_of(model), args.input_size,
                                    max_batches=args.limit_batches or None, quiet=args.quiet)
         final |= routing.report(table)
-        routing.plot_routing(args.out, table, test_loader.dataset, getattr(test_loader.dataset.base, "classes", None))
+        plots.plot_routing(args.out, table, test_loader.dataset, getattr(test_loader.dataset.base, "classes", None))
     else:  # a static model executes everything for every sample
         final["test_executed_macs_per_sample"] = macs
     return final
@@ -355,7 +356,7 @@ def train_and_test(args, make_datasets, on_epoch=None) -> dict:
         final = final_eval(model, data.make_loader(test_ds, config, shuffle=False), args, progress)
         final["wall_time_s"], final["run_dir"] = time.perf_counter() - t_start, args.out
         runs.write_json(os.path.join(args.out, "final.json"), final)
-        runs.plot_run(args.out, progress["history"], model, final)
+        plots.plot_run(args.out, progress["history"], model, final)
     tqdm.write(f"test_top1={final['test_top1']:.2f} test_top5={final['test_top5']:.2f} "
                f"paper_MMACs={final['flops_paper_convention_macs'] / 1e6:.2f} "
                f"exec_MMACs={final['test_executed_macs_per_sample'] / 1e6:.2f} params={final['params'] / 1e6:.2f}M")

@@ -26,6 +26,7 @@ import os
 
 import data
 import distributed
+import plots
 import runs
 import train_cifar
 
@@ -38,7 +39,7 @@ PUBLISHED = {"SkipNet-101": (77.37, 5.32), "ConvNet-AIG-101": (77.22, 4.31), "Bl
 
 def plot_imagenet(out: str, final: dict) -> None:
     """energy.png (Fig. 6: train/val joules per epoch and J/image) and top1_per_gflop.png (Fig. 4/5)."""
-    plt = runs.pyplot()
+    plt = plots.pyplot()
     logs = sorted((runs.read_json(p) for p in glob.glob(os.path.join(out, "epoch_*.json"))), key=lambda h: h["epoch"])
     if logs:
         ep = [h["epoch"] for h in logs]

@@ -1,0 +1,129 @@
+"""Every figure Juliet writes: a run's curves, node usage and trie; its routing; the compute knob (paper §5.3
+"Profiling outputs", Fig. 2; README "Per-sample routing"). matplotlib on the Agg backend, PNG files.
+
+    plot_run(out, history, model, final)      accuracy.png; node_usage.png, trie.png for a Juliet run
+    plot_routing(out, table, dataset)         routing.png (class / group x leaf), leaf_samples.png
+    plot_curve(path, curve_report)            curve.png: top-1 vs executed MACs, the knob and its baselines
+"""
+
+import os
+
+import numpy as np
+
+import routing
+from trie import JulietNet
+
+
+def pyplot():
+    """matplotlib's pyplot on the Agg backend (no display needed)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_run(out: str, history: list, model, final: dict) -> None:
+    """accuracy.png (Fig. 2 style curves); for Juliet also node_usage.png and trie.png (test traffic)."""
+    plt = pyplot()
+    if history:
+        ep = [h["epoch"] for h in history]
+        fig, ax = plt.subplots(figsize=(5, 3.5))
+        ax.plot(ep, [h["train_top1"] for h in history], "o-", label="train")
+        ax.plot(ep, [h["val_top1"] for h in history], "s-", label="val")
+        ax.set(xlabel="epoch", ylabel="top-1 (%)", title=os.path.basename(os.path.abspath(out)))
+        ax.legend(), fig.tight_layout(), fig.savefig(os.path.join(out, "accuracy.png"), dpi=120), plt.close(fig)
+    if not isinstance(model, JulietNet):
+        return
+    visits, n = final["test_node_visits"], max(1, final["test_samples"])
+    ids = [node.node_id for node in model.nodes()]
+    fig, ax = plt.subplots(figsize=(6, 0.25 * len(ids) + 1))
+    ax.barh(ids[::-1], [100 * visits.get(i, 0) / n for i in ids[::-1]])
+    ax.set(xlabel="test samples entering the node (%)", title="node usage")
+    fig.tight_layout(), fig.savefig(os.path.join(out, "node_usage.png"), dpi=120), plt.close(fig)
+    fig, ax = plt.subplots(figsize=(max(4, 0.9 * len(model.leaves())), 4))
+    draw_trie(ax, model, {k: v / n for k, v in visits.items()})
+    fig.tight_layout(), fig.savefig(os.path.join(out, "trie.png"), dpi=120), plt.close(fig)
+
+
+def draw_trie(ax, model, share: dict) -> None:
+    """Leaves left to right, parents centred over their children; size and colour show the traffic share."""
+    pos, next_x = {}, iter(range(10**6))
+
+    def place(node, level):
+        xs = [place(k, level + 1) for k in node.choices]
+        pos[node.node_id] = (sum(xs) / len(xs) if xs else next(next_x), -level)
+        return pos[node.node_id][0]
+
+    place(model.root, 0)
+    for node in model.nodes():
+        for k in node.choices:
+            (x0, y0), (x1, y1) = pos[node.node_id], pos[k.node_id]
+            ax.plot([x0, x1], [y0, y1], "-", color="0.6", lw=0.5 + 4 * share.get(k.node_id, 0), zorder=1)
+    nodes = list(model.nodes())
+    s = [share.get(n.node_id, 0) for n in nodes]
+    ax.scatter([pos[n.node_id][0] for n in nodes], [pos[n.node_id][1] for n in nodes], s=[60 + 600 * v for v in s],
+               c=s, cmap="viridis", vmin=0, vmax=1, marker="o", edgecolors="k", zorder=2)
+    for n, v in zip(nodes, s):
+        label = ("stop" if n.is_stop else n.node_id) + f"\n{100 * v:.0f}%"
+        ax.annotate(label, pos[n.node_id], textcoords="offset points", xytext=(0, -22), ha="center", fontsize=7)
+    ax.set_title("trie, share of test samples per node"), ax.axis("off")
+
+
+def plot_routing(out_dir: str, table: dict, dataset, classes=None) -> None:
+    """routing.png: share of each class's (and each group's) test samples per leaf; leaf_samples.png: test
+    images that ended at each leaf."""
+    plt = pyplot()
+    leaves = routing.leaf_ids(table, routing.juliet_exits(table, None))
+    names = sorted(set(leaves), key=lambda s: (s.count("/"), s))
+    rows = [("class", [str(c) for c in table["label"].tolist()])]
+    if "group" in table:
+        rows.append(("group", table["group"]))
+    fig, axes = plt.subplots(1, len(rows), figsize=(3 + 1.2 * len(names) * len(rows), 4.5), squeeze=False)
+    for ax, (what, keys) in zip(axes[0], rows):
+        kinds = sorted(set(keys), key=lambda k: (len(k), k))
+        m = np.zeros((len(kinds), len(names)))
+        for k, leaf in zip(keys, leaves):
+            m[kinds.index(k), names.index(leaf)] += 1
+        m /= m.sum(1, keepdims=True)
+        ax.imshow(m, cmap="viridis", vmin=0, vmax=1, aspect="auto")
+        ax.set_xticks(range(len(names)), names, rotation=60, fontsize=7)
+        labels = [classes[int(k)] if what == "class" and classes else k for k in kinds]
+        ax.set_yticks(range(len(kinds)), labels, fontsize=7)
+        for (i, j), v in np.ndenumerate(m):
+            ax.text(j, i, f"{100 * v:.0f}", ha="center", va="center", fontsize=6, color="w" if v < 0.5 else "k")
+        ax.set(title=f"test samples per leaf (% of each {what})", xlabel="leaf")
+    fig.tight_layout(), fig.savefig(os.path.join(out_dir, "routing.png"), dpi=120), plt.close(fig)
+    per_leaf, k = {leaf: [i for i, x in enumerate(leaves) if x == leaf][:8] for leaf in names}, 8
+    fig, axes = plt.subplots(len(names), k, figsize=(k * 0.9, len(names) * 1.0 + 0.3), squeeze=False)
+    base, indices = getattr(dataset, "base", dataset), getattr(dataset, "indices", None)
+    for r, leaf in enumerate(names):
+        for c in range(k):
+            ax = axes[r][c]
+            ax.axis("off")
+            if c < len(per_leaf[leaf]):
+                i = per_leaf[leaf][c]
+                ax.imshow(base[indices[i] if indices is not None else i][0])
+        axes[r][0].set_title(f"{leaf} ({leaves.count(leaf)})", fontsize=7, loc="left")
+    fig.tight_layout(), fig.savefig(os.path.join(out_dir, "leaf_samples.png"), dpi=120), plt.close(fig)
+
+
+def plot_curve(path: str, rep: dict) -> None:
+    """curve.png: top-1 against executed MACs per sample for the knob, its baselines and the static backbone."""
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(6, 4.2))
+    xy = lambda pts: ([p["macs"] / 1e6 for p in pts], [p["top1"] for p in pts])
+    ax.plot(*xy(rep["juliet_curve"]), "o-", ms=3, label="Juliet, stop threshold t (one checkpoint)")
+    ax.plot(*xy(sorted(rep["confidence_curve"], key=lambda p: p["macs"])), "s--", ms=3,
+            label="confidence early exit (same exits)")
+    ax.plot(*xy(rep["fixed_hull"]), ":", color="0.4", label="fixed-depth exits: hull")
+    ax.plot(*xy(rep["fixed_depth"]), "x", color="0.4")
+    top = rep["juliet_top1_policy"]
+    ax.plot([top["macs"] / 1e6], [top["top1"]], "*", ms=12, label="Juliet, top-1 routing (paper)")
+    if rep["static"].get("top1") is not None:
+        ax.plot([rep["static"]["macs"] / 1e6], [rep["static"]["top1"]], "D", label="static backbone")
+    ax.set(xlabel="executed MACs per sample (M)", ylabel="test top-1 (%)", title="accuracy vs compute")
+    lo = min(p["top1"] for p in rep["fixed_depth"])
+    ax.set_ylim(max(0, lo - 5), 100.5), ax.grid(alpha=0.3), ax.legend(fontsize=7, loc="lower right")
+    fig.tight_layout(), fig.savefig(path, dpi=120), plt.close(fig)
