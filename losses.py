@@ -6,6 +6,7 @@ Each is a function of the last training forward pass of a `trie.JulietNet` (its 
     logits = net(x)
     loss = (F.cross_entropy(logits, y) + w_exit * exit_loss(net, y)
             + w_route * route_loss(net, logits, y, price=lambda_c) + w_bal * balance_loss(net))
+    loss = juliet_loss(net, logits, y)  # the same, with the training script's default weights
 
   route_loss    ours: stop decisions as cost-sensitive classification at a price lambda_c of compute --
                 the per-sample twin of §6.2's L = (1 - acc) + lambda c
@@ -64,11 +65,11 @@ def exit_loss(net, y: torch.Tensor) -> torch.Tensor:
     every stop child's classifier (GAP, adapter, head) on all samples that reached its parent, whether
     they stopped there or not, averaged over exits. A stop decision is only as good as the exit it
     stops at; in full-depth training every exit learns from every sample."""
-    terms = [F.cross_entropy(net.head(net.adapt(pooled)), y[idx]) for _, idx, pooled, _ in net.exits]
+    terms = [F.cross_entropy(exit_logits, y[idx]) for _, idx, exit_logits, _ in net.exits]
     return torch.stack(terms).mean() if terms else torch.zeros((), device=y.device)
 
 
-def route_loss(net, logits: torch.Tensor, y: torch.Tensor, price: float = 0.1) -> torch.Tensor:
+def route_loss(net, logits: torch.Tensor, y: torch.Tensor, price: float = 0.05) -> torch.Tensor:
     """Stop decisions as cost-sensitive classification (ours): the per-sample twin of §6.2's L = (1 - acc) + lambda c.
 
     Along a sample's path, stopping at node k costs e_k + price C_k: e_k = 1 if exit k is wrong (0-1, as
@@ -79,8 +80,8 @@ def route_loss(net, logits: torch.Tensor, y: torch.Tensor, price: float = 0.1) -
     g < 0. Its minimiser is P_stop = E[g+] / (E[g+] + E[g-]) among samples that look alike, so top-1
     (P_stop > 1/2 with one stage child) stops exactly where stopping lowers the expected cost, and P_stop
     stays graded: a threshold t on it is the compute knob. Easy samples learn to stop early, hard ones
-    to go deep. `price` is lambda in accuracy per backbone-worth of MACs (0.1: one point of top-1 weighs
-    as much as 10% of the static compute, sweep.py's default).
+    to go deep. `price` is lambda in accuracy per backbone-worth of MACs (0.05: one point of top-1 weighs
+    as much as 20% of the static compute).
 
     Full-depth training knows every e_k of every sample. In routed training (the paper's) a sample that
     stopped has no continuation: its gain there is 0, so a sample sent out early is never called back.
@@ -91,8 +92,8 @@ def route_loss(net, logits: torch.Tensor, y: torch.Tensor, price: float = 0.1) -
     with torch.no_grad():
         err, p_stop = torch.zeros(B, D, device=logits.device), torch.zeros(B, D, device=logits.device)
         seen = torch.zeros(B, D, dtype=torch.bool, device=logits.device)
-        for node, idx, pooled, P in net.exits:  # (B_n,), (B_n, C), (B_n, K) with the stop child last
-            err[idx, node.depth] = (net.head(net.adapt(pooled)).argmax(-1) != y[idx]).float()
+        for node, idx, exit_logits, P in net.exits:  # (B_n,), (B_n, classes), (B_n, K) with the stop child last
+            err[idx, node.depth] = (exit_logits.argmax(-1) != y[idx]).float()
             p_stop[idx, node.depth], seen[idx, node.depth] = P[:, -1].float(), True
         V = (logits.argmax(-1) != y).float() + cost[net.leaf_depth]  # (B,) the leaf that ran
         gain = torch.zeros(B, D, device=logits.device)
@@ -118,3 +119,19 @@ def balance_loss(net) -> torch.Tensor:
             f = (P[:, :M] / P[:, :M].sum(1, keepdim=True)).mean(0)  # (M,) the siblings' shares
             terms.append(M * (f - 1.0 / M).pow(2).sum())
     return torch.stack(terms).mean() if terms else torch.zeros((), device=net.root.alpha.device)
+
+
+def juliet_loss(net, logits: torch.Tensor, y: torch.Tensor, exit_weight: float = 1.0, route_weight: float = 1.0,
+                price: float = 0.05, cost_weight: float = 0.0, balance_weight: float = 0.0) -> torch.Tensor:
+    """The training objective of a Juliet step: the task loss plus each routing loss that has a weight
+    (defaults: the training script's recipe; `exit_weight=route_weight=0` is the paper's task loss alone)."""
+    loss = F.cross_entropy(logits, y)
+    if exit_weight:  # deep supervision of the early exits
+        loss = loss + exit_weight * exit_loss(net, y)
+    if route_weight:  # stop decisions on the expected loss of their policy, at a price of compute
+        loss = loss + route_weight * route_loss(net, logits, y, price=price)
+    if cost_weight:  # compute-aware straight-through routing
+        loss = loss + cost_weight * cost_loss(net)
+    if balance_weight:  # §2.2 load balancing of sibling stage children
+        loss = loss + balance_weight * balance_loss(net)
+    return loss

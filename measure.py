@@ -130,10 +130,10 @@ def dummy_path(net, input_size=32) -> str:
 def _path_module(net, leaf_id):
     """An nn.Module running exactly the path root..leaf_id of `net` (shared modules, no copies): each stage
     sub-module, the selector of every node with >1 kid on its output (logits discarded: the path is fixed),
-    GAP, the leaf's adapter and the head -- what trie.JulietNet._route runs for a sample ending there."""
+    with the exit (GAP, adapter, head) it reads where `exit_confidence` is on, then GAP, the leaf's adapter
+    and the head -- what trie.JulietNet._route runs for a sample ending there."""
     nn = torch.nn
     path = net.path(leaf_id)
-    channels = str(net.backbone.stages[path[-1].depth].channels)
 
     class Path(nn.Module):
         def __init__(self):
@@ -142,15 +142,22 @@ def _path_module(net, leaf_id):
             routed = {str(i): n for i, n in enumerate(path) if len(n.choices) > 1}
             self.selectors = nn.ModuleDict({i: n.selector for i, n in routed.items()})
             self.routing = {i: (net.signatures(n), "stop" in n.child) for i, n in routed.items()}
-            self.adapter = net.adapters[channels] if channels in net.adapters else nn.Identity()
+            self.reads_exit = {i for i, n in routed.items() if "stop" in n.child and net.options["exit_confidence"]}
+            self.adapters = net.adapters  # by channel count, as JulietNet.adapt picks them
             self.head = net.head
+
+        def exit(self, x):  # GAP, adapter, head: (B, C, H, W) -> (B, num_classes)
+            pooled = x.mean((2, 3))  # (B, C)
+            key = str(pooled.shape[1])
+            return self.head(self.adapters[key](pooled) if key in self.adapters else pooled)
 
         def forward(self, x):
             for i, sub in enumerate(self.subs):
                 x = sub(x)  # (B, C_i, H_i, W_i)
                 if str(i) in self.selectors:
-                    self.selectors[str(i)](x, *self.routing[str(i)])  # (B, K)
-            return self.head(self.adapter(x.mean((2, 3))))  # (B, num_classes)
+                    read = self.exit(x) if str(i) in self.reads_exit else None
+                    self.selectors[str(i)](x, *self.routing[str(i)], read)  # (B, K)
+            return self.exit(x)  # (B, num_classes)
 
     return Path()
 
@@ -167,8 +174,9 @@ def path_macs_table(net, input_size=32) -> dict[str, float]:
 
 def node_macs(net, input_size=32) -> dict[str, dict[str, float]]:
     """MACs of each stage node's parts on one dummy sample: its stage sub-module, its selector (0 without
-    one) and its exit (adapter + head on the pooled features). A path costs the stage and selector MACs of
-    its nodes plus the one exit it ends at, which is what `path_macs` counts (tested)."""
+    one; with the exit it reads under `exit_confidence`) and its exit (adapter + head on the pooled features).
+    A path costs the stage and selector MACs of its nodes plus the one exit it ends at, which is what
+    `path_macs` counts (tested)."""
     out = {}
 
     def rec(node, x):
@@ -176,9 +184,14 @@ def node_macs(net, input_size=32) -> dict[str, dict[str, float]]:
         pooled = f.mean((2, 3))  # (1, C)
         adapter = net.adapters[str(f.shape[1])] if str(f.shape[1]) in net.adapters else None
         exit_macs = _thop(net.head, adapter(pooled) if adapter else pooled)[0]
-        selector = _thop(node.selector, f, net.signatures(node), "stop" in node.child)[0] if node.selector else 0.0
-        out[node.node_id] = {"stage": _thop(node.sub, x)[0], "selector": selector,
-                             "exit": exit_macs + (_thop(adapter, pooled)[0] if adapter else 0.0)}
+        exit_macs += _thop(adapter, pooled)[0] if adapter else 0.0
+        selector = 0.0
+        if node.selector is not None:
+            reads = "stop" in node.child and net.options["exit_confidence"]
+            read = net.head(adapter(pooled) if adapter else pooled) if reads else None
+            selector = _thop(node.selector, f, net.signatures(node), "stop" in node.child, read)[0]
+            selector += exit_macs if reads else 0.0
+        out[node.node_id] = {"stage": _thop(node.sub, x)[0], "selector": selector, "exit": exit_macs}
         for kid in node.stage_children:
             rec(kid, f)
 

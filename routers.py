@@ -1,16 +1,24 @@
 """Path selectors: score a node's candidate children from the node's features (paper §3.1.2, §4.1, §5.3).
 
-Every selector has one interface, `selector(f, signatures, stop) -> logits (B, K)`:
+Every selector has one interface, `selector(f, signatures, stop, exit_logits=None) -> logits (B, K)`:
 
-  f           (B, C, H, W)   the node's post-sub-module activations
-  signatures  (K_s, S)       one weight signature per stage child: the mean of its last conv's weights
-                             over (C_in, kH, kW), detached -- "a compact weight signature from the
-                             child's sub-module (e.g., averaging a representative convolution's weights)"
-  stop        bool           whether the node has a stop child (trie.py); it gets a learned token
+  f            (B, C, H, W)   the node's post-sub-module activations
+  signatures   (K_s, S)       one weight signature per stage child: the mean of its last conv's weights
+                              over (C_in, kH, kW), detached -- "a compact weight signature from the
+                              child's sub-module (e.g., averaging a representative convolution's weights)"
+  stop         bool           whether the node has a stop child (trie.py); it gets a learned token
+  exit_logits  (B, classes)   the prediction a sample would leave with if it stopped here (optional)
 
 The stop child's logit also gets a learned offset, `stop_bias`. Initialised negative, it makes a new
 trie behave like its backbone (every sample runs every stage, so every stage gets trained) and lets
 exits be learned, rather than letting an untrained selector send whole batches to a stop leaf.
+
+Exit confidence (ours; README "Paper notes and deviations"). Whether to stop is whether the exit is
+already right, and the best-known witness of that is the exit's own confidence (Shallow-Deep Networks,
+MSDNet). The paper's feature token cannot see it: its LayerNorm removes the scale of GAP(f), and with it
+the size of the exit's logits. With `exit_confidence`, the stop logit adds a learned linear function
+(zero at initialisation: the paper's selector) of the exit's max softmax, top-2 margin and normalised
+entropy, so a learned stop is never worse informed than a confidence threshold.
 
 Each child becomes a *branch token* (LayerNorm + Linear of its signature, or the stop token), so a
 selector handles any number of children, and a child grown later (Alg. 2) is scored from the first
@@ -29,20 +37,37 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 
-class Selector(nn.Module):
-    """Shared part: branch tokens from child weight signatures plus a learned stop token."""
+def confidence_features(exit_logits: torch.Tensor) -> torch.Tensor:
+    """(B, classes) -> (B, 3): max softmax, top-2 margin and entropy / log(classes) of an exit's prediction."""
+    p = exit_logits.float().softmax(-1)  # (B, classes)
+    top2 = p.topk(min(2, p.shape[1]), dim=-1).values  # (B, 2)
+    entropy = -(p * p.clamp_min(1e-12).log()).sum(-1) / math.log(max(2, p.shape[1]))  # (B,)
+    return torch.stack([top2[:, 0], top2[:, 0] - top2[:, -1], entropy], -1)
 
-    def __init__(self, channels: int, sig_dim: int, d_model: int, stop_bias: float = 0.0):
+
+class Selector(nn.Module):
+    """Shared part: branch tokens from child weight signatures, a learned stop token, the stop logit's offset
+    and, with `exit_confidence`, its read of the exit's confidence."""
+
+    def __init__(self, channels: int, sig_dim: int, d_model: int, stop_bias: float = 0.0,
+                 exit_confidence: bool = False):
         super().__init__()
         self.d_model = d_model
         self.sig_proj = nn.Sequential(nn.LayerNorm(sig_dim), nn.Linear(sig_dim, d_model))
         self.stop_token = nn.Parameter(0.02 * torch.randn(d_model))
         self.stop_bias = nn.Parameter(torch.tensor(float(stop_bias)))
+        self.confidence = nn.Linear(3, 1) if exit_confidence else None
+        if self.confidence is not None:  # zero: a new selector is the paper's
+            nn.init.zeros_(self.confidence.weight), nn.init.zeros_(self.confidence.bias)
 
-    def forward(self, f: torch.Tensor, signatures: torch.Tensor, stop: bool) -> torch.Tensor:
+    def forward(self, f: torch.Tensor, signatures: torch.Tensor, stop: bool,
+                exit_logits: torch.Tensor | None = None) -> torch.Tensor:
         logits = self.logits(f, signatures, stop)  # (B, K)
         if stop:  # the stop child is last
-            logits = torch.cat([logits[:, :-1], logits[:, -1:] + self.stop_bias], 1)
+            offset = self.stop_bias
+            if self.confidence is not None and exit_logits is not None:
+                offset = offset + self.confidence(confidence_features(exit_logits)).to(logits.dtype)  # (B, 1)
+            logits = torch.cat([logits[:, :-1], logits[:, -1:] + offset], 1)
         return logits
 
     def branch_tokens(self, signatures: torch.Tensor, stop: bool) -> torch.Tensor:
@@ -59,8 +84,9 @@ class Selector(nn.Module):
 class TransformerSelector(Selector):
     """§4.1: a small TransformerEncoderLayer over [feature token || branch tokens]."""
 
-    def __init__(self, channels: int, sig_dim: int, d_model: int = 64, n_head: int = 4, stop_bias: float = 0.0):
-        super().__init__(channels, sig_dim, d_model, stop_bias)
+    def __init__(self, channels: int, sig_dim: int, d_model: int = 64, n_head: int = 4, stop_bias: float = 0.0,
+                 exit_confidence: bool = False):
+        super().__init__(channels, sig_dim, d_model, stop_bias, exit_confidence)
         self.feature = nn.Sequential(nn.LayerNorm(channels), nn.Linear(channels, d_model))
         # dropout=0: routing is a discrete decision, and noise in it would make top-1 non-deterministic.
         self.encoder = nn.TransformerEncoderLayer(
@@ -79,8 +105,9 @@ class TransformerSelector(Selector):
 class MLPSelector(Selector):
     """§5.3 ablation: 2-layer MLP on GAP(f), scored against the branch tokens."""
 
-    def __init__(self, channels: int, sig_dim: int, d_model: int = 64, n_head: int = 4, stop_bias: float = 0.0):
-        super().__init__(channels, sig_dim, d_model, stop_bias)
+    def __init__(self, channels: int, sig_dim: int, d_model: int = 64, n_head: int = 4, stop_bias: float = 0.0,
+                 exit_confidence: bool = False):
+        super().__init__(channels, sig_dim, d_model, stop_bias, exit_confidence)
         self.mlp = nn.Sequential(
             nn.LayerNorm(channels), nn.Linear(channels, d_model), nn.ReLU(), nn.Linear(d_model, d_model)
         )
@@ -92,8 +119,9 @@ class MLPSelector(Selector):
 class ConvSelector(Selector):
     """§5.3 ablation: depthwise 3x3 conv + GAP, scored against the branch tokens."""
 
-    def __init__(self, channels: int, sig_dim: int, d_model: int = 64, n_head: int = 4, stop_bias: float = 0.0):
-        super().__init__(channels, sig_dim, d_model, stop_bias)
+    def __init__(self, channels: int, sig_dim: int, d_model: int = 64, n_head: int = 4, stop_bias: float = 0.0,
+                 exit_confidence: bool = False):
+        super().__init__(channels, sig_dim, d_model, stop_bias, exit_confidence)
         self.dw = nn.Conv2d(channels, channels, 3, padding=1, groups=channels)
         self.proj = nn.Sequential(nn.LayerNorm(channels), nn.Linear(channels, d_model))
 
@@ -106,7 +134,7 @@ SELECTORS = {"transformer": TransformerSelector, "mlp": MLPSelector, "conv": Con
 
 
 def make_selector(name: str, channels: int, sig_dim: int, d_model: int = 64, n_head: int = 4,
-                  stop_bias: float = 0.0) -> Selector:
+                  stop_bias: float = 0.0, exit_confidence: bool = False) -> Selector:
     if name not in SELECTORS:
         raise ValueError(f"unknown selector {name!r}; choose one of: {', '.join(SELECTORS)}")
-    return SELECTORS[name](channels, sig_dim, d_model, n_head, stop_bias)
+    return SELECTORS[name](channels, sig_dim, d_model, n_head, stop_bias, exit_confidence)

@@ -57,8 +57,8 @@ def exit_table(net, loader, device, input_size=32, max_batches=None, quiet=False
                  (("p_stop", float("nan"), torch.float), ("p_stage", float("nan"), torch.float),
                   ("conf", float("nan"), torch.float), ("correct", False, torch.bool), ("node", -1, torch.long),
                   ("leaf", False, torch.bool))}
-            for node, idx, pooled, P in net.exits:  # (B_n,), (B_n, C), (B_n, K) with the stop child last
-                conf, pred = net.head(net.adapt(pooled)).float().softmax(-1).max(-1)  # the exit's prediction
+            for node, idx, exit_logits, P in net.exits:  # (B_n,), (B_n, classes), (B_n, K) with the stop child last
+                conf, pred = exit_logits.float().softmax(-1).max(-1)  # the exit's prediction
                 i, d = idx.cpu(), node.depth
                 t["p_stop"][i, d], t["p_stage"][i, d] = P[:, -1].cpu(), P[:, :-1].max(-1).values.cpu()
                 t["conf"][i, d], t["correct"][i, d] = conf.cpu(), (pred == y[idx]).cpu()

@@ -122,12 +122,13 @@ def test_straight_through_gate_is_exactly_one_in_the_forward_pass(r18):
     x = varied_batch(8, torch.Generator().manual_seed(123))
     with torch.no_grad():
         logits, paths = net(x, return_paths=True)
-        chain = net.path(paths[0])
-        assert chain[-1].depth > 0 and chain[0] is net.root
-        h = x[:1]
+        i = next(i for i, p in enumerate(paths) if net.node(p).depth > 0)  # a sample that went past the stem
+        chain = net.path(paths[i])
+        assert chain[0] is net.root
+        h = x[i:i + 1]
         for node in chain:
             h = node.sub(h)
-        torch.testing.assert_close(net.head(net.adapt(h.mean((2, 3))))[0], logits[0], rtol=0, atol=1e-5)
+        torch.testing.assert_close(net.head(net.adapt(h.mean((2, 3))))[0], logits[i], rtol=0, atol=1e-5)
 
 
 def test_gumbel_policy_is_top1_at_eval(r18):
@@ -206,7 +207,7 @@ def test_route_loss_is_the_gain_of_stopping_under_the_current_policy(r18):
     cost = [price * sum(macs[:d + 1]) / sum(macs) for d in range(len(macs))]
     with torch.no_grad():
         exits = sorted(net.exits, key=lambda e: e[0].depth)  # one per depth 0..3, every sample in each
-        err = [(net.head(net.adapt(pooled)).argmax(-1) != y).float() for _, _, pooled, _ in exits]
+        err = [(exit_logits.argmax(-1) != y).float() for _, _, exit_logits, _ in exits]
         p_stop = [P[:, -1] for *_, P in exits]
         for n in range(len(y)):
             V = float(logits[n].argmax() != y[n]) + cost[-1]
@@ -508,3 +509,14 @@ def test_layout_one_way_imports_short_files_and_a_repo_that_stands_alone():
         text = open(os.path.join(REPO, f)).read()
         for ref in ("DES" "IGN", "STY" "LE", "../sha" "red"):  # split: `grep -rn` over the repo finds none
             assert ref not in text, f"{f} cites {ref}, which a clone of the repo does not have"
+
+
+def test_signatures_are_cached_until_the_weights_change(r18):
+    net = grown_trie(r18)
+    s0 = net.signatures(net.root)
+    assert net.signatures(net.root) is s0  # same weights: no second read of the children's convs
+    train_step(net, torch.optim.SGD(net.parameters(), lr=0.5), torch.randn(8, 3, 32, 32), torch.randint(0, 10, (8,)))
+    s1 = net.signatures(net.root)
+    name = r18.stages[1].sig_name
+    want = torch.stack([k.sub.get_submodule(name).weight.detach().mean((1, 2, 3)) for k in net.root.stage_children])
+    assert s1 is not s0 and torch.equal(s1, want) and not torch.equal(s0, want)

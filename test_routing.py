@@ -1,6 +1,6 @@
 """Routing claims: the compute knob, the exit table and its baselines, the collapse warning, the demo set.
 
-No script and no optuna: trie.py, losses.py, routing.py and data.py only.
+No script and no optuna: trie.py, routers.py, losses.py, routing.py and data.py only.
 """
 
 import pytest
@@ -10,6 +10,8 @@ from torch.utils.data import DataLoader, TensorDataset
 import data
 import routing
 from conftest import grown_trie, routed_trie, varied_batch
+from losses import route_loss
+from routers import confidence_features
 from trie import STOP, JulietNet
 
 
@@ -125,3 +127,31 @@ def test_demo_set_labels_groups_and_honours_its_parameters():
     assert set(a.group) <= {"easy", "hard"} and a.group.count("hard") == int(a.hard.sum())
     small = data.SyntheticImages(20, seed=1, size=16)
     assert small.data.shape == (20, 16, 16, 3)
+
+
+def test_exit_confidence_starts_as_the_papers_selector_and_learns_from_route_loss(r18):
+    """The stop logit's read of the exit's confidence is zero at initialisation (the paper's selector), its
+    features are what they claim, and route_loss trains it."""
+    sure, unsure = torch.tensor([[20.0, 0, 0, 0]]), torch.zeros(1, 4)
+    assert torch.allclose(confidence_features(sure), torch.tensor([[1.0, 1.0, 0.0]]), atol=1e-6)
+    assert torch.allclose(confidence_features(unsure), torch.tensor([[0.25, 0.0, 1.0]]), atol=1e-6)
+    net = grown_trie(r18)
+    assert net.options["exit_confidence"]  # on by default
+    sel, gen = net.root.selector, torch.Generator().manual_seed(0)
+    f, sig = torch.randn(6, 64, 8, 8, generator=gen), net.signatures(net.root)
+    exit_logits = 5 * torch.randn(6, 10, generator=gen)
+    with torch.no_grad():
+        assert torch.equal(sel(f, sig, True, exit_logits), sel(f, sig, True))
+        sel.confidence.weight.copy_(torch.tensor([[2.0, 0.0, 0.0]]))
+        moved = sel(f, sig, True, exit_logits) - sel(f, sig, True)  # (B, K): only the stop logit moves
+        assert torch.equal(moved[:, :-1], torch.zeros(6, moved.shape[1] - 1))
+        assert torch.allclose(moved[:, -1], 2 * exit_logits.softmax(-1).max(-1).values)
+    net.zero_grad()
+    x, y = varied_batch(16, gen), torch.randint(0, 10, (16,), generator=gen)
+    net.train()
+    logits = net(x)
+    route_loss(net, logits, y).backward()
+    assert all(n.selector.confidence.weight.grad.abs().sum() > 0 for n, *_ in net.exits)
+    paper = JulietNet(r18, exit_confidence=False)
+    assert paper.root.selector is None or paper.root.selector.confidence is None
+    assert grown_trie(r18, exit_confidence=False).root.selector.confidence is None

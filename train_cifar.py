@@ -34,7 +34,7 @@ import routing
 import runs
 from backbones import BACKBONES, make_backbone, static_model
 from grow_prune import MODES, GrowPruneConfig, end_epoch, grow
-from losses import balance_loss, cost_loss, exit_loss, freeze_selectors, route_loss
+from losses import freeze_selectors, juliet_loss
 from routers import SELECTORS
 from runs import NonFiniteLoss, UsageError
 from trie import POLICIES, TRAIN_DEPTHS, JulietNet, gumbel_tau
@@ -48,7 +48,8 @@ def build_model(args, num_classes: int):
     try:  # the library names the bad parameter in a ValueError: one line for the user
         return JulietNet(make_backbone(args.backbone, num_classes), selector=args.selector, policy=args.policy,
                          prebuild=args.prebuild, stop=not args.no_stop, stop_bias=args.stop_bias,
-                         d_model=args.d_model, n_head=args.n_head, beta=args.ema_beta, train_depth=args.train_depth)
+                         d_model=args.d_model, n_head=args.n_head, beta=args.ema_beta, train_depth=args.train_depth,
+                         exit_confidence=not args.no_exit_confidence)
     except ValueError as e:
         raise UsageError(str(e)) from None
 
@@ -145,15 +146,9 @@ def train_one_epoch(model, loader, opt, scaler, args, progress: dict) -> dict:
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
         with torch.autocast(device.type, enabled=args.amp):
             logits = model(x)
-            loss = F.cross_entropy(logits, y)
-            if juliet and args.exit_weight:  # deep supervision of the early exits
-                loss = loss + args.exit_weight * exit_loss(model, y)
-            if juliet and args.route_weight:  # stop decisions on the expected loss of their policy, at a price
-                loss = loss + args.route_weight * route_loss(model, logits, y, price=args.cost_weight)
-            if juliet and args.expected_cost_weight:  # compute-aware straight-through routing
-                loss = loss + args.expected_cost_weight * cost_loss(model)
-            if juliet and args.balance_weight:  # §2.2 load balancing
-                loss = loss + args.balance_weight * balance_loss(model)
+            loss = F.cross_entropy(logits, y) if not juliet else juliet_loss(
+                model, logits, y, args.exit_weight, args.route_weight, args.cost_weight, args.expected_cost_weight,
+                args.balance_weight)
         if not torch.isfinite(loss):
             raise NonFiniteLoss(f"loss is {loss.item()} at epoch {progress['epoch']}, step {progress['step'] + 1}")
         opt.zero_grad(set_to_none=True)
@@ -390,18 +385,21 @@ def build_parser(description: str) -> argparse.ArgumentParser:
     g.add_argument("--train-depth", default="full", choices=TRAIN_DEPTHS,
                    help="full: training samples run to a leaf whatever they decide, so every exit and the rest "
                         "of the path are known (ours); routed: they stop where top-1 sends them (the paper)")
-    g.add_argument("--route-weight", type=float, default=1.0,
-                   help="weight of route_loss, the expected loss of the stopping policy (ours; losses.py)")
-    g.add_argument("--cost-weight", type=float, default=0.1,
-                   help="lambda_c: price of compute in route_loss, nats per backbone-worth of MACs (twin of §6.2)")
-    g.add_argument("--exit-weight", type=float, default=1.0,
+    g.add_argument("--route-weight", type=runs.nonneg_float, default=1.0,
+                   help="weight of route_loss: stop decisions as cost-sensitive classification (ours; losses.py)")
+    g.add_argument("--cost-weight", type=runs.nonneg_float, default=0.05,
+                   help="lambda_c: route_loss's price of compute, top-1 per backbone-worth of MACs (twin of §6.2)")
+    g.add_argument("--exit-weight", type=runs.nonneg_float, default=1.0,
                    help="weight of the deep supervision of every exit (ours; losses.exit_loss)")
+    g.add_argument("--no-exit-confidence", action="store_true",
+                   help="stop logits do not read the exit's confidence (the paper's selector input; routers.py)")
     g.add_argument("--stop-bias", type=float, default=0.0,
                    help="initial stop-logit offset (negative: a new trie starts at full depth)")
-    g.add_argument("--route-warmup", type=int, default=0, help="epochs with frozen selectors (ours)")
-    g.add_argument("--expected-cost-weight", type=float, default=0.0,
+    g.add_argument("--route-warmup", type=runs.nonneg, default=0, help="epochs with frozen selectors (ours)")
+    g.add_argument("--expected-cost-weight", type=runs.nonneg_float, default=0.0,
                    help="weight of cost_loss, the expected stage cost under P (compute-aware straight-through)")
-    g.add_argument("--balance-weight", type=float, default=0.0, help="weight of the §2.2 load-balancing loss")
+    g.add_argument("--balance-weight", type=runs.nonneg_float, default=0.0,
+                   help="weight of the §2.2 load-balancing loss over sibling stage children")
     g = p.add_argument_group("growth and pruning (§3.1.1, Alg. 2-3)")
     g.add_argument("--grow-prune", default="both", choices=MODES, help="§5.3 ablation modes")
     g.add_argument("--grow-threshold", type=runs.unit_interval, default=0.4,

@@ -36,7 +36,9 @@ on L2-normalised GAP features so that sigma^2 lies in [0, 1].
     logits = net(x, stop_threshold=0.8)             # the compute knob: stop where P_stop >= 0.8
 
 A training forward records what the routing losses (losses.py) read: each decision's P (`decisions`),
-each exit's pooled features and P (`exits`), the depth of each sample's leaf (`leaf_depth`).
+each exit's logits and P (`exits`), the depth of each sample's leaf (`leaf_depth`). With `exit_confidence`
+(ours, routers.py), a node with a stop child computes its exit's logits before deciding, and its selector
+reads their confidence.
 """
 
 import collections
@@ -131,18 +133,20 @@ class JulietNet(nn.Module):
     stop_bias initial offset of the stop child's logit (routers.py); negative: start at full depth
     beta      EMA decay of alpha and sigma^2 (Alg. 1 uses lambda = 1 - beta)
     train_depth "full" (ours: training samples run to a leaf whatever they decide) or "routed" (the paper)
+    exit_confidence  stop decisions also read the exit's confidence (ours; routers.py); False: the paper's
     init_from a static model of the same backbone whose weights seed the prebuilt chain
     """
 
     def __init__(self, backbone, selector: str = "transformer", policy: str = "top1", prebuild: int | None = None,
                  stop: bool = True, stop_bias: float = 0.0, d_model: int = 64, n_head: int = 4,
-                 beta: float = 0.99, train_depth: str = "full", init_from: nn.Module | None = None):
+                 beta: float = 0.99, train_depth: str = "full", exit_confidence: bool = True,
+                 init_from: nn.Module | None = None):
         super().__init__()
         prebuild = len(backbone.stages) if prebuild is None else prebuild
         check_options(backbone, selector, policy, train_depth, prebuild, beta, d_model, n_head)
         self.backbone = backbone
         self.options = dict(selector=selector, policy=policy, stop=stop, stop_bias=stop_bias, d_model=d_model,
-                            n_head=n_head, beta=beta, train_depth=train_depth)
+                            n_head=n_head, beta=beta, train_depth=train_depth, exit_confidence=exit_confidence)
         self.tau = 1.0  # Gumbel temperature; the training loop anneals it (gumbel_tau)
         stages, self.head = backbone.initial(init_from)
         self.adapters = nn.ModuleDict()
@@ -157,10 +161,11 @@ class JulietNet(nn.Module):
         self.ran_leaf_counts: dict[str, int] = {}  # leaves whose paths actually ran (differ in full-depth training)
         self.leaf_depth = torch.zeros(0, dtype=torch.long)  # (B,) depth of each sample's leaf that ran
         self.decisions = []  # (node, P) of the last training forward, for the auxiliary losses
-        self.exits = []  # (node, sample indices, pooled features, P) at nodes with a stop child
+        self.exits = []  # (node, sample indices, exit logits, P) at nodes with a stop child
         self.record_exits = False  # record exits in eval too (routing.exit_table)
         self.last_input = (0, (32, 32))  # (batch size, (H, W)) of the last forward
         self.stage_macs_cache = {}  # {(H, W): MACs of each stage}, for cost_loss and route_loss
+        self.signature_cache = {}  # {node id: (weights' versions, signatures)}
 
     # --------------------------------------------------------------------- structure
 
@@ -221,7 +226,8 @@ class JulietNet(nn.Module):
         if parent.selector is None and len(parent.choices) > 1:
             o = self.options
             in_ch, sig_dim = self.backbone.stages[parent.depth].channels, stage.sig_dim
-            selector = make_selector(o["selector"], in_ch, sig_dim, o["d_model"], o["n_head"], o["stop_bias"])
+            selector = make_selector(o["selector"], in_ch, sig_dim, o["d_model"], o["n_head"], o["stop_bias"],
+                                     o["exit_confidence"])
             parent.selector = selector.to(device)
         return child
 
@@ -251,7 +257,7 @@ class JulietNet(nn.Module):
         if (backbone.name, backbone.num_classes) != (s["backbone"], s["num_classes"]):
             raise ValueError(f"the structure is of {s['backbone']} with {s['num_classes']} classes, "
                              f"the backbone {backbone.name} with {backbone.num_classes}")
-        net = cls(backbone, prebuild=1, **s["options"])
+        net = cls(backbone, prebuild=1, **{"exit_confidence": False, **s["options"]})  # older: no such option
         templates, _ = backbone.initial()  # one constructor call; load_state_dict overwrites the weights
         for c in s["adapters"]:  # first, in their original order, so net.parameters() keeps its order
             net.ensure_adapter(c)
@@ -311,16 +317,23 @@ class JulietNet(nn.Module):
             z = self.adapt(f.mean((2, 3)))  # (B_n, W)
             leaves.append((node.node_id, idx, z * gate[:, None].to(z.dtype), alive))
             return
+        record = has_stop and (self.training or self.record_exits)  # this node's exit, for the losses and tables
+        exit_logits = None  # what a sample stopping here leaves with: (B_n, classes)
+        if record or (has_stop and len(choices) > 1 and self.options["exit_confidence"]):
+            exit_logits = self.head(self.adapt(f.mean((2, 3))))
+        read = None if exit_logits is None else exit_logits.detach()  # routing must not bend the exit's answer
         if len(choices) == 1:
             choice = None
         elif not (self.training or torch.is_grad_enabled() or self.record_exits or t is not None):
-            choice = node.selector(f, self.signatures(node), has_stop).argmax(-1)  # inference top-1: (B_n,)
+            choice = node.selector(f, self.signatures(node), has_stop, read).argmax(-1)  # top-1: (B_n,)
         else:
-            logits = node.selector(f, self.signatures(node), has_stop)  # (B_n, K)
-            choice, top1, q, P = self._choose(logits, has_stop, t)  # (B_n,) x 3, (B_n, K)
+            logits = node.selector(f, self.signatures(node), has_stop, read)  # (B_n, K)
+            tau = self.tau if self.training and self.options["policy"] == "gumbel" else None
+            full = self.training and self.options["train_depth"] == "full"
+            choice, top1, q, P = choose(logits, has_stop, t, tau, full)  # (B_n,) x 3, (B_n, K)
             gate = gate * (1.0 + (q - q.detach()))  # straight-through: exactly 1 forward, dP_i* backward
-            if has_stop and (self.training or self.record_exits):  # this node's exit, for the losses and tables
-                self.exits.append((node, idx, f.mean((2, 3)), P))  # (B_n,), (B_n, C), (B_n, K): stop last
+            if record:
+                self.exits.append((node, idx, exit_logits, P))  # (B_n,), (B_n, classes), (B_n, K): stop last
             if self.training:
                 self.decisions.append((node, P))
                 update_alpha(choices, top1, alive, self.options["beta"])
@@ -349,34 +362,40 @@ class JulietNet(nn.Module):
         return self.adapters[key](pooled) if key in self.adapters else pooled
 
     def signatures(self, node: TrieNode) -> torch.Tensor:
-        """Weight signature of each stage child: its last conv's weights averaged to (C_out,) (§4.1)."""
+        """Weight signature of each stage child: its last conv's weights averaged to (C_out,) (§4.1). Kept
+        while the weights keep their version (no optimizer step, no load): reading layer4's 2.4 M weights
+        for every batch would cost an inference pass more than the selector itself."""
         name = self.backbone.stages[node.depth + 1].sig_name
-        ws = [k.sub.get_submodule(name).weight.detach() for k in node.stage_children]
-        return torch.stack([w.float().mean((1, 2, 3)) for w in ws])  # (K_s, S)
+        ws = [k.sub.get_submodule(name).weight for k in node.stage_children]
+        key = tuple((id(w), w._version) for w in ws)
+        if self.signature_cache.get(node.node_id, (None,))[0] != key:
+            sig = torch.stack([w.detach().float().mean((1, 2, 3)) for w in ws])  # (K_s, S)
+            self.signature_cache[node.node_id] = (key, sig)
+        return self.signature_cache[node.node_id][1]
 
-    def _choose(self, logits: torch.Tensor, has_stop: bool, t: float | None):
-        """(child that runs, top-1 child, its gate value q, P) for one routing node's sub-batch.
 
-        Top-1 (Alg. 1 line 5) or, in training with policy "gumbel", a hard Gumbel-softmax sample. P_stop
-        and the stage children given "continue" factorise P exactly: P_j = (1 - P_stop) softmax(stage)_j.
-        In full-depth training the choice runs over the stage children only; with a threshold t, a sample
-        stops where P_stop >= t and otherwise takes its best stage child.
-        """
-        P = logits.float().softmax(-1)  # Eq. 1: (B_n, K)
-        n_stage = P.shape[1] - has_stop
-        full = self.training and self.options["train_depth"] == "full"
-        scope = logits[:, :n_stage] if (full or t is not None) else logits  # the choices that may run
-        if self.training and self.options["policy"] == "gumbel":
-            y = F.gumbel_softmax(scope.float(), tau=self.tau)  # (B_n, K') relaxed sample
-        else:
-            y = scope.float().softmax(-1)
-        choice = y.argmax(-1)  # (B_n,)
-        q = y.gather(1, choice[:, None]).squeeze(1)
-        top1 = P.argmax(-1)  # what Alg. 1 line 5 decides, whatever runs
-        if t is not None and has_stop:
-            choice = torch.where((P[:, -1] >= t) & (t < 1), n_stage, choice)
-            top1 = choice
-        return choice, top1, q, P
+def choose(logits: torch.Tensor, has_stop: bool, t: float | None, gumbel_tau: float | None, full: bool):
+    """(child that runs, top-1 child, its gate value q, P) for one routing node's sub-batch.
+
+    Top-1 (Alg. 1 line 5) or, in training with policy "gumbel" (`gumbel_tau` set), a hard Gumbel-softmax
+    sample. P_stop and the stage children given "continue" factorise P exactly: P_j = (1 - P_stop)
+    softmax(stage)_j. In full-depth training (`full`) the choice runs over the stage children only; with a
+    threshold t, a sample stops where P_stop >= t and otherwise takes its best stage child.
+    """
+    P = logits.float().softmax(-1)  # Eq. 1: (B_n, K)
+    n_stage = P.shape[1] - has_stop
+    scope = logits[:, :n_stage] if (full or t is not None) else logits  # the choices that may run
+    if gumbel_tau is not None:
+        y = F.gumbel_softmax(scope.float(), tau=gumbel_tau)  # (B_n, K') relaxed sample
+    else:
+        y = scope.float().softmax(-1)
+    choice = y.argmax(-1)  # (B_n,)
+    q = y.gather(1, choice[:, None]).squeeze(1)
+    top1 = P.argmax(-1)  # what Alg. 1 line 5 decides, whatever runs
+    if t is not None and has_stop:
+        choice = torch.where((P[:, -1] >= t) & (t < 1), n_stage, choice)
+        top1 = choice
+    return choice, top1, q, P
 
 
 @torch.no_grad()
