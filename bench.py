@@ -1,7 +1,14 @@
 """Wall time and memory of static vs Juliet, one process, interleaved (paper §6.1, Table 5): `profile.py --bench`.
 
     benchmark("resnet18", batch=128, repeats=15)       # static vs a fresh chain with every selector running
-    benchmark("resnet18", run_dir="runs/demo/juliet")  # ... and a trained trie on its own test images
+    benchmark("resnet18", run_dir="runs/demo/juliet")  # ... a trained trie on its test images, and its oracle
+
+The oracle is what routing costs: the same samples grouped by the leaf the trained trie chose, each group
+run through its path's modules as plain sequential code -- no selectors, no partitioning, no bookkeeping,
+inputs split beforehand. juliet / oracle is the price of the routing design; oracle / static what the
+executed MACs can buy on this hardware. A train step is the default recipe's (task loss, exit_loss,
+route_loss; full-depth training runs each sample to the stage leaf it chose); the oracle's runs the same
+stage paths with the same exits, without the selectors and routing losses.
 
 Every number is a median over interleaved repeats (static, juliet, static, juliet, ...), so drift in the
 machine's load hits every model alike; ratios are against the static backbone timed in the same process.
@@ -23,31 +30,88 @@ import torch.nn.functional as F
 import measure
 from backbones import make_backbone, static_model
 from data import run_test_loader
+from losses import juliet_loss
 from runs import UsageError, load_run
-from trie import JulietNet
+from trie import STOP, JulietNet, run_sub
 
 # ----------------------------------------------------------------------------- one step and its memory
 
 
+def labels_for(model, x):
+    """Seeded random labels of the model's class count, one per sample of x."""
+    if isinstance(model, JulietNet):  # a static torchvision model ends with its classifier
+        classes = model.backbone.num_classes
+    else:
+        classes = [m for m in model.modules() if isinstance(m, torch.nn.Linear)][-1].out_features
+    return torch.randint(0, classes, (x.shape[0],), generator=torch.Generator().manual_seed(0)).to(x.device)
+
+
 def make_step(model, x, train):
-    """One training step (forward + CE + backward + Adam, Table 2's optimizer) or one no_grad inference batch."""
+    """One training step (forward + loss + backward + Adam, Table 2's optimizer) or one no_grad inference
+    batch. A Juliet step's loss is the default recipe's: task loss + exit_loss + route_loss."""
     if not train:
         def infer():
             model.eval()
             with torch.no_grad():
                 model(x)
         return infer, None
-    if hasattr(model, "backbone"):  # a JulietNet; a static torchvision model ends with its classifier
-        classes = model.backbone.num_classes
-    else:
-        classes = [m for m in model.modules() if isinstance(m, torch.nn.Linear)][-1].out_features
-    y = torch.randint(0, classes, (x.shape[0],), generator=torch.Generator().manual_seed(0))
-    y, opt = y.to(x.device), torch.optim.Adam(model.parameters(), lr=1e-3, weight_decay=1e-5)
+    y, opt = labels_for(model, x), torch.optim.Adam(model.parameters(), lr=1e-3, weight_decay=1e-5)
 
     def step():
         model.train()
         opt.zero_grad(set_to_none=True)
-        F.cross_entropy(model(x), y).backward()
+        logits = model(x)
+        loss = juliet_loss(model, logits, y) if isinstance(model, JulietNet) else F.cross_entropy(logits, y)
+        loss.backward()
+        opt.step()
+    return step, opt
+
+
+def leaf_groups(net, x, train: bool) -> dict[str, torch.Tensor]:
+    """{leaf: sample indices}: where a trained trie sends each sample of x (inference), or which stage leaf
+    each runs in a training step (full-depth training) -- measured on a copy, so no statistic moves."""
+    net = copy.deepcopy(net).train(train)
+    with torch.no_grad():
+        _, paths = net(x, return_paths=True)
+    return {leaf: torch.tensor([i for i, p in enumerate(paths) if p == leaf], device=x.device)
+            for leaf in sorted(set(paths))}
+
+
+def oracle_step(net, x, train):
+    """The oracle of `net` on x: each leaf's samples, split beforehand, through its path's stage modules as
+    plain sequential code, then GAP, adapter, head (and in training the exits the recipe supervises)."""
+    groups = leaf_groups(net, x, train)
+    y = labels_for(net, x)
+    parts = [(net.path(leaf.removesuffix("/" + STOP)) if leaf.endswith(STOP) else net.path(leaf),
+              x[i].contiguous(), y[i]) for leaf, i in groups.items()]
+    head = lambda h: net.head(net.adapt(h.mean((2, 3))))  # (B_g, C, H, W) -> (B_g, classes)
+
+    def infer():  # -> {leaf: logits of its samples}, for the equivalence test
+        net.eval()
+        out = {}
+        with torch.no_grad():
+            for leaf, (path, xg, _) in zip(groups, parts):
+                h = xg
+                for node in path:
+                    h = node.sub(h)
+                out[leaf] = head(h)
+        return out
+    if not train:
+        return infer, None
+    opt = torch.optim.Adam(net.parameters(), lr=1e-3, weight_decay=1e-5)
+
+    def step():
+        net.train()
+        opt.zero_grad(set_to_none=True)
+        loss = 0.0
+        for path, xg, yg in parts:
+            h = xg
+            for node in path:
+                h = run_sub(node.sub, h, True)
+                if STOP in node.child:  # the exit of deep supervision
+                    loss = loss + F.cross_entropy(head(h), yg, reduction="sum")
+            loss = loss + F.cross_entropy(head(h), yg, reduction="sum")
+        (loss / x.shape[0]).backward()
         opt.step()
     return step, opt
 
@@ -175,6 +239,12 @@ def benchmark(backbone_name, input_size=32, batch=128, repeats=15, warmup=3, dev
     x = x.to(device)
     steps = {(name, mode): make_step(m.to(device), x, mode == "train") for mode in ("train", "inference")
              for name, m in models.items()}
+    if run_dir is not None:  # the oracle trains its own copy: the trie's weights stay as trained
+        counts = {leaf: len(i) for leaf, i in leaf_groups(trained, x, False).items()}
+        macs = measure.expected_macs(trained, counts, input_size)["expected_macs_per_sample"]
+        models["oracle"] = copy.deepcopy(trained)
+        steps.update({("oracle", mode): oracle_step(models["oracle"], x, mode == "train")
+                      for mode in ("train", "inference")})
     times = collections.defaultdict(list)
     for r in trange(warmup + repeats, desc="bench", leave=False):
         for key, (fn, _) in steps.items():  # static, juliet, static, juliet, ...: load drift hits both alike
@@ -196,14 +266,51 @@ def benchmark(backbone_name, input_size=32, batch=128, repeats=15, warmup=3, dev
                                "top_ops": prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=8)}
         out["ratios"][name] = {m: out["models"][name][m]["median_s"] / out["models"]["static"][m]["median_s"]
                                for m in ("train", "inference")}
+    if "oracle" in models:  # the price of routing, and what the executed MACs buy
+        out["ratios"]["juliet_over_oracle"] = {m: out["ratios"]["juliet_run"][m] / out["ratios"]["oracle"][m]
+                                               for m in ("train", "inference")}
+        out["executed_macs"] = {"static": measure.paper_macs(models["static"], input_size)[0], "juliet_run": macs}
+        out["node_profile"] = node_profile(trained, x, repeats)
     return out
+
+
+def node_profile(net, x, repeats=10) -> dict:
+    """Where an inference batch's time goes: per node, its stage and its selector (forward hooks, medians over
+    `repeats` after one warm-up), and the rest of the forward -- partitioning, exits, bookkeeping, the hooks."""
+    seconds, starts, handles, totals = collections.defaultdict(list), {}, [], []
+    net.eval()
+    with torch.no_grad():
+        net(x)  # warm-up
+        for node in net.nodes():
+            for part, module in (("stage", node.sub), ("selector", node.selector)):
+                if module is not None and not isinstance(module, torch.nn.Identity):
+                    k = f"{node.node_id} {part}"
+                    handles.append(module.register_forward_pre_hook(lambda m, i, k=k: starts.update({k: _now(x)})))
+                    handles.append(module.register_forward_hook(
+                        lambda m, i, o, k=k: seconds[k].append(_now(x) - starts.pop(k))))
+        try:
+            for _ in range(repeats):
+                t0 = _now(x)
+                net(x)
+                totals.append(_now(x) - t0)
+        finally:
+            for h in handles:
+                h.remove()
+    parts = {k: sum(v) / repeats for k, v in seconds.items()}  # a module may run more than once per batch
+    total = statistics.median(totals)
+    return {"total_s": total, "parts_s": parts, "rest_s": total - sum(parts.values())}
+
+
+def _now(x):
+    measure.sync(x.device)
+    return time.perf_counter()
 
 
 def format_bench(result) -> str:
     """Table 5 as markdown: median [min-max] (IQR) seconds, and Juliet / static."""
     r, names = result, list(result["models"])
     labels = {"static": "static", "juliet_chain": "Juliet chain (all selectors, no early exit)",
-              "juliet_run": "Juliet (trained run)"}
+              "juliet_run": "Juliet (trained run)", "oracle": "oracle (its paths, no routing)"}
     rows = [["metric", "static"] + [h for n in names[1:] for h in (labels[n], "ratio")]]
     rows.append(["---"] * len(rows[0]))
     for key, label in (("train", "train step (s)"), ("inference", "inference batch (s)"),
@@ -225,6 +332,21 @@ def format_bench(result) -> str:
     title = (f"{r['backbone']}, batch {r['batch']}, {r['input_size']}x{r['input_size']}, {r['device']} "
              f"({r['threads']} threads), input {r['input']}; {r['repeats']} repeats after {r['warmup']} warm-up, "
              "interleaved; median [min-max] (IQR)")
-    return "\n".join([title, ""] + ["| " + " | ".join(row) + " |" for row in rows])
+    lines = [title, ""] + ["| " + " | ".join(row) + " |" for row in rows]
+    if "juliet_over_oracle" in r["ratios"]:
+        q, m = r["ratios"], r["executed_macs"]
+        lines += ["", "| | train step | inference |", "|---|---|---|"]
+        lines += [f"| {label} | {q[k]['train']:.3f}x | {q[k]['inference']:.3f}x |" for k, label in
+                  (("juliet_over_oracle", "juliet / oracle (routing overhead)"),
+                   ("juliet_run", "juliet / static"), ("oracle", "oracle / static"))]
+        lines.append(f"| executed MACs, juliet / static | | {m['juliet_run'] / m['static']:.3f}x "
+                     f"({m['juliet_run'] / 1e6:.2f} M / {m['static'] / 1e6:.2f} M) |")
+        p = r["node_profile"]
+        lines += ["", f"inference batch, where the time goes (ms; total {1e3 * p['total_s']:.2f}):", "",
+                  "| node part | ms | share |", "|---|---|---|"]
+        lines += [f"| {k} | {1e3 * v:.2f} | {v / p['total_s']:.0%} |" for k, v in p["parts_s"].items()]
+        lines.append(f"| rest: partitioning, exits, bookkeeping, hooks | {1e3 * p['rest_s']:.2f} | "
+                     f"{p['rest_s'] / p['total_s']:.0%} |")
+    return "\n".join(lines)
 
 

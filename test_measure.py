@@ -1,5 +1,6 @@
 """Measurement: FLOPs both ways (measure.py), memory and wall time (bench.py), energy, and the profile.py CLI."""
 
+import copy
 import json
 import math
 import subprocess
@@ -154,6 +155,22 @@ def test_bench_tiny_and_its_markdown():
     assert len(lines) == 6
 
 
+def test_the_oracle_runs_each_leafs_samples_down_its_path_and_agrees_with_the_trie(routed):
+    """The oracle of --bench: plain sequential code per leaf group gives the trie's own logits."""
+    net, x, paths = routed
+    infer, _ = bench.oracle_step(net, x, train=False)
+    out = infer()
+    assert set(out) == set(paths) and sum(len(v) for v in out.values()) == len(x)
+    with torch.no_grad():
+        logits = net(x)
+    for leaf, got in out.items():
+        idx = [i for i, p in enumerate(paths) if p == leaf]
+        torch.testing.assert_close(got, logits[idx], rtol=0, atol=1e-5)
+    step, opt = bench.oracle_step(copy.deepcopy(net), x, train=True)
+    step()
+    assert opt.state  # it trained
+
+
 def test_no_early_exit_sends_everyone_to_full_depth():
     torch.manual_seed(0)
     net = bench._no_early_exit(JulietNet(make_backbone("resnet18"), selector="mlp")).eval()
@@ -266,3 +283,24 @@ def test_profile_of_a_finished_run_and_table4(tmp_path, capsys):
     macs = read_json(static / "final.json")["flops_paper_convention_macs"]
     assert row["train_t_paper"] == pytest.approx(3 * macs * 108 * 1 / 1e12)  # 3 x F x |D_train| x epochs
     assert (static / "top1_per_gflop.png").stat().st_size > 0
+
+    # the compute knob of one checkpoint: curve.json and curve.png, the static run as baseline (c)
+    prof.main([str(juliet), "--curve", "--baseline", str(static), "--budget", "5"])
+    text = capsys.readouterr().out
+    curve = read_json(juliet / "curve.json")
+    assert (juliet / "curve.png").stat().st_size > 0 and "| t | executed MACs (M) |" in text
+    macs = [p["macs"] for p in curve["juliet_curve"]]
+    assert macs == sorted(macs) and curve["macs_span"] == pytest.approx(macs[-1] / macs[0])
+    assert curve["static"]["top1"] == read_json(static / "final.json")["test_top1"]
+    assert curve["samples"] == read_json(juliet / "config.json")["test_size"]
+    b = curve["budget"]
+    assert b["val"]["macs"] <= 5e6 and 0 <= b["t"] <= 1
+
+    # --bench on the run: static, the chain, the trained trie and its oracle, with the node profile
+    r = bench.benchmark("resnet18", batch=8, repeats=1, warmup=1, run_dir=str(juliet))
+    assert set(r["models"]) == {"static", "juliet_chain", "juliet_run", "oracle"}
+    q = r["ratios"]
+    ratio = q["juliet_run"]["inference"] / q["oracle"]["inference"]
+    assert q["juliet_over_oracle"]["inference"] == pytest.approx(ratio)
+    assert 0 < r["executed_macs"]["juliet_run"] < 1.1 * r["executed_macs"]["static"]
+    assert r["node_profile"]["parts_s"] and "juliet / oracle" in bench.format_bench(r)
