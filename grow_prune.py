@@ -20,8 +20,14 @@ busiest leaf is the last stage, could never grow.
 Pruning (Alg. 3): each epoch, a child whose EMA usage alpha is below theta_prune has its age counter
 incremented (otherwise reset). Every E_prune epochs a sweep deletes each stage child whose counter
 reached t_min, with its subtree. The root is never pruned, nor is a stop child.
+
+Warm siblings (ours, `warm_siblings`, off by default): a child grown beside existing stage children starts
+as a copy of the busiest of them, its weights perturbed by 10% relative Gaussian noise, instead of fresh
+(MoE "sparse upcycling"). A fresh sibling is an untrained stage that the selector may send half its samples
+to; a perturbed copy is as good as its sibling from its first step and differs enough to be told apart.
 """
 
+import copy
 import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -44,6 +50,7 @@ class GrowPruneConfig:
     t_min: int = 3             # epochs a child's alpha must stay below theta_prune (Alg. 3)
     m_max: int = 3             # M_max, stage children per node (Alg. 2); not given in the paper
     max_depth: int | None = None  # deepest node depth; None: the backbone's last stage
+    warm_siblings: bool = False  # ours: a new sibling is a perturbed copy of the busiest one
 
     def __post_init__(self):
         if self.mode not in MODES:
@@ -94,10 +101,22 @@ def grow(net: "JulietNet", cfg: GrowPruneConfig, step: int, optimizer=None) -> l
     if node is None or not (sigma2 > cfg.theta_grow and len(node.stage_children) < cfg.m_max
                             and node.depth < max_depth):
         return []
-    child = net.add_child(node)  # lines 2-4: fresh torchvision init, alpha = 0
+    sub = None  # lines 2-4: fresh torchvision init, alpha = 0
+    if cfg.warm_siblings and node.stage_children:
+        sub = perturbed_copy(max(node.stage_children, key=lambda k: float(k.alpha)).sub)
+    child = net.add_child(node, sub)
     if optimizer is not None:
         sync_optimizer(optimizer, net)
     return [_event("grow", child, step, "sigma2", sigma2, cfg.theta_grow)]
+
+
+@torch.no_grad()
+def perturbed_copy(module: torch.nn.Module, noise: float = 0.1) -> torch.nn.Module:
+    """A deep copy of `module` whose parameters are each multiplied by (1 + noise * N(0, 1))."""
+    new = copy.deepcopy(module)
+    for p in new.parameters():
+        p.mul_(1 + noise * torch.randn_like(p))
+    return new
 
 
 def prune_sweep(net: "JulietNet", cfg: GrowPruneConfig, step: int, optimizer=None) -> list[dict]:

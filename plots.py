@@ -120,7 +120,8 @@ def plot_curve(path: str, rep: dict) -> None:
     ax.plot(*xy(rep["fixed_hull"]), ":", color="0.4", label="fixed-depth exits: hull")
     ax.plot(*xy(rep["fixed_depth"]), "x", color="0.4")
     top = rep["juliet_top1_policy"]
-    ax.plot([top["macs"] / 1e6], [top["top1"]], "*", ms=12, label="Juliet, top-1 routing (paper)")
+    ax.plot([top["macs"] / 1e6], [top["top1"]], "*", ms=12,
+            label=f"Juliet, its stop rule ({rep.get('stop_rule', 'argmax')})")
     if rep["static"].get("top1") is not None:
         ax.plot([rep["static"]["macs"] / 1e6], [rep["static"]["top1"]], "D", label="static backbone")
     ax.set(xlabel="executed MACs per sample (M)", ylabel="test top-1 (%)", title="accuracy vs compute")

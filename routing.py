@@ -80,7 +80,7 @@ def exit_table(net, loader, device, input_size=32, max_batches=None, quiet=False
     groups = getattr(base, "group", None)
     if groups is not None and not max_batches:
         table["group"] = [groups[i] for i in getattr(loader.dataset, "indices", range(len(groups)))]
-    table.update(nodes=nodes, **costs(net, nodes, input_size))
+    table.update(nodes=nodes, stop_rule=net.options.get("stop_rule", "argmax"), **costs(net, nodes, input_size))
     return table
 
 
@@ -114,8 +114,13 @@ def first(mask: torch.Tensor, table: dict) -> torch.Tensor:
     return (mask | table["leaf"]).float().argmax(1)
 
 
+RULES = {"half": "stop rule 'half', P_stop >= 1/2", "argmax": "stop rule 'argmax', the paper's"}
+
+
 def juliet_exits(table: dict, t: float | None) -> torch.Tensor:
-    """Exit depths under the stop threshold t (None: the paper's top-1, stop where P_stop beats every stage child)."""
+    """Exit depths under the stop threshold t (None: the net's stop rule -- "half", t = 1/2, or the paper's
+    "argmax", stop where P_stop beats every stage child)."""
+    t = 0.5 if t is None and table.get("stop_rule") == "half" else t
     p = table["p_stop"].nan_to_num(-1.0)
     stop = p > table["p_stage"].nan_to_num(2.0) if t is None else (p >= t) & bool(t < 1)
     return first(stop, table)
@@ -192,6 +197,7 @@ def curve_report(table: dict, static: dict, thresholds=THRESHOLDS) -> dict:
                for p in curve]
     macs = [p["macs"] for p in curve]
     return {"juliet_curve": curve, "juliet_top1_policy": score(table, juliet_exits(table, None)),
+            "stop_rule": table.get("stop_rule", "argmax"),
             "confidence_curve": conf, "fixed_depth": fixed, "fixed_hull": upper_hull(fixed), "static": static,
             "matched": matched, "macs_span": max(macs) / min(macs), "samples": len(table["label"])}
 
@@ -208,7 +214,8 @@ def format_curve(rep: dict) -> str:
             out.append(f"| {r['t']:.2f} | {r['macs'] / 1e6:.2f} | {f(r['juliet_top1'])} | {f(r['fixed_hull_top1'])} | "
                        f"{f(r['confidence_top1'])} | {f(r['static_top1'])} |")
     top = rep["juliet_top1_policy"]
-    out.append(f"\ntop-1 routing (argmax, the paper's policy): {top['top1']:.2f}% at {top['macs'] / 1e6:.2f} M MACs; "
+    out.append(f"\ntop-1 routing ({RULES[rep.get('stop_rule', 'argmax')]}): {top['top1']:.2f}% at "
+               f"{top['macs'] / 1e6:.2f} M MACs; "
                f"static: {f(rep['static'].get('top1'))}% at {rep['static']['macs'] / 1e6:.2f} M; "
                f"the knob spans {rep['macs_span']:.1f}x in executed MACs")
     return "\n".join(out)

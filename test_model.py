@@ -288,6 +288,27 @@ def test_growth_respects_m_max_and_max_depth(r18):
     assert net.node("0/1/1").depth == 2
 
 
+def test_warm_siblings_start_as_a_perturbed_copy_of_the_busiest_sibling(r18):
+    torch.manual_seed(0)
+    net = JulietNet(r18, prebuild=2)
+    net.add_child(net.root)  # 0/1, fresh
+    net.node("0/0").alpha.fill_(0.2), net.node("0/1").alpha.fill_(0.7)  # 0/1: the busiest of the root's children
+    cfg = GrowPruneConfig(theta_grow=0.0, grow_every=1, warm_siblings=True)
+    net.root.sigma2.fill_(1.0)
+    net.last_leaf_counts = {"0/stop": 8}  # grows at the root, beside 0/0 and 0/1
+    assert [e["node"] for e in grow(net, cfg, 1)] == ["0/2"]
+    src, new = dict(net.node("0/1").sub.named_parameters()), dict(net.node("0/2").sub.named_parameters())
+    for name, p in ((n, p) for n, p in new.items() if p.dim() > 1):  # convs (zero biases stay zero)
+        rel = (p - src[name]) / src[name].abs().clamp_min(1e-12)
+        assert not torch.equal(p, src[name]) and 0.02 < float(rel.std()) < 0.5, name
+    cold = GrowPruneConfig(theta_grow=0.0, grow_every=1, m_max=4)
+    net.last_leaf_counts = {"0/stop": 8}
+    grow(net, cold, 2)  # 0/3: fresh torchvision init, nothing like its siblings
+    w3, w1 = net.node("0/3").sub.get_submodule(r18.stages[1].sig_name).weight, \
+        net.node("0/1").sub.get_submodule(r18.stages[1].sig_name).weight
+    assert float(torch.nn.functional.cosine_similarity(w3.flatten(), w1.flatten(), 0)).__abs__() < 0.2
+
+
 def test_pruning_after_t_min_low_epochs_never_root_or_stop(r18):
     torch.manual_seed(0)
     net = grown_trie(r18)

@@ -155,3 +155,26 @@ def test_exit_confidence_starts_as_the_papers_selector_and_learns_from_route_los
     paper = JulietNet(r18, exit_confidence=False)
     assert paper.root.selector is None or paper.root.selector.confidence is None
     assert grown_trie(r18, exit_confidence=False).root.selector.confidence is None
+
+
+def test_stop_rule_half_is_the_knob_at_one_half_and_argmax_the_papers_top1(routed):
+    """"half" stops where P_stop >= 1/2; "argmax" (Alg. 1) where P_stop beats every stage child alone, which
+    with siblings stops samples whose likelier decision is to go on."""
+    net = routed
+    gen = torch.Generator().manual_seed(11)
+    x, y = varied_batch(64, gen), torch.randint(0, 10, (64,), generator=gen)
+    table = routing.exit_table(net, loader_of(x, y), "cpu", quiet=True)
+    p_stop, p_stage = table["p_stop"][:, 0], table["p_stage"][:, 0]  # the root's decision
+    assert len(net.root.stage_children) > 1 and net.options["stop_rule"] == "half"
+    with torch.no_grad():
+        _, half = net(x, return_paths=True)
+        _, at_half = net(x, return_paths=True, stop_threshold=0.5)
+        net.options["stop_rule"] = "argmax"
+        try:
+            _, flat = net(x, return_paths=True)
+        finally:
+            net.options["stop_rule"] = "half"
+    assert half == at_half
+    assert [p == f"0/{STOP}" for p in half] == (p_stop >= 0.5).tolist()
+    assert [p == f"0/{STOP}" for p in flat] == (p_stop > p_stage).tolist()
+    assert sum(p == f"0/{STOP}" for p in flat) > sum(p == f"0/{STOP}" for p in half)

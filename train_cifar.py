@@ -37,7 +37,7 @@ from grow_prune import MODES, GrowPruneConfig, end_epoch, grow
 from losses import freeze_selectors, juliet_loss
 from routers import SELECTORS
 from runs import NonFiniteLoss, UsageError
-from trie import POLICIES, TRAIN_DEPTHS, JulietNet, gumbel_tau
+from trie import POLICIES, STOP_RULES, TRAIN_DEPTHS, JulietNet, gumbel_tau
 
 # ----------------------------------------------------------------------------- model
 
@@ -49,7 +49,7 @@ def build_model(args, num_classes: int):
         return JulietNet(make_backbone(args.backbone, num_classes), selector=args.selector, policy=args.policy,
                          prebuild=args.prebuild, stop=not args.no_stop, stop_bias=args.stop_bias,
                          d_model=args.d_model, n_head=args.n_head, beta=args.ema_beta, train_depth=args.train_depth,
-                         exit_confidence=not args.no_exit_confidence)
+                         exit_confidence=not args.no_exit_confidence, stop_rule=args.stop_rule)
     except ValueError as e:
         raise UsageError(str(e)) from None
 
@@ -57,7 +57,7 @@ def build_model(args, num_classes: int):
 def grow_prune_config(args) -> GrowPruneConfig:
     return GrowPruneConfig(mode=args.grow_prune, theta_grow=args.grow_threshold, theta_prune=args.prune_threshold,
                            grow_every=args.grow_every, prune_every=args.prune_every, t_min=args.t_min,
-                           m_max=args.m_max, max_depth=args.max_depth)
+                           m_max=args.m_max, max_depth=args.max_depth, warm_siblings=args.warm_siblings)
 
 
 def maybe_compile(model, args) -> None:
@@ -393,6 +393,8 @@ def build_parser(description: str) -> argparse.ArgumentParser:
                    help="weight of the deep supervision of every exit (ours; losses.exit_loss)")
     g.add_argument("--no-exit-confidence", action="store_true",
                    help="stop logits do not read the exit's confidence (the paper's selector input; routers.py)")
+    g.add_argument("--stop-rule", default="half", choices=STOP_RULES, help="half: stop where P_stop >= 1/2, "
+                   "else the best stage child (ours); argmax: top-1 over all children (Alg. 1, the paper)")
     g.add_argument("--stop-bias", type=float, default=0.0,
                    help="initial stop-logit offset (negative: a new trie starts at full depth)")
     g.add_argument("--route-warmup", type=runs.nonneg, default=0, help="epochs with frozen selectors (ours)")
@@ -412,6 +414,8 @@ def build_parser(description: str) -> argparse.ArgumentParser:
     g.add_argument("--t-min", type=runs.positive, default=3, help="epochs of alpha < theta_prune before pruning")
     g.add_argument("--m-max", type=runs.positive, default=3, help="M_max stage children per node (Alg. 2)")
     g.add_argument("--max-depth", type=runs.nonneg, default=None, help="deepest node depth (default: last stage)")
+    g.add_argument("--warm-siblings", action="store_true",
+                   help="a grown sibling starts as a perturbed copy of the busiest one, not fresh (ours)")
     g = p.add_argument_group("data (§5.1, Table 2)")
     g.add_argument("--dataset", default="cifar10", choices=data.DATASETS)
     g.add_argument("--data-dir", default="./data", help="CIFAR root, or an image folder with train/ and test/")

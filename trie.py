@@ -16,6 +16,11 @@ The compute knob: with `stop_threshold=t`, a sample stops at the first node wher
 otherwise takes the best stage child; t = 0 stops everyone at the root's exit, t = 1 stops nobody. One
 trained checkpoint thus spans an accuracy-vs-MACs curve (MSDNet's budgeted classification).
 
+Stop rule (ours). Top-1 over all children (`stop_rule="argmax"`, Alg. 1 line 5) stops a sample when P_stop
+beats each stage child alone: with M balanced siblings, already at P_stop > 1/(M + 1), though going on is
+likelier. `stop_rule="half"` (the default) decides stop-or-go first, P_stop >= 1/2 (the knob at t = 1/2,
+the decision route_loss trains), then the best stage child. With one stage child the two rules agree.
+
 Training depth (ours; README "Paper notes and deviations"). `train_depth="routed"` is the paper: training
 samples stop where top-1 sends them. `train_depth="full"` (the default) runs every training sample down
 its stage children to a leaf, whatever its stop decision: every exit and the rest of the path are then
@@ -52,6 +57,7 @@ from routers import SELECTORS, make_selector
 
 POLICIES = ("top1", "gumbel")
 TRAIN_DEPTHS = ("full", "routed")
+STOP_RULES = ("half", "argmax")
 STOP = "stop"  # local id of a node's stop child
 
 
@@ -73,10 +79,10 @@ def run_sub(sub: nn.Module, x: torch.Tensor, training: bool) -> torch.Tensor:
             m.train()
 
 
-def check_options(backbone, selector, policy, train_depth, prebuild, beta, d_model, n_head) -> None:
+def check_options(backbone, selector, policy, train_depth, prebuild, beta, d_model, n_head, stop_rule) -> None:
     """JulietNet's arguments, each bad one named in a ValueError."""
     for name, value, allowed in (("selector", selector, SELECTORS), ("policy", policy, POLICIES),
-                                 ("train_depth", train_depth, TRAIN_DEPTHS)):
+                                 ("train_depth", train_depth, TRAIN_DEPTHS), ("stop_rule", stop_rule, STOP_RULES)):
         if value not in allowed:
             raise ValueError(f"unknown {name} {value!r}; choose one of: {', '.join(allowed)}")
     if not 1 <= prebuild <= len(backbone.stages):
@@ -134,19 +140,21 @@ class JulietNet(nn.Module):
     beta      EMA decay of alpha and sigma^2 (Alg. 1 uses lambda = 1 - beta)
     train_depth "full" (ours: training samples run to a leaf whatever they decide) or "routed" (the paper)
     exit_confidence  stop decisions also read the exit's confidence (ours; routers.py); False: the paper's
+    stop_rule "half" (ours: stop where P_stop >= 1/2, else the best stage child) or "argmax" (the paper)
     init_from a static model of the same backbone whose weights seed the prebuilt chain
     """
 
     def __init__(self, backbone, selector: str = "transformer", policy: str = "top1", prebuild: int | None = None,
                  stop: bool = True, stop_bias: float = 0.0, d_model: int = 64, n_head: int = 4,
                  beta: float = 0.99, train_depth: str = "full", exit_confidence: bool = True,
-                 init_from: nn.Module | None = None):
+                 stop_rule: str = "half", init_from: nn.Module | None = None):
         super().__init__()
         prebuild = len(backbone.stages) if prebuild is None else prebuild
-        check_options(backbone, selector, policy, train_depth, prebuild, beta, d_model, n_head)
+        check_options(backbone, selector, policy, train_depth, prebuild, beta, d_model, n_head, stop_rule)
         self.backbone = backbone
         self.options = dict(selector=selector, policy=policy, stop=stop, stop_bias=stop_bias, d_model=d_model,
-                            n_head=n_head, beta=beta, train_depth=train_depth, exit_confidence=exit_confidence)
+                            n_head=n_head, beta=beta, train_depth=train_depth, exit_confidence=exit_confidence,
+                            stop_rule=stop_rule)
         self.tau = 1.0  # Gumbel temperature; the training loop anneals it (gumbel_tau)
         stages, self.head = backbone.initial(init_from)
         self.adapters = nn.ModuleDict()
@@ -257,7 +265,7 @@ class JulietNet(nn.Module):
         if (backbone.name, backbone.num_classes) != (s["backbone"], s["num_classes"]):
             raise ValueError(f"the structure is of {s['backbone']} with {s['num_classes']} classes, "
                              f"the backbone {backbone.name} with {backbone.num_classes}")
-        net = cls(backbone, prebuild=1, **{"exit_confidence": False, **s["options"]})  # older: no such option
+        net = cls(backbone, prebuild=1, **{"exit_confidence": False, "stop_rule": "argmax", **s["options"]})  # older
         templates, _ = backbone.initial()  # one constructor call; load_state_dict overwrites the weights
         for c in s["adapters"]:  # first, in their original order, so net.parameters() keeps its order
             net.ensure_adapter(c)
@@ -276,7 +284,7 @@ class JulietNet(nn.Module):
 
     def forward(self, x: torch.Tensor, return_paths: bool = False, stop_threshold: float | None = None):
         """Logits (B, num_classes), and with `return_paths` each sample's leaf id. `stop_threshold` t in [0, 1]
-        replaces top-1 at stop decisions at inference: stop where P_stop >= t (t = 1: never)."""
+        replaces the stop rule at inference: stop where P_stop >= t (t = 1: never; the "half" rule is t = 1/2)."""
         if x.ndim != 4 or x.shape[1] != self.backbone.in_channels:
             raise ValueError(f"input x must be (B, in_channels={self.backbone.in_channels}, H, W); "
                              f"got shape {tuple(x.shape)}")
@@ -286,7 +294,8 @@ class JulietNet(nn.Module):
         self.decisions, self.exits, self.last_input = [], [], (B, tuple(x.shape[-2:]))
         leaves, stopped = [], []  # (leaf id, sample indices (B_l,), pooled gated features (B_l, W), alive (B_l,))
         ones = torch.ones(B, device=x.device)  # product of straight-through gates along each path
-        self._route(self.root, x, torch.arange(B, device=x.device), ones, ones.bool(), leaves, stopped, stop_threshold)
+        t = 0.5 if stop_threshold is None and self.options["stop_rule"] == "half" else stop_threshold
+        self._route(self.root, x, torch.arange(B, device=x.device), ones, ones.bool(), leaves, stopped, t)
         idx = torch.cat([i for _, i, _, _ in leaves])  # (B,) sample index of each row
         z = torch.cat([z for _, _, z, _ in leaves])  # (B, W) in leaf order
         z = z.new_empty(z.shape).index_copy(0, idx, z)  # (B, W) scattered back to batch order
@@ -324,7 +333,7 @@ class JulietNet(nn.Module):
         read = None if exit_logits is None else exit_logits.detach()  # routing must not bend the exit's answer
         if len(choices) == 1:
             choice = None
-        elif not (self.training or torch.is_grad_enabled() or self.record_exits or t is not None):
+        elif not (self.training or torch.is_grad_enabled() or self.record_exits or (t is not None and has_stop)):
             choice = node.selector(f, self.signatures(node), has_stop, read).argmax(-1)  # top-1: (B_n,)
         else:
             logits = node.selector(f, self.signatures(node), has_stop, read)  # (B_n, K)
@@ -377,24 +386,28 @@ class JulietNet(nn.Module):
 def choose(logits: torch.Tensor, has_stop: bool, t: float | None, gumbel_tau: float | None, full: bool):
     """(child that runs, top-1 child, its gate value q, P) for one routing node's sub-batch.
 
-    Top-1 (Alg. 1 line 5) or, in training with policy "gumbel" (`gumbel_tau` set), a hard Gumbel-softmax
-    sample. P_stop and the stage children given "continue" factorise P exactly: P_j = (1 - P_stop)
-    softmax(stage)_j. In full-depth training (`full`) the choice runs over the stage children only; with a
-    threshold t, a sample stops where P_stop >= t and otherwise takes its best stage child.
+    Without a threshold: top-1 over all children (Alg. 1 line 5) or, in training with policy "gumbel"
+    (`gumbel_tau` set), a hard Gumbel-softmax sample. With a threshold t (the knob, or 1/2 under the "half"
+    stop rule) the decision is stop-or-go first: stop where P_stop >= t (t = 1: never), else the best stage
+    child. P_stop and the stage children given "go" factorise P exactly: P_j = (1 - P_stop) softmax(stage)_j.
+    In full-depth training (`full`) a stage child runs whatever the decision (`top1`) says.
     """
     P = logits.float().softmax(-1)  # Eq. 1: (B_n, K)
     n_stage = P.shape[1] - has_stop
-    scope = logits[:, :n_stage] if (full or t is not None) else logits  # the choices that may run
+    staged = has_stop and t is not None  # stop-or-go, then a stage child
+    scope = logits[:, :n_stage] if (full or staged) else logits  # the choices that may run
     if gumbel_tau is not None:
         y = F.gumbel_softmax(scope.float(), tau=gumbel_tau)  # (B_n, K') relaxed sample
     else:
         y = scope.float().softmax(-1)
     choice = y.argmax(-1)  # (B_n,)
     q = y.gather(1, choice[:, None]).squeeze(1)
-    top1 = P.argmax(-1)  # what Alg. 1 line 5 decides, whatever runs
-    if t is not None and has_stop:
-        choice = torch.where((P[:, -1] >= t) & (t < 1), n_stage, choice)
-        top1 = choice
+    top1 = P.argmax(-1)  # what the decision is, whatever runs
+    if staged:
+        stop = (P[:, -1] >= t) & (t < 1)
+        top1 = torch.where(stop, n_stage, choice)
+        if not full:  # routed: the decision runs, its gate its probability (P_stop, or (1 - P_stop) q)
+            choice, q = top1, torch.where(stop, P[:, -1], (1 - P[:, -1]) * q)
     return choice, top1, q, P
 
 
