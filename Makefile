@@ -2,7 +2,8 @@
 VENV := .venv
 PY := $(VENV)/bin/python
 DEMO := runs/demo-$(shell date +%Y%m%d-%H%M%S)
-# Static ResNet-18 and Juliet-ResNet-18 on the built-in synthetic set (no download), 8 epochs each.
+# Static ResNet-18 and Juliet-ResNet-18 on the built-in synthetic set (no download), 8 epochs each; then Table 4
+# and the compute knob of the Juliet checkpoint against its baselines (curve.json, curve.png).
 DEMO_FLAGS := --dataset synthetic --epochs 8 --workers 0 --quiet
 
 .PHONY: test demo clean
@@ -19,6 +20,7 @@ demo: $(VENV)/.installed
 	$(PY) train_cifar.py $(DEMO_FLAGS) --static --out $(DEMO)/static
 	$(PY) train_cifar.py $(DEMO_FLAGS) --out $(DEMO)/juliet
 	$(PY) profile.py --table $(DEMO)/static $(DEMO)/juliet --out $(DEMO)/top1_per_gflop.png
+	$(PY) profile.py $(DEMO)/juliet --curve --baseline $(DEMO)/static
 
 clean:
 	rm -rf $(VENV) .pytest_cache __pycache__
