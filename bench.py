@@ -237,13 +237,16 @@ def benchmark(backbone_name, input_size=32, batch=128, repeats=15, warmup=3, dev
     if x is None:
         x = torch.randn(batch, 3, input_size, input_size, generator=torch.Generator().manual_seed(0))
     x = x.to(device)
-    steps = {(name, mode): make_step(m.to(device), x, mode == "train") for mode in ("train", "inference")
-             for name, m in models.items()}
+    # Each train step trains its own copy: Adam steps on random labels would move a trained trie's routing
+    # away from what it learned, and its inference (and the oracle's groups) would time another trie.
+    steps = {(name, mode): make_step(copy.deepcopy(m).to(device) if mode == "train" else m.to(device), x,
+                                     mode == "train") for mode in ("train", "inference") for name, m in models.items()}
     if run_dir is not None:  # the oracle trains its own copy: the trie's weights stay as trained
         counts = {leaf: len(i) for leaf, i in leaf_groups(trained, x, False).items()}
         macs = measure.expected_macs(trained, counts, input_size)["expected_macs_per_sample"]
         models["oracle"] = copy.deepcopy(trained)
-        steps.update({("oracle", mode): oracle_step(models["oracle"], x, mode == "train")
+        steps.update({("oracle", mode): oracle_step(copy.deepcopy(trained) if mode == "train" else models["oracle"], x,
+                                                    mode == "train")
                       for mode in ("train", "inference")})
     times = collections.defaultdict(list)
     for r in trange(warmup + repeats, desc="bench", leave=False):

@@ -372,8 +372,8 @@ class JulietNet(nn.Module):
 
     def signatures(self, node: TrieNode) -> torch.Tensor:
         """Weight signature of each stage child: its last conv's weights averaged to (C_out,) (§4.1). Kept
-        while the weights keep their version (no optimizer step, no load): reading layer4's 2.4 M weights
-        for every batch would cost an inference pass more than the selector itself."""
+        while the weights keep their version (no optimizer step, no load), so inference does not re-read
+        the children's conv weights (layer4's: 2.4 M) for every batch."""
         name = self.backbone.stages[node.depth + 1].sig_name
         ws = [k.sub.get_submodule(name).weight for k in node.stage_children]
         key = tuple((id(w), w._version) for w in ws)
