@@ -175,6 +175,13 @@ def check_unused(out: str) -> None:
     """A new run's directory: new or empty (a lock file left by a finished process is no run), and creatable."""
     if os.path.isdir(out):
         held = sorted(set(os.listdir(out)) - {LOCK})
+        if held and LOCK in os.listdir(out):  # a run being written now: say so, not "move its files away"
+            with open(os.path.join(out, LOCK), "a") as lock:
+                try:
+                    fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except BlockingIOError:
+                    raise UsageError(f"another process is writing {out}; wait for it to end or pick another --out"
+                                     ) from None
         if held:
             hint = f"a run: continue it with --resume {out}" if "checkpoint.pt" in held else "files: move them away"
             raise UsageError(f"{out} already holds {', '.join(held[:3])}{' ...' * (len(held) > 3)}; it is {hint}, "

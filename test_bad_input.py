@@ -342,6 +342,20 @@ def test_two_runs_started_at_once_into_one_out(tmp_path):
     assert read_json(out / "final.json")["epochs"] == 2
 
 
+def test_a_run_being_written_is_named_as_such_before_any_work(tmp_path):
+    """A second run into a directory that another process holds (its first files written, the lock taken) is
+    told that, not to move the files away, and touches nothing."""
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "config.json").write_text("{}")
+    with open(out / runs.LOCK, "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        proc = subprocess.run([sys.executable, "train_cifar.py", "--out", str(out), *SYN], cwd=REPO,
+                              capture_output=True, text=True)
+    assert "another process is writing" in one_line_error(proc, code=1)
+    assert sorted(os.listdir(out)) == [runs.LOCK, "config.json"] and (out / "config.json").read_text() == "{}"
+
+
 def test_cifar_download_failure_offline_is_one_line_and_leaves_nothing(tmp_path):
     """CIFAR is downloaded by default; with no network (a proxy that refuses), one line says how to point
     --data-dir at a copy, and the folder the download made is gone again."""
