@@ -85,13 +85,6 @@ def make_optim(args, model):
     return opt, sched
 
 
-def step_scheduler(sched, val_loss: float) -> None:
-    if isinstance(sched, torch.optim.lr_scheduler.ReduceLROnPlateau):
-        sched.step(val_loss)
-    else:
-        sched.step()
-
-
 # ----------------------------------------------------------------------------- one epoch
 
 
@@ -236,7 +229,8 @@ def fit(model, loaders, args, progress: dict, state: dict, on_epoch=None) -> Non
             log["events"] += [dict(e, epoch=epoch) for e in prune_events]
             if prune_events:
                 maybe_compile(model, args)
-        step_scheduler(sched, log["val_loss"])
+        plateau = isinstance(sched, torch.optim.lr_scheduler.ReduceLROnPlateau)
+        sched.step(log["val_loss"]) if plateau else sched.step()
         log |= distributed.reduce_log(epoch_record(model, args, progress, opt, log, e_train, e_val,
                                                    time.perf_counter() - t0))
         progress["best_val_top1"] = max(progress["best_val_top1"], log["val_top1"])
@@ -314,8 +308,11 @@ def train_and_test(args, make_datasets, on_epoch=None) -> dict:
         model = build_model(args, num_classes)
     else:  # resume: rebuild the grown trie first, then load the weights
         model = runs.model_from_checkpoint(ckpt, args.backbone, num_classes)
-    try:  # one dummy forward: an input size the backbone's pooling cannot take fails here
+    try:  # dummy forwards, Juliet's through every stage: an input size the backbone's pooling cannot take fails here
         profile = measure.model_profile(model, args.dataset, args.input_size, num_classes)
+        with torch.no_grad():
+            model.eval()(torch.zeros(1, 3, args.input_size, args.input_size), **({"stop_threshold": 1.0} if
+                         isinstance(model, JulietNet) else {}))
     except RuntimeError as e:
         raise UsageError(f"--input-size {args.input_size} does not fit {args.backbone}: {str(e)[:100]}") from None
     # rank 0 (or the only process) writes the run directory; under torchrun the others only compute
