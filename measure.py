@@ -142,11 +142,10 @@ def _path_module(net, leaf_id):
             routed = {str(i): n for i, n in enumerate(path) if len(n.choices) > 1}
             self.selectors = nn.ModuleDict({i: n.selector for i, n in routed.items()})
             self.routing = {i: (net.signatures(n), "stop" in n.child) for i, n in routed.items()}
-            self.reads_exit = {i for i, n in routed.items() if "stop" in n.child and net.options["exit_confidence"]}
-            self.adapters = net.adapters  # by channel count, as JulietNet.adapt picks them
-            self.head = net.head
+            self.reads_exit = {i for i, n in routed.items() if net.reads_exit(n)}
+            self.adapters, self.head = net.adapters, net.head  # by channel count, as JulietNet.adapt picks them
 
-        def exit(self, x):  # GAP, adapter, head: (B, C, H, W) -> (B, num_classes)
+        def exit(self, x):  # GAP, adapter, head: (B, C, H, W) -> (B, num_classes); own modules: THOP counts a copy
             pooled = x.mean((2, 3))  # (B, C)
             key = str(pooled.shape[1])
             return self.head(self.adapters[key](pooled) if key in self.adapters else pooled)
@@ -187,7 +186,7 @@ def node_macs(net, input_size=32) -> dict[str, dict[str, float]]:
         exit_macs += _thop(adapter, pooled)[0] if adapter else 0.0
         selector = 0.0
         if node.selector is not None:
-            reads = "stop" in node.child and net.options["exit_confidence"]
+            reads = net.reads_exit(node)
             read = net.head(adapter(pooled) if adapter else pooled) if reads else None
             selector = _thop(node.selector, f, net.signatures(node), "stop" in node.child, read)[0]
             selector += exit_macs if reads else 0.0

@@ -28,6 +28,7 @@ import torch
 from tqdm import tqdm
 
 import measure
+from trie import STOP_RULES
 
 THRESHOLDS = tuple(round(float(t), 3) for t in np.linspace(0, 1, 21))  # the knob's settings on a curve
 
@@ -120,7 +121,7 @@ RULES = {"half": "stop rule 'half', P_stop >= 1/2", "argmax": "stop rule 'argmax
 def juliet_exits(table: dict, t: float | None) -> torch.Tensor:
     """Exit depths under the stop threshold t (None: the net's stop rule -- "half", t = 1/2, or the paper's
     "argmax", stop where P_stop beats every stage child)."""
-    t = 0.5 if t is None and table.get("stop_rule") == "half" else t
+    t = STOP_RULES[table.get("stop_rule", "argmax")] if t is None else t
     p = table["p_stop"].nan_to_num(-1.0)
     stop = p > table["p_stage"].nan_to_num(2.0) if t is None else (p >= t) & bool(t < 1)
     return first(stop, table)
@@ -138,12 +139,9 @@ def confidence_curve(table: dict, thresholds=THRESHOLDS) -> list[dict]:
 
 def fixed_depth_points(table: dict) -> list[dict]:
     """Every exit on every sample (a path that ends sooner exits at its leaf): accuracy and MACs per depth."""
-    last = (table["node"] >= 0).long().cumsum(1).argmax(1)  # (N,) each sample's leaf depth
-    out = []
-    for d in range(table["node"].shape[1]):
-        if (table["node"][:, d] >= 0).any():
-            out.append({"depth": d, **score(table, torch.minimum(last, torch.full_like(last, d)), "cost_fixed")})
-    return out
+    last = table["leaf"].float().argmax(1)  # (N,) each sample's leaf depth
+    return [{"depth": d, **score(table, last.clamp(max=d), "cost_fixed")}
+            for d in range(table["node"].shape[1]) if (table["node"][:, d] >= 0).any()]
 
 
 def upper_hull(points: list[dict]) -> list[dict]:
@@ -235,7 +233,7 @@ def report(table: dict) -> dict:
     """final.json's routing fields: every exit on all samples, where top-1 routing sits against their hull,
     and per group of samples (e.g. easy / hard on the synthetic set) the mean depth, top-1 and leaves."""
     fixed = fixed_depth_points(table)
-    last = (table["node"] >= 0).long().cumsum(1).argmax(1)  # (N,) each sample's leaf depth
+    last = table["leaf"].float().argmax(1)  # (N,) each sample's leaf depth
     depth = juliet_exits(table, None)
     top1 = score(table, depth)
     hull = hull_top1(fixed, top1["macs"])

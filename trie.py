@@ -57,7 +57,7 @@ from routers import SELECTORS, make_selector
 
 POLICIES = ("top1", "gumbel")
 TRAIN_DEPTHS = ("full", "routed")
-STOP_RULES = ("half", "argmax")
+STOP_RULES = {"half": 0.5, "argmax": None}  # stop rule -> the stop threshold it is (None: Alg. 1 argmax)
 STOP = "stop"  # local id of a node's stop child
 
 
@@ -294,7 +294,7 @@ class JulietNet(nn.Module):
         self.decisions, self.exits, self.last_input = [], [], (B, tuple(x.shape[-2:]))
         leaves, stopped = [], []  # (leaf id, sample indices (B_l,), pooled gated features (B_l, W), alive (B_l,))
         ones = torch.ones(B, device=x.device)  # product of straight-through gates along each path
-        t = 0.5 if stop_threshold is None and self.options["stop_rule"] == "half" else stop_threshold
+        t = STOP_RULES[self.options["stop_rule"]] if stop_threshold is None else stop_threshold
         self._route(self.root, x, torch.arange(B, device=x.device), ones, ones.bool(), leaves, stopped, t)
         idx = torch.cat([i for _, i, _, _ in leaves])  # (B,) sample index of each row
         z = torch.cat([z for _, _, z, _ in leaves])  # (B, W) in leaf order
@@ -328,7 +328,7 @@ class JulietNet(nn.Module):
             return
         record = has_stop and (self.training or self.record_exits)  # this node's exit, for the losses and tables
         exit_logits = None  # what a sample stopping here leaves with: (B_n, classes)
-        if record or (has_stop and len(choices) > 1 and self.options["exit_confidence"]):
+        if record or self.reads_exit(node):
             exit_logits = self.head(self.adapt(f.mean((2, 3))))
         read = None if exit_logits is None else exit_logits.detach()  # routing must not bend the exit's answer
         if len(choices) == 1:
@@ -369,6 +369,10 @@ class JulietNet(nn.Module):
         pooling first gives the same output at HW-times fewer MACs. (B, C) -> (B, head width)."""
         key = str(pooled.shape[1])
         return self.adapters[key](pooled) if key in self.adapters else pooled
+
+    def reads_exit(self, node: TrieNode) -> bool:
+        """Whether `node`'s selector reads its exit's confidence: `exit_confidence`, a stop child, a choice."""
+        return self.options["exit_confidence"] and STOP in node.child and len(node.choices) > 1
 
     def signatures(self, node: TrieNode) -> torch.Tensor:
         """Weight signature of each stage child: its last conv's weights averaged to (C_out,) (§4.1). Kept
