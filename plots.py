@@ -4,6 +4,7 @@
     plot_run(out, history, model, final)      accuracy.png; node_usage.png, trie.png for a Juliet run
     plot_routing(out, table, dataset)         routing.png (class / group x leaf), leaf_samples.png
     plot_curve(path, curve_report)            curve.png: top-1 vs executed MACs, the knob and its baselines
+    plot_selector_curves(out, grid)           selector_curves.png: the §5.3 ablation grid's Fig. 3
 """
 
 import os
@@ -11,6 +12,8 @@ import os
 import numpy as np
 
 import routing
+import runs
+from routers import SELECTORS
 from trie import JulietNet
 
 
@@ -128,3 +131,35 @@ def plot_curve(path: str, rep: dict) -> None:
     lo = min(p["top1"] for p in rep["fixed_depth"])
     ax.set_ylim(max(0, lo - 5), 100.5), ax.grid(alpha=0.3), ax.legend(fontsize=7, loc="lower right")
     fig.tight_layout(), fig.savefig(path, dpi=120), plt.close(fig)
+
+
+def selector_curve(out: str, grid: list, sel: str):
+    """Fig. 3's line for one selector, {epoch: val top-1}, and its label: the selector's top1/both run (the
+    paper's default setting) when it ran, else the per-epoch mean of its runs; None when none ran."""
+    curves = {}
+    for s, policy, mode in grid:
+        d = os.path.join(out, f"{s}-{policy}-{mode}")
+        logs = [runs.read_json(os.path.join(d, n)) for n in (os.listdir(d) if s == sel and os.path.isdir(d) else [])
+                if n.startswith("epoch_") and n.endswith(".json")]
+        if logs:
+            curves[policy, mode] = {log["epoch"]: log["val_top1"] for log in logs}
+    if ("top1", "both") in curves:
+        return curves["top1", "both"], f"{sel} (top1, both)"
+    if not curves:
+        return None
+    epochs = sorted(set().union(*curves.values()))
+    return ({e: sum(c[e] for c in curves.values() if e in c) / sum(e in c for c in curves.values()) for e in epochs},
+            f"{sel} (mean of {len(curves)} runs)")
+
+
+def plot_selector_curves(out: str, grid: list) -> None:
+    """selector_curves.png in the ablation directory `out`: val top-1 per epoch of each selector (Fig. 3)."""
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(5.5, 4))
+    for sel in SELECTORS:
+        if (line := selector_curve(out, grid, sel)) is not None:
+            curve, label = line
+            ax.plot(sorted(curve), [curve[e] for e in sorted(curve)], "o-", label=label)
+    ax.set(xlabel="epoch", ylabel="val top-1 (%)", title="selector architectures (Fig. 3)")
+    ax.legend(fontsize=7), fig.tight_layout()
+    fig.savefig(os.path.join(out, "selector_curves.png"), dpi=120), plt.close(fig)

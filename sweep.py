@@ -340,38 +340,7 @@ def run_ablations(args) -> None:
              "executed MACs per test sample\n\n" + "\n".join(rows))
     print(table)
     publish(os.path.join(args.out, "ablations.md"), table + "\n")
-    plot_selector_curves(args.out, grid)
-
-
-def selector_curve(out: str, grid: list, sel: str):
-    """Fig. 3's line for one selector, {epoch: val top-1}, and its label: the selector's top1/both run (the
-    paper's default setting) when it ran, else the per-epoch mean of its runs; None when none ran."""
-    curves = {}
-    for s, policy, mode in grid:
-        d = os.path.join(out, f"{s}-{policy}-{mode}")
-        logs = [runs.read_json(os.path.join(d, n)) for n in (os.listdir(d) if s == sel and os.path.isdir(d) else [])
-                if n.startswith("epoch_") and n.endswith(".json")]
-        if logs:
-            curves[policy, mode] = {log["epoch"]: log["val_top1"] for log in logs}
-    if ("top1", "both") in curves:
-        return curves["top1", "both"], f"{sel} (top1, both)"
-    if not curves:
-        return None
-    epochs = sorted(set().union(*curves.values()))
-    return ({e: sum(c[e] for c in curves.values() if e in c) / sum(e in c for c in curves.values()) for e in epochs},
-            f"{sel} (mean of {len(curves)} runs)")
-
-
-def plot_selector_curves(out: str, grid: list) -> None:
-    plt = plots.pyplot()
-    fig, ax = plt.subplots(figsize=(5.5, 4))
-    for sel in SELECTORS:
-        if (line := selector_curve(out, grid, sel)) is not None:
-            curve, label = line
-            ax.plot(sorted(curve), [curve[e] for e in sorted(curve)], "o-", label=label)
-    ax.set(xlabel="epoch", ylabel="val top-1 (%)", title="selector architectures (Fig. 3)")
-    ax.legend(fontsize=7), fig.tight_layout()
-    publish(os.path.join(out, "selector_curves.png"), fig=fig), plt.close(fig)
+    plots.plot_selector_curves(args.out, grid)
 
 
 # ----------------------------------------------------------------------------- command line

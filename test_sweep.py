@@ -12,6 +12,7 @@ import pytest
 import sqlalchemy
 import torch
 
+import plots
 import sweep
 from conftest import REPO
 
@@ -219,10 +220,10 @@ def test_fig3_line_per_selector_is_its_top1_both_run_else_the_mean(tmp_path):
             (tmp_path / name / f"epoch_{epoch}.json").write_text(json.dumps({"epoch": epoch, "val_top1": top1}))
     grid = [("mlp", "gumbel", "off"), ("mlp", "top1", "off"), ("conv", "top1", "both"), ("conv", "gumbel", "both")]
     grid.append(("transformer", "top1", "both"))  # in the grid, never ran
-    assert sweep.selector_curve(str(tmp_path), grid, "mlp") == ({1: 20, 2: 30, 3: 50}, "mlp (mean of 2 runs)")
-    assert sweep.selector_curve(str(tmp_path), grid, "conv") == ({1: 50, 2: 60}, "conv (top1, both)")
-    assert sweep.selector_curve(str(tmp_path), grid, "transformer") is None
-    sweep.plot_selector_curves(str(tmp_path), grid)
+    assert plots.selector_curve(str(tmp_path), grid, "mlp") == ({1: 20, 2: 30, 3: 50}, "mlp (mean of 2 runs)")
+    assert plots.selector_curve(str(tmp_path), grid, "conv") == ({1: 50, 2: 60}, "conv (top1, both)")
+    assert plots.selector_curve(str(tmp_path), grid, "transformer") is None
+    plots.plot_selector_curves(str(tmp_path), grid)
     assert (tmp_path / "selector_curves.png").stat().st_size > 0
 
 
