@@ -199,6 +199,25 @@ def _no_early_exit(net):
     return net
 
 
+def replayed(net, x):
+    """A copy of `net` whose selectors replay the logits they gave for x, without computing them or the exits
+    whose confidence they read: the routing machinery alone (decisions, partitions, scatter, bookkeeping)."""
+    net = copy.deepcopy(net).eval()
+    seen, handles = {}, []
+    for node in net.nodes():
+        if node.selector is not None:
+            handles.append(node.selector.register_forward_hook(lambda m, i, out, k=node.node_id: seen.update({k: out})))
+    with torch.no_grad():
+        net(x)
+    for h in handles:
+        h.remove()
+    for node in net.nodes():
+        if node.node_id in seen:
+            node.selector.forward = lambda *args, out=seen[node.node_id]: out
+    net.options["exit_confidence"] = False  # the replayed selectors read nothing
+    return net
+
+
 def _images(loader, n):
     xs = []
     for batch in loader:
@@ -248,6 +267,7 @@ def benchmark(backbone_name, input_size=32, batch=128, repeats=15, warmup=3, dev
         steps.update({("oracle", mode): oracle_step(copy.deepcopy(trained) if mode == "train" else models["oracle"], x,
                                                     mode == "train")
                       for mode in ("train", "inference")})
+        steps[("replayed", "inference")] = make_step(replayed(trained, x), x, False)
     times = collections.defaultdict(list)
     for r in trange(warmup + repeats, desc="bench", leave=False):
         for key, (fn, _) in steps.items():  # static, juliet, static, juliet, ...: load drift hits both alike
@@ -272,6 +292,9 @@ def benchmark(backbone_name, input_size=32, batch=128, repeats=15, warmup=3, dev
     if "oracle" in models:  # the price of routing, and what the executed MACs buy
         out["ratios"]["juliet_over_oracle"] = {m: out["ratios"]["juliet_run"][m] / out["ratios"]["oracle"][m]
                                                for m in ("train", "inference")}
+        replay = statistics.median(times[("replayed", "inference")])
+        out["replayed_inference"] = _spread(times[("replayed", "inference")])
+        out["ratios"]["replayed_over_oracle"] = {"inference": replay / out["models"]["oracle"]["inference"]["median_s"]}
         out["executed_macs"] = {"static": measure.paper_macs(models["static"], input_size)[0], "juliet_run": macs}
         out["node_profile"] = node_profile(trained, x, repeats)
     return out
@@ -342,6 +365,8 @@ def format_bench(result) -> str:
         lines += [f"| {label} | {q[k]['train']:.3f}x | {q[k]['inference']:.3f}x |" for k, label in
                   (("juliet_over_oracle", "juliet / oracle (routing overhead)"),
                    ("juliet_run", "juliet / static"), ("oracle", "oracle / static"))]
+        lines.append(f"| juliet, selectors replayed / oracle (the routing machinery alone) | | "
+                     f"{q['replayed_over_oracle']['inference']:.3f}x |")
         lines.append(f"| executed MACs, juliet / static | | {m['juliet_run'] / m['static']:.3f}x "
                      f"({m['juliet_run'] / 1e6:.2f} M / {m['static'] / 1e6:.2f} M) |")
         p = r["node_profile"]

@@ -169,6 +169,14 @@ def test_the_oracle_runs_each_leafs_samples_down_its_path_and_agrees_with_the_tr
     step, opt = bench.oracle_step(copy.deepcopy(net), x, train=True)
     step()
     assert opt.state  # it trained
+    replay = bench.replayed(net, x)  # the routing without the selectors' compute routes and predicts the same
+    calls = []
+    for node in replay.nodes():
+        for part in node.selector.children() if node.selector is not None else ():
+            part.register_forward_hook(lambda *a: calls.append(1))
+    with torch.no_grad():
+        got, got_paths = replay(x, return_paths=True)
+    assert got_paths == paths and torch.equal(got, logits) and not calls
 
 
 def test_no_early_exit_sends_everyone_to_full_depth():
@@ -304,3 +312,4 @@ def test_profile_of_a_finished_run_and_table4(tmp_path, capsys):
     assert q["juliet_over_oracle"]["inference"] == pytest.approx(ratio)
     assert 0 < r["executed_macs"]["juliet_run"] < 1.1 * r["executed_macs"]["static"]
     assert r["node_profile"]["parts_s"] and "juliet / oracle" in bench.format_bench(r)
+    assert r["ratios"]["replayed_over_oracle"]["inference"] > 0 and "replayed" in bench.format_bench(r)
