@@ -133,6 +133,11 @@ class TransformerSelector(Selector):
         key = (stop, *[(id(p), p._version, p.data_ptr()) for p in tensors])
         if self._fold[0] == key:
             return self._fold[2]
+        with torch.autocast(signatures.device.type, enabled=False):  # in the weights' dtype, whoever calls first
+            self._fold = (key, tensors, self._folded(signatures, stop))
+        return self._fold[2]
+
+    def _folded(self, signatures: torch.Tensor, stop: bool) -> tuple[torch.Tensor, ...]:
         enc, d = self.encoder, self.d_model
         assert not enc.norm_first and enc.activation_relu_or_gelu == 1, "folded_logits is the post-norm ReLU layer"
         H = enc.self_attn.num_heads
@@ -151,8 +156,7 @@ class TransformerSelector(Selector):
         s_bb = torch.einsum("khe,jhe->hkj", q, kb.view(len(br), H, -1))  # (H, K, K): branch queries on branch keys
         v_b = torch.einsum("jhe,ohe->hjo", vb.view(len(br), H, -1), wo)  # (H, K, d)
         resid = br + enc.self_attn.out_proj.bias  # (K, d): the residual and out_proj's bias
-        self._fold = (key, tensors, (w, bias, s_bb, v_b, resid))
-        return self._fold[2]
+        return w, bias, s_bb, v_b, resid
 
 
 class MLPSelector(Selector):
