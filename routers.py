@@ -25,7 +25,8 @@ selector handles any number of children, and a child grown later (Alg. 2) is sco
 step without resizing anything. The three selectors differ only in how they read `f`:
 
   transformer  §4.1: feature token Linear(LayerNorm(GAP(f))); TransformerEncoderLayer over
-               [feature || branches]; a linear head on each branch output gives its logit.
+               [feature || branches]; a linear head on each branch output gives its logit. At inference
+               the same function runs folded (`folded_logits`), in half the ops.
   mlp          §5.3: a 2-layer MLP embeds GAP(f); logit = <embedding, branch token> / sqrt(d).
   conv         §5.3: depthwise 3x3 conv + ReLU + GAP, projected, scored like `mlp`.
 """
@@ -124,9 +125,7 @@ class TransformerSelector(Selector):
     @torch.no_grad()
     def fold(self, signatures: torch.Tensor, stop: bool) -> tuple[torch.Tensor, ...]:
         """What `folded_logits` needs that does not depend on the sample, kept while the selector's weights
-        and the signatures keep their versions (the references held keep their memory from being reused).
-        With t = W_f u + b_f the feature token (u: LayerNorm(GAP(f))), head h, branch query q_kh (scaled by
-        1/sqrt(d_h)): score s_hk = q_kh . (W_k,h t + b_k,h), value through out_proj W_o,h (W_v,h t + b_v,h)."""
+        and the signatures keep their versions (the references held keep their memory from being reused)."""
         if not hasattr(self, "_weights"):  # a selector's parameters never change, only their values
             self._weights, self._fold = tuple(self.parameters()), (None,)
         tensors = (signatures, *self._weights)
@@ -138,6 +137,10 @@ class TransformerSelector(Selector):
         return self._fold[2]
 
     def _folded(self, signatures: torch.Tensor, stop: bool) -> tuple[torch.Tensor, ...]:
+        """With t = W_f u + b_f the feature token (u: LayerNorm(GAP(f))), head h and branch query q_kh (scaled
+        by 1/sqrt(d_h)): t's score is q_kh . (W_k,h t + b_k,h), its value through out_proj W_o,h (W_v,h t + b_v,h);
+        both are linear in u. Returns that map (C, H*K + H*d) and its bias, the branch-on-branch scores, the
+        branch values through out_proj and the branch tokens' residual."""
         enc, d = self.encoder, self.d_model
         assert not enc.norm_first and enc.activation_relu_or_gelu == 1, "folded_logits is the post-norm ReLU layer"
         H = enc.self_attn.num_heads
