@@ -301,28 +301,21 @@ def benchmark(backbone_name, input_size=32, batch=128, repeats=15, warmup=3, dev
 
 
 def node_profile(net, x, repeats=10) -> dict:
-    """Where an inference batch's time goes: per node, its stage and its selector (forward hooks, medians over
-    `repeats` after one warm-up), and the rest of the forward -- partitioning, exits, bookkeeping, the hooks."""
-    seconds, starts, handles, totals = collections.defaultdict(list), {}, [], []
+    """Where an inference batch's time goes: per node, its stage and its selector (`measure.module_timer`, mean
+    over `repeats` after one warm-up), and the rest of the forward -- partitioning, exits, bookkeeping, the hooks."""
+    parts = {f"{node.node_id} {part}": module for node in net.nodes()
+             for part, module in (("stage", node.sub), ("selector", node.selector))
+             if module is not None and not isinstance(module, torch.nn.Identity)}
+    totals = []
     net.eval()
     with torch.no_grad():
         net(x)  # warm-up
-        for node in net.nodes():
-            for part, module in (("stage", node.sub), ("selector", node.selector)):
-                if module is not None and not isinstance(module, torch.nn.Identity):
-                    k = f"{node.node_id} {part}"
-                    handles.append(module.register_forward_pre_hook(lambda m, i, k=k: starts.update({k: _now(x)})))
-                    handles.append(module.register_forward_hook(
-                        lambda m, i, o, k=k: seconds[k].append(_now(x) - starts.pop(k))))
-        try:
+        with measure.module_timer(parts) as seconds:
             for _ in range(repeats):
                 t0 = _now(x)
                 net(x)
                 totals.append(_now(x) - t0)
-        finally:
-            for h in handles:
-                h.remove()
-    parts = {k: sum(v) / repeats for k, v in seconds.items()}  # a module may run more than once per batch
+    parts = {k: s / repeats for k, s in seconds.items()}  # a module may run more than once per batch
     total = statistics.median(totals)
     return {"total_s": total, "parts_s": parts, "rest_s": total - sum(parts.values())}
 

@@ -182,12 +182,12 @@ def node_macs(net, input_size=32) -> dict[str, dict[str, float]]:
         f = node.sub(x)  # (1, C, H, W)
         pooled = f.mean((2, 3))  # (1, C)
         adapter = net.adapters[str(f.shape[1])] if str(f.shape[1]) in net.adapters else None
-        exit_macs = _thop(net.head, adapter(pooled) if adapter else pooled)[0]
+        exit_macs = _thop(net.head, net.adapt(pooled))[0]
         exit_macs += _thop(adapter, pooled)[0] if adapter else 0.0
         selector = 0.0
         if node.selector is not None:
             reads = net.reads_exit(node)
-            read = net.head(adapter(pooled) if adapter else pooled) if reads else None
+            read = net.head(net.adapt(pooled)) if reads else None
             selector = _thop(node.selector, f, net.signatures(node), "stop" in node.child, read)[0]
             selector += exit_macs if reads else 0.0
         out[node.node_id] = {"stage": _thop(node.sub, x)[0], "selector": selector, "exit": exit_macs}
@@ -275,27 +275,32 @@ def process_peak_bytes(device: str) -> int:
 
 
 @contextlib.contextmanager
-def node_timer(net):
-    """Seconds spent in each node's sub-module while the block runs, by forward hooks ({node id: s}; §5.2
-    "throughput per node"). On CUDA each hook synchronises, so time only when asked for."""
+def module_timer(modules: dict):
+    """Seconds spent in each of `modules` ({name: nn.Module}) while the block runs, by forward hooks ({name: s},
+    summed over calls). On CUDA each hook synchronises, so time only when asked for."""
     seconds, starts, handles = collections.Counter(), {}, []
 
-    def pre(module, inputs, node_id):
+    def pre(module, inputs, name):
         sync(inputs[0].device)
-        starts[node_id] = time.perf_counter()
+        starts[name] = time.perf_counter()
 
-    def post(module, inputs, output, node_id):
+    def post(module, inputs, output, name):
         sync(output.device)
-        seconds[node_id] += time.perf_counter() - starts.pop(node_id)
+        seconds[name] += time.perf_counter() - starts.pop(name)
 
-    for node in net.nodes():
-        handles.append(node.sub.register_forward_pre_hook(lambda m, i, nid=node.node_id: pre(m, i, nid)))
-        handles.append(node.sub.register_forward_hook(lambda m, i, o, nid=node.node_id: post(m, i, o, nid)))
+    for name, module in modules.items():
+        handles.append(module.register_forward_pre_hook(lambda m, i, name=name: pre(m, i, name)))
+        handles.append(module.register_forward_hook(lambda m, i, o, name=name: post(m, i, o, name)))
     try:
         yield seconds
     finally:
         for h in handles:
             h.remove()
+
+
+def node_timer(net):
+    """Seconds spent in each node's sub-module while the block runs ({node id: s}; §5.2 "throughput per node")."""
+    return module_timer({node.node_id: node.sub for node in net.nodes()})
 
 
 # ----------------------------------------------------------------------------- energy (NVML)
