@@ -118,11 +118,12 @@ def paper_macs(model, input_size=32, in_channels=3, x=None) -> tuple[float, floa
     return _thop(model, _dummy(input_size, in_channels, device_of(model)) if x is None else x)
 
 
-def dummy_path(net, input_size=32) -> str:
-    """The leaf that the paper convention's dummy input reaches."""
+def dummy_path(net, input_size=32, stop_threshold=None) -> str:
+    """The leaf that the paper convention's dummy input reaches (with `stop_threshold=1`: the deepest)."""
     visits = copy.copy(net.visits)
     with evaluating(net), torch.no_grad():
-        _, paths = net(_dummy(input_size, net.backbone.in_channels, device_of(net)), return_paths=True)
+        x = _dummy(input_size, net.backbone.in_channels, device_of(net))
+        _, paths = net(x, return_paths=True, stop_threshold=stop_threshold)
     net.visits = visits  # a measurement, not traffic
     return paths[0]
 

@@ -139,9 +139,9 @@ def train_one_epoch(model, loader, opt, scaler, args, progress: dict) -> dict:
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
         with torch.autocast(device.type, enabled=args.amp):
             logits = model(x)
-            loss = F.cross_entropy(logits, y) if not juliet else juliet_loss(
-                model, logits, y, args.exit_weight, args.route_weight, args.cost_weight, args.expected_cost_weight,
-                args.balance_weight)
+            loss = juliet_loss(model, logits, y, exit_weight=args.exit_weight, route_weight=args.route_weight,
+                               price=args.cost_weight, cost_weight=args.expected_cost_weight,
+                               balance_weight=args.balance_weight) if juliet else F.cross_entropy(logits, y)
         if not torch.isfinite(loss):
             raise NonFiniteLoss(f"loss is {loss.item()} at epoch {progress['epoch']}, step {progress['step'] + 1}")
         opt.zero_grad(set_to_none=True)
@@ -310,9 +310,8 @@ def train_and_test(args, make_datasets, on_epoch=None) -> dict:
         model = runs.model_from_checkpoint(ckpt, args.backbone, num_classes)
     try:  # dummy forwards, Juliet's through every stage: an input size the backbone's pooling cannot take fails here
         profile = measure.model_profile(model, args.dataset, args.input_size, num_classes)
-        with torch.no_grad():
-            model.eval()(torch.zeros(1, 3, args.input_size, args.input_size), **({"stop_threshold": 1.0} if
-                         isinstance(model, JulietNet) else {}))
+        if isinstance(model, JulietNet):
+            measure.dummy_path(model, args.input_size, stop_threshold=1.0)
     except RuntimeError as e:
         raise UsageError(f"--input-size {args.input_size} does not fit {args.backbone}: {str(e)[:100]}") from None
     # rank 0 (or the only process) writes the run directory; under torchrun the others only compute
