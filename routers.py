@@ -94,6 +94,9 @@ class TransformerSelector(Selector):
             d_model, n_head, dim_feedforward=2 * d_model, dropout=0.0, batch_first=True
         )
         self.head = nn.Linear(d_model, 1)
+        # `fold`'s cache: the parameter objects (fixed; an optimizer step or a load changes their values and
+        # versions in place) and the last fold with the key it was made for
+        self._weights, self._fold = tuple(self.parameters()), (None,)
 
     def logits(self, f: torch.Tensor, signatures: torch.Tensor, stop: bool) -> torch.Tensor:
         if not (self.training or torch.is_grad_enabled()) and torch.backends.mha.get_fastpath_enabled():
@@ -126,8 +129,6 @@ class TransformerSelector(Selector):
     def fold(self, signatures: torch.Tensor, stop: bool) -> tuple[torch.Tensor, ...]:
         """What `folded_logits` needs that does not depend on the sample, kept while the selector's weights
         and the signatures keep their versions (the references held keep their memory from being reused)."""
-        if not hasattr(self, "_weights"):  # a selector's parameters never change, only their values
-            self._weights, self._fold = tuple(self.parameters()), (None,)
         tensors = (signatures, *self._weights)
         key = (stop, *[(id(p), p._version, p.data_ptr()) for p in tensors])
         if self._fold[0] == key:
