@@ -46,6 +46,11 @@ def labels_for(model, x):
     return torch.randint(0, classes, (x.shape[0],), generator=torch.Generator().manual_seed(0)).to(x.device)
 
 
+def table2_adam(model) -> torch.optim.Adam:
+    """Table 2's optimizer: Adam, lr 1e-3, weight decay 1e-5."""
+    return torch.optim.Adam(model.parameters(), lr=1e-3, weight_decay=1e-5)
+
+
 def make_step(model, x, train):
     """One training step (forward + loss + backward + Adam, Table 2's optimizer) or one no_grad inference
     batch. A Juliet step's loss is the default recipe's: task loss + exit_loss + route_loss."""
@@ -55,7 +60,7 @@ def make_step(model, x, train):
             with torch.no_grad():
                 model(x)
         return infer, None
-    y, opt = labels_for(model, x), torch.optim.Adam(model.parameters(), lr=1e-3, weight_decay=1e-5)
+    y, opt = labels_for(model, x), table2_adam(model)
 
     def step():
         model.train()
@@ -98,7 +103,7 @@ def oracle_step(net, x, train):
         return out
     if not train:
         return infer, None
-    opt = torch.optim.Adam(net.parameters(), lr=1e-3, weight_decay=1e-5)
+    opt = table2_adam(net)
 
     def step():
         net.train()
