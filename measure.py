@@ -9,14 +9,9 @@ FLOPs two ways, side by side:
                     being its stage modules + every selector evaluated on it + adapter + head.
 Training FLOPs/epoch ~ 3 x inference x |D_train| ("Computation of FLOPs/energy"; Table 4 also x epochs).
 
-What the counters include. THOP 0.1.1 (module forward hooks): Conv (Cin/groups x k x k per output),
-Linear (in_features per output), BatchNorm/LayerNorm (2 per element, x2 if affine), avg pools, Softmax, and
-nn.MultiheadAttention through our `count_mha` (Q/K/V and out projections, QK^T, AV; THOP itself counts 0);
-0 for ReLU/SiLU/Sigmoid, max pool, Dropout, Identity and functional ops (residual adds, SE products, GAP by
-.mean, the selectors' score matmul); a module's params count only if its forward ran. FlopCounterMode
-(torch.utils.flop_counter): conv, matmul and attention only, 2 FLOPs per MAC (we report /2), no norms.
-Both run under `countable()` (MHA fast path off, MATH SDPA): in eval under no_grad the fused attention
-kernels are invisible to both.
+What the counters include (`COUNTERS`; THOP 0.1.1 counts nn.MultiheadAttention through our `count_mha`, and
+0 for functional ops: residual adds, SE products, GAP by .mean). Both run under `countable()` (MHA fast path
+off, MATH SDPA): in eval under no_grad the fused attention kernels are invisible to both.
 
 Memory per epoch (`process_peak_bytes`): the CUDA allocator's peak on GPU, the process's peak RSS on CPU.
 (bench.py measures one step of one model, which RSS cannot isolate: `bench.step_peak_memory`.) Energy: NVML
@@ -240,6 +235,25 @@ def expected_macs(net, leaf_counts: dict[str, int], input_size=32, table=None) -
     nodes = {nd.node_id: {"visits": visits[nd.node_id], "freq": visits[nd.node_id] / n} for nd in net.nodes()}
     return {"expected_macs_per_sample": sum(p["freq"] * p["macs"] for p in paths.values()), "samples": n,
             "paths": paths, "nodes": nodes}
+
+
+class PathCosts:
+    """Executed MACs of training batches: each leaf's path cost (measure.path_macs), cached until the trie changes."""
+
+    def __init__(self, model, input_size: int):
+        self.model, self.size, self.cache, self.macs, self.n = model, input_size, {}, 0.0, 0
+
+    def add(self, leaf_counts: dict) -> None:
+        for leaf, n in leaf_counts.items():
+            if leaf not in self.cache:
+                self.cache[leaf] = path_macs(self.model, leaf, self.size)
+            self.macs, self.n = self.macs + n * self.cache[leaf], self.n + n
+
+    def changed(self) -> None:
+        self.cache.clear()
+
+    def per_sample(self) -> float:
+        return self.macs / max(1, self.n)
 
 
 def total_params(model) -> int:

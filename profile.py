@@ -119,6 +119,25 @@ def curve_run(run_dir, baseline=None, budget=None, device="cpu", max_batches=Non
     return rep
 
 
+def calibrate_run(run_dir, tolerance, device="cpu") -> dict:
+    """Refit a trained trie's stop decisions and operating point on its validation split (routing.calibrate_net),
+    e.g. for another accuracy tolerance, and rewrite its model.pt (the kept model) with them."""
+    import data
+    import routing
+    import runs
+
+    config, model = runs.load_run(run_dir, device)
+    if not hasattr(model, "root"):
+        raise runs.UsageError(f"{run_dir} is a static run: it has no stop decisions to calibrate")
+    splits = (data.imagenet_datasets if config["dataset"] == "imagenet" else data.cifar_datasets)(config)
+    out = routing.calibrate_net(model, data.make_loader(splits[1], config, shuffle=False), device, tolerance,
+                                config.get("input_size", 32))
+    with runs.claim_run_dir(run_dir, new=False):
+        kept = runs.read_json(os.path.join(run_dir, "final.json"), {}).get("evaluated_checkpoint", {})
+        runs.save_model(run_dir, model, kept.get("epoch"))
+    return out
+
+
 def table_rows(run_dirs) -> list[dict]:
     """One Table 4 row per run. Training FLOPs = 3 x F_inf x |D_train| per epoch (§5.1); Table 4 also
     multiplies by the epochs (ResNet-18: 3 x 37.22 M x 45,000 x 60 = 301.5 T), so we do when config has them."""
@@ -263,6 +282,11 @@ def main(argv=None):
     parser.add_argument("--baseline", metavar="RUN", help="--curve: the static run whose test top-1 to compare")
     parser.add_argument("--budget", type=runs.positive_float, metavar="MMACS",
                         help="--curve: a budget in M MACs per sample; the threshold is calibrated on val")
+    parser.add_argument("--calibrate", action="store_true", help="RUN: refit its stop decisions and operating point "
+                        "on its validation split (before --curve), rewriting RUN/model.pt")
+    parser.add_argument("--stop-tolerance", type=runs.nonneg_float, default=0.5,
+                        help="--calibrate: the operating point is the cheapest within this many points of val "
+                             "top-1 at full depth")
     parser.add_argument("--json", action="store_true", help="print one JSON object, nothing else, on stdout")
     parser.error = _fail  # one line and exit 2, like every other bad input
     args = parser.parse_args(argv)
@@ -294,6 +318,16 @@ def _dispatch(args):
         ops = [f"\n{name}: one train step, top operators by self CPU time\n{m['top_ops']}"
                for name, m in r["models"].items()]
         return r, "\n".join([format_bench(r), *ops])
+    notes = ""
+    if args.calibrate:
+        if args.run_dir is None:
+            raise UsageError("--calibrate needs a run directory: python profile.py runs/<name> --calibrate")
+        cal = calibrate_run(args.run_dir, args.stop_tolerance, args.device)
+        p = cal["val_operating_point"]
+        notes = (f"calibrated on val: operating point t = {p['t']:.4f} ({p['macs'] / 1e6:.2f} M MACs, "
+                 f"{p['top1']:.2f}% val top-1, tolerance {args.stop_tolerance} points)\n")
+        if not args.curve:
+            return cal, notes.rstrip()
     if args.curve:
         if args.run_dir is None:
             raise UsageError("--curve needs a run directory: python profile.py runs/<name> --curve")
@@ -307,7 +341,7 @@ def _dispatch(args):
             text += (f"\nbudget {b['budget_macs'] / 1e6:.2f} M MACs: t = {b['t']} on val "
                      f"({b['val']['macs'] / 1e6:.2f} M, {b['val']['top1']:.2f}%) -> "
                      f"test {b['test']['macs'] / 1e6:.2f} M, {b['test']['top1']:.2f}%")
-        return rep, text + f"\nwrote {os.path.join(args.run_dir, 'curve.json')} and curve.png"
+        return rep, notes + text + f"\nwrote {os.path.join(args.run_dir, 'curve.json')} and curve.png"
     if args.run_dir is not None:
         p = profile_run(args.run_dir, args.device, args.max_batches)
     elif args.backbone is not None:

@@ -1,6 +1,6 @@
 """Path selectors: score a node's candidate children from the node's features (paper §3.1.2, §4.1, §5.3).
 
-Every selector has one interface, `selector(f, signatures, stop, exit_logits=None) -> logits (B, K)`:
+Every selector has one interface, `selector(f, signatures, stop, exit_logits=None, prev_logits=None) -> (B, K)`:
 
   f            (B, C, H, W)   the node's post-sub-module activations
   signatures   (K_s, S)       one weight signature per stage child: the mean of its last conv's weights
@@ -8,6 +8,7 @@ Every selector has one interface, `selector(f, signatures, stop, exit_logits=Non
                               child's sub-module (e.g., averaging a representative convolution's weights)"
   stop         bool           whether the node has a stop child (trie.py); it gets a learned token
   exit_logits  (B, classes)   the prediction a sample would leave with if it stopped here (optional)
+  prev_logits  (B, classes)   the exit before it on the sample's path (NaN rows: none; read by the calibration)
 
 The stop child's logit also gets a learned offset, `stop_bias`. Initialised negative, it makes a new
 trie behave like its backbone (every sample runs every stage, so every stage gets trained) and lets
@@ -46,6 +47,22 @@ def confidence_features(exit_logits: torch.Tensor) -> torch.Tensor:
     return torch.stack([top2[:, 0], top2[:, 0] - top2[:, -1], entropy], -1)
 
 
+IDENTITY = torch.tensor([1.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0])  # [a, w_1..w_5, b]: the calibration that changes nothing
+
+
+def calibration_features(exit_logits: torch.Tensor, prev_logits: torch.Tensor | None = None) -> torch.Tensor:
+    """(B, 5): confidence_features and two reads of the exit before it on the path (0 where there is none): whether
+    it predicted the same class, and its probability of this exit's class (consecutive exits that agree are
+    rarely wrong together; PABEE's "patience")."""
+    conf = confidence_features(exit_logits)  # (B, 3)
+    if prev_logits is None:
+        return torch.cat([conf, conf.new_zeros(len(conf), 2)], 1)
+    pred = exit_logits.argmax(-1, keepdim=True)  # (B, 1)
+    prev = prev_logits.float().softmax(-1).nan_to_num(0.0)  # (B, classes); NaN rows (no exit before) -> 0
+    agree = (prev.argmax(-1, keepdim=True) == pred) & (prev.sum(-1, keepdim=True) > 0)  # (B, 1)
+    return torch.cat([conf, agree.float(), prev.gather(1, pred)], 1)
+
+
 class Selector(nn.Module):
     """Shared part: branch tokens from child weight signatures, a learned stop token, the stop logit's offset
     and, with `exit_confidence`, its read of the exit's confidence."""
@@ -60,16 +77,45 @@ class Selector(nn.Module):
         self.confidence = nn.Linear(3, 1) if exit_confidence else None
         if self.confidence is not None:  # zero: a new selector is the paper's
             nn.init.zeros_(self.confidence.weight), nn.init.zeros_(self.confidence.bias)
+        # Held-out calibration of the stop decision (ours; routing.calibrate fits it on the validation split):
+        # stop log-odds d' = a d + w . calibration_features + b, as [a, w_1, ..., w_5, b]. Not learned by SGD.
+        self.register_buffer("calibration", IDENTITY.clone())
+        self.calibrated = False  # whether `calibration` is not the identity (a flag: no device sync per call)
+
+    def set_calibration(self, coefficients: torch.Tensor) -> None:
+        self.calibration.copy_(coefficients)
+        self.calibrated = not torch.equal(self.calibration.cpu(), IDENTITY)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        calibration = state_dict.get(prefix + "calibration", IDENTITY)  # checkpoints from before calibration
+        if len(calibration) == 5:  # from before the previous exit's features: [a, w_1..w_3, b]
+            calibration = torch.cat([calibration[:4], calibration.new_zeros(2), calibration[4:]])
+        state_dict[prefix + "calibration"] = calibration
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        self.calibrated = not torch.equal(calibration.cpu(), IDENTITY)
 
     def forward(self, f: torch.Tensor, signatures: torch.Tensor, stop: bool,
-                exit_logits: torch.Tensor | None = None) -> torch.Tensor:
+                exit_logits: torch.Tensor | None = None, prev_logits: torch.Tensor | None = None) -> torch.Tensor:
         logits = self.logits(f, signatures, stop)  # (B, K)
         if stop:  # the stop child is last
             offset = self.stop_bias
             if self.confidence is not None and exit_logits is not None:
                 offset = offset + self.confidence(confidence_features(exit_logits)).to(logits.dtype)  # (B, 1)
             logits = torch.cat([logits[:, :-1], logits[:, -1:] + offset], 1)
+            if self.calibrated:
+                logits = self.calibrate(logits, exit_logits, prev_logits)
         return logits
+
+    def calibrate(self, logits: torch.Tensor, exit_logits: torch.Tensor | None,
+                  prev_logits: torch.Tensor | None = None) -> torch.Tensor:
+        """Replace P_stop by sigmoid(d'), d' = a d + w . calibration_features + b, d = log P_stop / (1 - P_stop) =
+        the stop logit minus the stage logits' logsumexp; the stage children keep their odds among themselves."""
+        a, w, b = self.calibration[0], self.calibration[1:-1], self.calibration[-1]
+        go = logits[:, :-1].float().logsumexp(-1)  # (B,)
+        d = a * (logits[:, -1].float() - go) + b
+        if exit_logits is not None:
+            d = d + calibration_features(exit_logits, prev_logits) @ w
+        return torch.cat([logits[:, :-1], (d + go)[:, None].to(logits.dtype)], 1)
 
     def branch_tokens(self, signatures: torch.Tensor, stop: bool) -> torch.Tensor:
         tokens = self.sig_proj(signatures)  # (K_s, d)

@@ -15,23 +15,31 @@ Costs are executed MACs per sample (THOP, measure.py): Juliet pays the stages an
 one exit; a fixed-depth exit pays stages and its exit; the confidence exit pays stages and every exit it
 tries. Selectors count for the baselines only where a node has sibling stages to choose between.
 
+Held-out stop decisions (ours; README "Paper notes and deviations"). The selectors learn where to stop from
+training samples, which the exits have fitted: there "this exit is right" holds far more often than on new
+data, and the learned stop drifts early as training goes on. After training, `calibrate_net` refits every
+stop decision on the validation split (a logistic regression per node on the selector's stop log-odds and the
+exit's confidence, EENet-style) and picks the operating point there: the cheapest threshold within a declared
+tolerance of full-depth accuracy (`operating_point`). The knob's thresholds are then estimated probabilities
+that stopping loses nothing, comparable across nodes.
+
     table = exit_table(net, loader, device)
-    curve = juliet_curve(table, thresholds)        # [{"t", "macs", "top1"}, ...], monotone in t
+    curve = juliet_curve(table)                    # [{"t", "macs", "top1"}, ...], monotone in t, every t that moves
     fixed = fixed_depth_points(table); hull_top1(fixed, macs)
     rep = curve_report(table, static)              # curve.json; plots.plot_curve draws it
+    calibrate_net(net, val_loader, device, tolerance=0.5)  # the held-out stop policy and operating point
 """
 
 import collections
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from tqdm import tqdm
 
 import measure
+from routers import IDENTITY, calibration_features
 from trie import STOP_RULES
-
-THRESHOLDS = tuple(round(float(t), 3) for t in np.linspace(0, 1, 21))  # the knob's settings on a curve
-
 
 # ----------------------------------------------------------------------------- one pass, every exit
 
@@ -58,11 +66,15 @@ def exit_table(net, loader, device, input_size=32, max_batches=None, quiet=False
                  (("p_stop", float("nan"), torch.float), ("p_stage", float("nan"), torch.float),
                   ("conf", float("nan"), torch.float), ("correct", False, torch.bool), ("node", -1, torch.long),
                   ("leaf", False, torch.bool))}
+            t["features"] = torch.full((B, D, 5), float("nan"))  # the exit's calibration_features
+            last = torch.full((B, logits.shape[1]), float("nan"), device=x.device)  # the path's last exit (pre-order)
             for node, idx, exit_logits, P in net.exits:  # (B_n,), (B_n, classes), (B_n, K) with the stop child last
                 conf, pred = exit_logits.float().softmax(-1).max(-1)  # the exit's prediction
                 i, d = idx.cpu(), node.depth
                 t["p_stop"][i, d], t["p_stage"][i, d] = P[:, -1].cpu(), P[:, :-1].max(-1).values.cpu()
                 t["conf"][i, d], t["correct"][i, d] = conf.cpu(), (pred == y[idx]).cpu()
+                t["features"][i, d] = calibration_features(exit_logits, last[idx]).cpu()
+                last[idx] = exit_logits.float()
                 t["node"][i, d] = index[node.node_id]
             # the stage leaf every sample reached: its exit is the net's logits
             n, d = torch.arange(B), torch.tensor([net.node(p).depth for p in paths])  # (B,), (B,)
@@ -81,7 +93,8 @@ def exit_table(net, loader, device, input_size=32, max_batches=None, quiet=False
     groups = getattr(base, "group", None)
     if groups is not None and not max_batches:
         table["group"] = [groups[i] for i in getattr(loader.dataset, "indices", range(len(groups)))]
-    table.update(nodes=nodes, stop_rule=net.options.get("stop_rule", "argmax"), **costs(net, nodes, input_size))
+    table.update(nodes=nodes, stop_rule=net.options.get("stop_rule", "argmax"),
+                 stop_threshold=net.options.get("stop_threshold"), **costs(net, nodes, input_size))
     return table
 
 
@@ -119,22 +132,49 @@ RULES = {"half": "stop rule 'half', P_stop >= 1/2", "argmax": "stop rule 'argmax
 
 
 def juliet_exits(table: dict, t: float | None) -> torch.Tensor:
-    """Exit depths under the stop threshold t (None: the net's stop rule -- "half", t = 1/2, or the paper's
-    "argmax", stop where P_stop beats every stage child)."""
-    t = STOP_RULES[table.get("stop_rule", "argmax")] if t is None else t
+    """Exit depths under the stop threshold t (None: the net's operating point -- its held-out threshold, else its
+    stop rule: "half", t = 1/2, or the paper's "argmax", stop where P_stop beats every stage child)."""
+    if t is None:
+        t = table.get("stop_threshold")
+        t = STOP_RULES[table.get("stop_rule", "argmax")] if t is None else t
     p = table["p_stop"].nan_to_num(-1.0)
     stop = p > table["p_stage"].nan_to_num(2.0) if t is None else (p >= t) & bool(t < 1)
     return first(stop, table)
 
 
-def juliet_curve(table: dict, thresholds=THRESHOLDS) -> list[dict]:
-    return [{"t": t, **score(table, juliet_exits(table, t))} for t in thresholds]
+def knob(values: torch.Tensor, most: int = 2000) -> list[float]:
+    """Every setting of a threshold that changes some sample's exit: 0, each distinct value in `values`, 1 (at most
+    `most` of them, evenly spaced quantiles). Exits move only where the threshold crosses a value."""
+    v = values[torch.isfinite(values)].double().unique()
+    if len(v) > most:
+        v = v[torch.linspace(0, len(v) - 1, most).round().long()]
+    return sorted({0.0, 1.0, *v.clamp(0, 1).tolist()})
 
 
-def confidence_curve(table: dict, thresholds=THRESHOLDS) -> list[dict]:
+def thin(points: list[dict], spacing: float = 0.005) -> list[dict]:
+    """Points in the knob's order (MACs monotone), dropping each whose MACs lie within `spacing` x the MAC span of
+    the last one kept (the ends stay): no band of the span left without a point, and no thousand-row JSON."""
+    if len(points) < 3:
+        return points
+    span = max(p["macs"] for p in points) - min(p["macs"] for p in points)
+    kept = [points[0]]
+    for p in points[1:-1]:
+        if abs(p["macs"] - kept[-1]["macs"]) > spacing * span:
+            kept.append(p)
+    return kept + [points[-1]]
+
+
+def juliet_curve(table: dict, thresholds=None) -> list[dict]:
+    """The knob of one checkpoint: (t, MACs, top-1) at each stop threshold t (default: every t that moves an exit)."""
+    ts = knob(table["p_stop"]) if thresholds is None else thresholds
+    return thin([{"t": t, **score(table, juliet_exits(table, t))} for t in ts])
+
+
+def confidence_curve(table: dict, thresholds=None) -> list[dict]:
     """The standard confidence early exit on the same exits: the first exit whose max softmax >= c."""
-    return [{"c": c, **score(table, first(table["conf"].nan_to_num(-1.0) >= c, table), "cost_conf")}
-            for c in thresholds]
+    cs = knob(table["conf"]) if thresholds is None else thresholds
+    return thin([{"c": c, **score(table, first(table["conf"].nan_to_num(-1.0) >= c, table), "cost_conf")}
+                 for c in cs])
 
 
 def fixed_depth_points(table: dict) -> list[dict]:
@@ -185,38 +225,136 @@ def threshold_for_budget(table: dict, budget: float, steps: int = 201) -> float:
     return round(float(ok[-1]), 4)
 
 
-def curve_report(table: dict, static: dict, thresholds=THRESHOLDS) -> dict:
+def curve_report(table: dict, static: dict, thresholds=None) -> dict:
     """curve.json: the compute knob of one checkpoint against (a) the fixed-depth exits and their hull, (b) the
-    confidence early exit on the same exits and (c) the static backbone, each read at the knob's MACs."""
+    confidence early exit on the same exits and (c) the static backbone, each read at the knob's MACs; and the
+    summaries: the knob minus the confidence exit over 25-100% of the static MACs, the operating point minus
+    the hull, and any 10% band of the knob's MAC span without a point."""
     curve, conf, fixed = juliet_curve(table, thresholds), confidence_curve(table, thresholds), fixed_depth_points(table)
     matched = [{"t": p["t"], "macs": p["macs"], "juliet_top1": p["top1"],
                 "fixed_hull_top1": hull_top1(fixed, p["macs"]),
                 "confidence_top1": hull_top1(conf, p["macs"]), "static_top1": static.get("top1")}
                for p in curve]
     macs = [p["macs"] for p in curve]
-    return {"juliet_curve": curve, "juliet_top1_policy": score(table, juliet_exits(table, None)),
-            "stop_rule": table.get("stop_rule", "argmax"),
-            "confidence_curve": conf, "fixed_depth": fixed, "fixed_hull": upper_hull(fixed), "static": static,
-            "matched": matched, "macs_span": max(macs) / min(macs), "samples": len(table["label"])}
+    lo, hi = min(macs), max(macs)
+    # each knob read as its upper hull, what it reaches with at most these MACs (the baselines' reading too)
+    gaps = [hull_top1(curve, m) - hull_top1(conf, m) for m in macs
+            if hull_top1(conf, m) is not None and 0.25 * static["macs"] <= m <= static["macs"]]
+    point = score(table, juliet_exits(table, None))
+    hull = hull_top1(fixed, point["macs"])
+    empty = [k for k in range(10) if hi > lo and not any(lo + k * (hi - lo) / 10 <= m <= lo + (k + 1) * (hi - lo) / 10
+                                                        for m in macs)]
+    return {"juliet_curve": curve, "juliet_top1_policy": point, "stop_rule": table.get("stop_rule", "argmax"),
+            "stop_threshold": table.get("stop_threshold"), "above_hull_at_operating_point":
+                None if hull is None else point["top1"] - hull,
+            "vs_confidence_25_100": {"min": min(gaps, default=None), "mean": float(np.mean(gaps)) if gaps else None,
+                                     "points": len(gaps)},
+            "empty_bands": empty, "confidence_curve": conf, "fixed_depth": fixed, "fixed_hull": upper_hull(fixed),
+            "static": static, "matched": matched, "macs_span": hi / lo, "samples": len(table["label"])}
 
 
 def format_curve(rep: dict) -> str:
-    """The matched-MACs table of curve_report, one row per distinct point of the knob."""
-    f = lambda v: "n/a" if v is None else f"{v:.2f}"
+    """The matched-MACs table of curve_report, the point nearest each tenth of the knob's MAC span, and summaries."""
+    f = lambda v: "n/a" if v is None else f"{v:.2f}"  # noqa: E731
     out = ["| t | executed MACs (M) | Juliet top-1 | fixed-depth hull | confidence exit | static |",
            "|---|---|---|---|---|---|"]
-    seen = set()
-    for r in rep["matched"]:
-        if round(r["macs"]) not in seen:
-            seen.add(round(r["macs"]))
-            out.append(f"| {r['t']:.2f} | {r['macs'] / 1e6:.2f} | {f(r['juliet_top1'])} | {f(r['fixed_hull_top1'])} | "
-                       f"{f(r['confidence_top1'])} | {f(r['static_top1'])} |")
-    top = rep["juliet_top1_policy"]
-    out.append(f"\ntop-1 routing ({RULES[rep.get('stop_rule', 'argmax')]}): {top['top1']:.2f}% at "
-               f"{top['macs'] / 1e6:.2f} M MACs; "
-               f"static: {f(rep['static'].get('top1'))}% at {rep['static']['macs'] / 1e6:.2f} M; "
-               f"the knob spans {rep['macs_span']:.1f}x in executed MACs")
+    rows = rep["matched"]
+    lo, hi = rows[0]["macs"], rows[-1]["macs"]
+    for r in sorted({min(rows, key=lambda r: abs(r["macs"] - lo - k * (hi - lo) / 10))["t"]: 0 for k in range(11)}):
+        r = next(x for x in rows if x["t"] == r)
+        out.append(f"| {r['t']:.3f} | {r['macs'] / 1e6:.2f} | {f(r['juliet_top1'])} | {f(r['fixed_hull_top1'])} | "
+                   f"{f(r['confidence_top1'])} | {f(r['static_top1'])} |")
+    top, vs = rep["juliet_top1_policy"], rep["vs_confidence_25_100"]
+    rule = RULES[rep.get("stop_rule", "argmax")] if rep.get("stop_threshold") is None else \
+        f"held-out operating point t = {rep['stop_threshold']:.3f}"
+    out.append(f"\noperating point ({rule}): {top['top1']:.2f}% at {top['macs'] / 1e6:.2f} M MACs, "
+               f"{f(rep['above_hull_at_operating_point'])} above the fixed-depth hull; "
+               f"static: {f(rep['static'].get('top1'))}% at {rep['static']['macs'] / 1e6:.2f} M")
+    out.append(f"Juliet minus the confidence exit at matched MACs (upper hulls), 25-100% of static: "
+               f"min {f(vs['min'])}, "
+               f"mean {f(vs['mean'])} over {vs['points']} points; {len(rep['juliet_curve'])} points span "
+               f"{rep['macs_span']:.1f}x in executed MACs, empty 10% bands: {rep['empty_bands'] or 'none'}")
     return "\n".join(out)
+
+
+# ----------------------------------------------------------------------------- held-out stop decisions (ours)
+
+
+def stop_targets(table: dict) -> torch.Tensor:
+    """(N, D): 1 where exiting at depth d loses nothing against the sample's own leaf (the exit is right, or the
+    leaf is wrong too), the event a stop decision bets on."""
+    leaf = table["correct"][torch.arange(len(table["label"])), table["leaf"].float().argmax(1)]  # (N,)
+    return (table["correct"] | ~leaf[:, None]).float()
+
+
+def calibrate(table: dict, l2: float = 1e-3, steps: int = 200) -> dict[str, torch.Tensor]:
+    """Fit each stop decision on held-out samples (EENet-style; ours): per node, a logistic regression of
+    `stop_targets` on [d, calibration_features], d the selector's stop log-odds, on an exit table of the
+    validation split taken with the calibration at identity. Training samples cannot do this: the exits have
+    fitted them, so "this exit is right" is true far more often there than on new data. Returns
+    {node id: [a, w_1, ..., w_5, b]} for routers.Selector.set_calibration."""
+    out, y = {}, stop_targets(table)
+    routed = ~table["leaf"] & torch.isfinite(table["p_stop"])  # (N, D): a decision was taken there
+    for i, nid in enumerate(table["nodes"]):
+        at = routed & (table["node"] == i)  # (N, D), one depth per node
+        if not at.any():
+            continue
+        p = table["p_stop"][at].double().clamp(1e-6, 1 - 1e-6)  # (M,)
+        x = torch.cat([(p.log() - (-p).log1p())[:, None], table["features"][at].double()], 1)  # (M, 6)
+        out[nid] = fit_logistic(x, y[at].double(), l2, steps).float()
+    return out
+
+
+def fit_logistic(x: torch.Tensor, y: torch.Tensor, l2: float, steps: int) -> torch.Tensor:
+    """argmin over (w, b) of mean BCE(sigmoid(x w + b), y) + l2 |w|^2, on standardised features (a near-constant
+    feature is scaled as if its spread were 0.1), by L-BFGS; returns [w..., b] for the raw features."""
+    mean, std = x.mean(0), x.std(0).nan_to_num(0.0).clamp(min=0.1)  # (F,); a floor: no huge raw weights
+    z = (x - mean) / std  # (M, F)
+    theta = torch.zeros(x.shape[1] + 1, dtype=x.dtype, requires_grad=True)
+    opt = torch.optim.LBFGS([theta], max_iter=steps, line_search_fn="strong_wolfe")
+
+    def loss():
+        opt.zero_grad()
+        value = F.binary_cross_entropy_with_logits(z @ theta[:-1] + theta[-1], y) + l2 * theta[:-1].pow(2).sum()
+        value.backward()
+        return value
+
+    with torch.enable_grad():
+        opt.step(loss)
+    w = theta.detach()[:-1] / std
+    return torch.cat([w, theta.detach()[-1:] - (mean * w).sum()[None]])
+
+
+def operating_point(table: dict, tolerance: float) -> dict:
+    """The cheapest stop threshold within `tolerance` points of nobody stopping (t = 1) on `table`, the validation
+    split, both as counted there and as expected from the calibrated P_stop (each sample stopped before its leaf
+    loses 1 - P_stop): a small split counts in coarse steps, so its count alone would stop too eagerly. The
+    default operating point, chosen on held-out data: {"t", "macs", "top1", "expected_drop"}."""
+    full, n = score(table, juliet_exits(table, 1.0))["top1"], torch.arange(len(table["label"]))
+    leaf = table["leaf"].float().argmax(1)  # (N,) each sample's leaf depth
+    points = []
+    for t in knob(table["p_stop"]):
+        depth = juliet_exits(table, t)  # (N,)
+        drop = 100 * float(((depth < leaf).float() * (1 - table["p_stop"][n, depth].nan_to_num(1.0))).mean())
+        points.append({"t": t, **score(table, depth), "expected_drop": drop})
+    ok = [p for p in points if p["top1"] >= full - tolerance - 1e-9 and p["expected_drop"] <= tolerance + 1e-9]
+    return min(ok, key=lambda p: (p["macs"], -p["top1"]))
+
+
+def calibrate_net(net, val_loader, device, tolerance: float, input_size=32, quiet=False) -> dict:
+    """The held-out stop policy of a trained trie, on the validation split: fit every stop decision (`calibrate`),
+    then set the operating point (`operating_point`) as `net.options["stop_threshold"]`. Returns what was chosen."""
+    for node in net.nodes():
+        if node.selector is not None:
+            node.selector.set_calibration(IDENTITY)
+    net.options["stop_threshold"] = None
+    fits = calibrate(exit_table(net, val_loader, device, input_size, quiet=quiet))
+    for nid, coefficients in fits.items():
+        net.node(nid).selector.set_calibration(coefficients)
+    point = operating_point(exit_table(net, val_loader, device, input_size, quiet=quiet), tolerance)
+    net.options["stop_threshold"] = point["t"]
+    return {"calibration": {k: [round(float(c), 4) for c in v] for k, v in fits.items()},
+            "val_operating_point": point, "stop_tolerance": tolerance}
 
 
 # ----------------------------------------------------------------------------- reports

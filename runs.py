@@ -327,6 +327,28 @@ def set_rng_state(s: dict) -> None:
         torch.cuda.set_rng_state_all(s["cuda"])
 
 
+class Meter:
+    """Sums of loss and top-1/top-5 hits over an epoch."""
+
+    def __init__(self):
+        self.loss = self.top1 = self.top5 = self.n = self.batches = 0
+        self.t0 = time.perf_counter()
+
+    def add(self, logits: torch.Tensor, y: torch.Tensor, loss: torch.Tensor) -> None:
+        top = logits.topk(min(5, logits.shape[1]), dim=1).indices  # (B, 5)
+        hit = top == y[:, None]
+        self.loss += float(loss.detach()) * len(y)
+        self.top1 += int(hit[:, 0].sum())
+        self.top5 += int(hit.any(1).sum())
+        self.n, self.batches = self.n + len(y), self.batches + 1
+
+    def result(self, split: str) -> dict:
+        n, secs = max(1, self.n), time.perf_counter() - self.t0
+        return {f"{split}_loss": self.loss / n, f"{split}_top1": 100 * self.top1 / n,
+                f"{split}_top5": 100 * self.top5 / n,
+                f"{split}_samples": self.n, f"time_{split}_s": secs, f"throughput_{split}_img_s": self.n / secs}
+
+
 def save_checkpoint(out: str, model, state: dict, progress: dict, args) -> None:
     """Model, optimizer, scheduler, GradScaler, progress, args, RNG state and the trie structure, atomically:
     tensors and plain containers only, so that it loads with weights_only=True."""
@@ -334,6 +356,23 @@ def save_checkpoint(out: str, model, state: dict, progress: dict, args) -> None:
             "optimizer": state["optimizer"].state_dict(), "scheduler": state["scheduler"].state_dict(),
             "scaler": state["scaler"].state_dict(), "run": progress, "args": vars(args), "rng": rng_state()}
     atomic_write(os.path.join(out, "checkpoint.pt"), lambda f: torch.save(ckpt, f))
+
+
+def save_model(out: str, model, epoch: int) -> None:
+    """model.pt, atomically: the weights and trie structure that final.json describes (the checkpoint a user keeps;
+    checkpoint.pt is the resume state)."""
+    ckpt = {"model": model.state_dict(), "structure": model.structure() if isinstance(model, JulietNet) else None,
+            "epoch": epoch}
+    atomic_write(os.path.join(out, "model.pt"), lambda f: torch.save(ckpt, f))
+
+
+def load_model(run_dir: str, device="cpu"):
+    """The model of a run's model.pt (safe loader; its trie rebuilt first)."""
+    path = os.path.join(run_dir, "model.pt")
+    ckpt = load_checkpoint(path, device)
+    backbone = ckpt["structure"]["backbone"] if ckpt["structure"] else read_config(run_dir)["backbone"]
+    num_classes = ckpt["structure"]["num_classes"] if ckpt["structure"] else read_config(run_dir)["num_classes"]
+    return model_from_checkpoint(ckpt, backbone, num_classes).to(device)
 
 
 def file_signature(path: str):
@@ -383,10 +422,12 @@ def model_from_checkpoint(ckpt: dict, backbone: str, num_classes: int):
 
 
 def load_run(run_dir: str, device="cpu"):
-    """(config, model in eval mode) of a run directory, for measurement."""
+    """(config, model in eval mode) of a run directory, for measurement: its model.pt, else its checkpoint.pt."""
     if not os.path.isdir(run_dir):
         raise UsageError(f"{run_dir}: no such run directory")
     config = read_config(run_dir)
+    if os.path.exists(os.path.join(run_dir, "model.pt")):  # the kept (and calibrated) model final.json describes
+        return config, load_model(run_dir, device).eval()
     ckpt = load_checkpoint(os.path.join(run_dir, "checkpoint.pt"), device)
     model = model_from_checkpoint(ckpt, config["backbone"], config["num_classes"])
     return config, model.to(device).eval()

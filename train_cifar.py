@@ -49,7 +49,8 @@ def build_model(args, num_classes: int):
         return JulietNet(make_backbone(args.backbone, num_classes), selector=args.selector, policy=args.policy,
                          prebuild=args.prebuild, stop=not args.no_stop, stop_bias=args.stop_bias,
                          d_model=args.d_model, n_head=args.n_head, beta=args.ema_beta, train_depth=args.train_depth,
-                         exit_confidence=not args.no_exit_confidence, stop_rule=args.stop_rule)
+                         exit_confidence=not args.no_exit_confidence, stop_rule=args.stop_rule,
+                         exit_grad=args.exit_grad)
     except ValueError as e:
         raise UsageError(str(e)) from None
 
@@ -88,51 +89,10 @@ def make_optim(args, model):
 # ----------------------------------------------------------------------------- one epoch
 
 
-class Meter:
-    """Sums of loss and top-1/top-5 hits over an epoch."""
-
-    def __init__(self):
-        self.loss = self.top1 = self.top5 = self.n = self.batches = 0
-        self.t0 = time.perf_counter()
-
-    def add(self, logits: torch.Tensor, y: torch.Tensor, loss: torch.Tensor) -> None:
-        top = logits.topk(min(5, logits.shape[1]), dim=1).indices  # (B, 5)
-        hit = top == y[:, None]
-        self.loss += float(loss.detach()) * len(y)
-        self.top1 += int(hit[:, 0].sum())
-        self.top5 += int(hit.any(1).sum())
-        self.n, self.batches = self.n + len(y), self.batches + 1
-
-    def result(self, split: str) -> dict:
-        n, secs = max(1, self.n), time.perf_counter() - self.t0
-        return {f"{split}_loss": self.loss / n, f"{split}_top1": 100 * self.top1 / n,
-                f"{split}_top5": 100 * self.top5 / n,
-                f"{split}_samples": self.n, f"time_{split}_s": secs, f"throughput_{split}_img_s": self.n / secs}
-
-
-class PathCosts:
-    """Executed MACs of training batches: each leaf's path cost (measure.path_macs), cached until the trie changes."""
-
-    def __init__(self, model, input_size: int):
-        self.model, self.size, self.cache, self.macs, self.n = model, input_size, {}, 0.0, 0
-
-    def add(self, leaf_counts: dict) -> None:
-        for leaf, n in leaf_counts.items():
-            if leaf not in self.cache:
-                self.cache[leaf] = measure.path_macs(self.model, leaf, self.size)
-            self.macs, self.n = self.macs + n * self.cache[leaf], self.n + n
-
-    def changed(self) -> None:
-        self.cache.clear()
-
-    def per_sample(self) -> float:
-        return self.macs / max(1, self.n)
-
-
 def train_one_epoch(model, loader, opt, scaler, args, progress: dict) -> dict:
     """One pass over the training split, with growth (Alg. 2) after each mini-batch for a Juliet model."""
     juliet, device = isinstance(model, JulietNet), measure.device_of(model)
-    cfg, costs, meter = grow_prune_config(args), PathCosts(model, args.input_size), Meter()
+    cfg, costs, meter = grow_prune_config(args), measure.PathCosts(model, args.input_size), runs.Meter()
     events = []
     model.train()
     for x, y in tqdm(loader, desc=f"epoch {progress['epoch']} train", leave=False, disable=args.quiet):
@@ -171,7 +131,7 @@ def train_one_epoch(model, loader, opt, scaler, args, progress: dict) -> dict:
 @torch.no_grad()
 def evaluate(model, loader, args, split: str) -> dict:
     """Loss, top-1/5; for Juliet also per-leaf counts, node visits and per-node throughput (img/s)."""
-    juliet, device, meter = isinstance(model, JulietNet), measure.device_of(model), Meter()
+    juliet, device, meter = isinstance(model, JulietNet), measure.device_of(model), runs.Meter()
     leaves, depth_sum, class_n = Counter(), Counter(), Counter()
     model.eval()
     if juliet:
@@ -202,6 +162,16 @@ def evaluate(model, loader, args, split: str) -> dict:
     return out
 
 
+@torch.no_grad()
+def full_depth_top1(model, loader, args) -> float:
+    """Validation top-1 with nobody stopping: the trie's deepest exits."""
+    hits = n = 0
+    for x, y in loader:
+        x, y = x.to(args.device), y.to(args.device)
+        hits, n = hits + int((model(x, stop_threshold=1.0).argmax(1) == y).sum()), n + len(y)
+    return 100 * hits / max(1, n)
+
+
 def fit(model, loaders, args, progress: dict, state: dict, on_epoch=None) -> None:
     """The epoch loop of §5.1: train, validate, prune (Alg. 3), step the scheduler, log, checkpoint."""
     train_loader, val_loader = loaders
@@ -219,6 +189,8 @@ def fit(model, loaders, args, progress: dict, state: dict, on_epoch=None) -> Non
             log = train_one_epoch(model, train_loader, opt, scaler, args, progress)
         with measure.EnergyMeter(gpu) as e_val:
             log |= evaluate(model, val_loader, args, "val")
+        if juliet:  # what the kept checkpoint is chosen on: routing is fitted afterwards (keep_and_calibrate)
+            log["val_full_depth_top1"] = full_depth_top1(model, val_loader, args)
         log = distributed.reduce_log(log)  # torchrun: each rank saw its own part of the data
         if juliet:
             warning = routing.collapse_message(log["val_leaf_counts"], len(model.leaves()))
@@ -233,10 +205,16 @@ def fit(model, loaders, args, progress: dict, state: dict, on_epoch=None) -> Non
         sched.step(log["val_loss"]) if plateau else sched.step()
         log |= distributed.reduce_log(epoch_record(model, args, progress, opt, log, e_train, e_val,
                                                    time.perf_counter() - t0))
+        score = log.get("val_full_depth_top1", log["val_top1"])
+        best = score > progress.get("best_score", -1.0)
+        if best:  # the checkpoint a user would keep (pytorch/examples' model_best): model.pt
+            progress["best_score"], progress["best_epoch"] = score, epoch
         progress["best_val_top1"] = max(progress["best_val_top1"], log["val_top1"])
         progress["history"].append(log)
         if distributed.is_main():
             runs.write_epoch(args.out, log, args.quiet)
+            if best:
+                runs.save_model(args.out, model, epoch)
             runs.save_checkpoint(args.out, model, state, progress, args)
         if on_epoch is not None:  # e.g. sweep.py's pruner; may raise to stop the run after a saved epoch
             on_epoch(log)
@@ -269,7 +247,14 @@ def final_eval(model, test_loader, args, progress: dict) -> dict:
     final |= {"flops_paper_convention_macs": macs, "params": measure.total_params(model),
               "epochs": progress["epoch"], "best_val_top1": progress["best_val_top1"],
               "train_size": progress["train_size"]}
+    # Training MACs per epoch (§5.1's 3 x forward): the static backbone's beside Juliet's executed ones, which
+    # in full-depth training run exits and selectors on top of every stage
+    static = macs if not isinstance(model, JulietNet) else \
+        measure.paper_macs(static_model(args.backbone, model.backbone.num_classes), args.input_size)[0]
+    final["train_flops_epoch_static_macs"] = 3 * static * progress["train_size"]
     if isinstance(model, JulietNet):
+        if progress["history"]:
+            final["train_flops_epoch_executed_macs"] = progress["history"][-1]["train_flops_epoch_executed_macs"]
         exp = measure.expected_macs(model, res["test_leaf_counts"], args.input_size)
         final |= {"test_paths": exp["paths"],
                   "executed_params": measure.executed_params(model, res["test_leaf_counts"])}
@@ -281,6 +266,19 @@ def final_eval(model, test_loader, args, progress: dict) -> dict:
     else:  # a static model executes everything for every sample
         final["test_executed_macs_per_sample"] = macs
     return final
+
+
+def keep_and_calibrate(model, val_loader, args, progress: dict):
+    """The model final.json describes: the best-validation weights (--keep best) or the last ones, and for Juliet
+    its stop decisions fitted and its operating point chosen on the validation split (--calibrate; routing.py)."""
+    kept = {"keep": args.keep, "epoch": progress["epoch"]}
+    if args.keep == "best" and os.path.exists(os.path.join(args.out, "model.pt")):
+        model = runs.load_model(args.out, args.device)
+        kept["epoch"] = progress.get("best_epoch", kept["epoch"])
+    if isinstance(model, JulietNet) and args.calibrate:
+        kept |= routing.calibrate_net(model, val_loader, args.device, args.stop_tolerance, args.input_size, args.quiet)
+    runs.save_model(args.out, model, kept["epoch"])
+    return model, {"evaluated_checkpoint": kept}
 
 
 # ----------------------------------------------------------------------------- a whole run
@@ -306,6 +304,8 @@ def train_and_test(args, make_datasets, on_epoch=None) -> dict:
     runs.seed_all(args.seed)
     if ckpt is None:
         model = build_model(args, num_classes)
+    elif args.eval_only and os.path.exists(os.path.join(args.resume, "model.pt")):  # the model the run kept
+        model = runs.load_model(args.resume)
     else:  # resume: rebuild the grown trie first, then load the weights
         model = runs.model_from_checkpoint(ckpt, args.backbone, num_classes)
     try:  # dummy forwards, Juliet's through every stage: an input size the backbone's pooling cannot take fails here
@@ -338,13 +338,16 @@ def train_and_test(args, make_datasets, on_epoch=None) -> dict:
         tqdm.write(f"{args.out}: {variant}-{args.backbone} params={profile['params'] / 1e6:.2f}M "
                    f"paper-convention MACs (one dummy input)={profile['flops_paper_convention_macs'] / 1e6:.2f}M; "
                    f"expected executed MACs per sample are measured on val every epoch")
+        kept = {}
         if not args.eval_only:
             loaders = (data.make_loader(train_ds, config, shuffle=True),
                        data.make_loader(val_ds, config, shuffle=False))
             fit(model, [distributed.shard(loader, args.seed) for loader in loaders], args, progress, state, on_epoch)
         if not distributed.is_main():  # rank 0 alone runs the test set and writes final.json
             return {}
-        final = final_eval(model, data.make_loader(test_ds, config, shuffle=False), args, progress)
+        if not args.eval_only:
+            model, kept = keep_and_calibrate(model, loaders[1], args, progress)
+        final = final_eval(model, data.make_loader(test_ds, config, shuffle=False), args, progress) | kept
         final["wall_time_s"], final["run_dir"] = time.perf_counter() - t_start, args.out
         runs.write_json(os.path.join(args.out, "final.json"), final)
         plots.plot_run(args.out, progress["history"], model, final)
@@ -387,6 +390,8 @@ def build_parser(description: str) -> argparse.ArgumentParser:
                    help="lambda_c: route_loss's price of compute, top-1 per backbone-worth of MACs (twin of §6.2)")
     g.add_argument("--exit-weight", type=runs.nonneg_float, default=1.0,
                    help="weight of the deep supervision of every exit (ours; losses.exit_loss)")
+    g.add_argument("--exit-grad", type=runs.unit_interval, default=0.0, help="share of the exit losses' gradient "
+                   "that reaches the stages (ours; 0: exits learn on the stages' features; 1: joint training)")
     g.add_argument("--no-exit-confidence", action="store_true",
                    help="stop logits do not read the exit's confidence (the paper's selector input; routers.py)")
     g.add_argument("--stop-rule", default="half", choices=STOP_RULES, help="half: stop where P_stop >= 1/2, "
@@ -394,6 +399,10 @@ def build_parser(description: str) -> argparse.ArgumentParser:
     g.add_argument("--stop-bias", type=float, default=0.0,
                    help="initial stop-logit offset (negative: a new trie starts at full depth)")
     g.add_argument("--route-warmup", type=runs.nonneg, default=0, help="epochs with frozen selectors (ours)")
+    g.add_argument("--calibrate", action=argparse.BooleanOptionalAction, default=True, help="fit the stop decisions "
+                   "and the operating point on the validation split after training (ours; routing.calibrate_net)")
+    g.add_argument("--stop-tolerance", type=runs.nonneg_float, default=0.5, help="--calibrate: the operating "
+                   "point is the cheapest within this many points of val top-1 at full depth")
     g.add_argument("--expected-cost-weight", type=runs.nonneg_float, default=0.0,
                    help="weight of cost_loss, the expected stage cost under P (compute-aware straight-through)")
     g.add_argument("--balance-weight", type=runs.nonneg_float, default=0.0,
@@ -435,6 +444,8 @@ def build_parser(description: str) -> argparse.ArgumentParser:
     g.add_argument("--lr-factor", type=runs.open_unit, default=0.5, help="plateau factor (Table 2)")
     g.add_argument("--lr-patience", type=runs.nonneg, default=3, help="plateau patience (Table 2)")
     g.add_argument("--t-max", type=runs.positive, default=40, help="cosine T_max (Table 3)")
+    g.add_argument("--keep", default="best", choices=("best", "last"), help="the weights tested and kept in "
+                   "model.pt: best validation top-1 (Juliet: at full depth; pytorch/examples) or last")
     runs.add_run_args(p)
     return p
 

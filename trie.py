@@ -79,7 +79,8 @@ def run_sub(sub: nn.Module, x: torch.Tensor, training: bool) -> torch.Tensor:
             m.train()
 
 
-def check_options(backbone, selector, policy, train_depth, prebuild, beta, d_model, n_head, stop_rule) -> None:
+def check_options(backbone, prebuild, selector, policy, train_depth, beta, d_model, n_head, stop_rule, exit_grad,
+                  stop_threshold, **_) -> None:
     """JulietNet's arguments, each bad one named in a ValueError."""
     for name, value, allowed in (("selector", selector, SELECTORS), ("policy", policy, POLICIES),
                                  ("train_depth", train_depth, TRAIN_DEPTHS), ("stop_rule", stop_rule, STOP_RULES)):
@@ -87,6 +88,9 @@ def check_options(backbone, selector, policy, train_depth, prebuild, beta, d_mod
             raise ValueError(f"unknown {name} {value!r}; choose one of: {', '.join(allowed)}")
     if not 1 <= prebuild <= len(backbone.stages):
         raise ValueError(f"prebuild must be in [1, {len(backbone.stages)}] for {backbone.name}, got {prebuild}")
+    for name, value in (("exit_grad", exit_grad), ("stop_threshold", stop_threshold or 0.0)):
+        if not 0.0 <= value <= 1.0:
+            raise ValueError(f"{name} must be in [0, 1], got {value}")
     if not 0.0 <= beta < 1.0:
         raise ValueError(f"beta must be in [0, 1), got {beta}")
     if d_model % n_head:
@@ -133,28 +137,28 @@ class JulietNet(nn.Module):
     backbone  a `backbones.Backbone` (stages, their channels, factories for fresh copies, the head)
     selector  selector architecture: "transformer" (§4.1), "mlp" or "conv" (§5.3)
     policy    "top1" (paper default, §4.1) or "gumbel" (hard Gumbel-softmax in training, §5.3)
-    prebuild  nodes in the initial chain (§5.3 "Initialisation": 5 for ResNet-18, 10 for ResNet-101);
-              default: one per stage
+    prebuild  nodes in the initial chain (§5.3 "Initialisation": 5 for ResNet-18, 10 for ResNet-101; default)
     stop      give every internal node a stop child (dynamic depth; README "Paper notes and deviations")
     stop_bias initial offset of the stop child's logit (routers.py); negative: start at full depth
     beta      EMA decay of alpha and sigma^2 (Alg. 1 uses lambda = 1 - beta)
     train_depth "full" (ours: training samples run to a leaf whatever they decide) or "routed" (the paper)
     exit_confidence  stop decisions also read the exit's confidence (ours; routers.py); False: the paper's
     stop_rule "half" (ours: stop where P_stop >= 1/2, else the best stage child) or "argmax" (the paper)
+    exit_grad share of the exit losses' gradient that reaches the stages (ours; 1: joint training, 0: frozen)
+    stop_threshold  operating point at inference, stop where P_stop >= it (routing.calibrate_net); None: stop_rule
     init_from a static model of the same backbone whose weights seed the prebuilt chain
     """
 
-    def __init__(self, backbone, selector: str = "transformer", policy: str = "top1", prebuild: int | None = None,
-                 stop: bool = True, stop_bias: float = 0.0, d_model: int = 64, n_head: int = 4,
-                 beta: float = 0.99, train_depth: str = "full", exit_confidence: bool = True,
-                 stop_rule: str = "half", init_from: nn.Module | None = None):
+    def __init__(self, backbone, selector="transformer", policy="top1", prebuild: int | None = None, stop=True,
+                 stop_bias=0.0, d_model=64, n_head=4, beta=0.99, train_depth="full", exit_confidence=True,
+                 stop_rule="half", exit_grad=1.0, stop_threshold: float | None = None, init_from=None):
         super().__init__()
         prebuild = len(backbone.stages) if prebuild is None else prebuild
-        check_options(backbone, selector, policy, train_depth, prebuild, beta, d_model, n_head, stop_rule)
         self.backbone = backbone
         self.options = dict(selector=selector, policy=policy, stop=stop, stop_bias=stop_bias, d_model=d_model,
                             n_head=n_head, beta=beta, train_depth=train_depth, exit_confidence=exit_confidence,
-                            stop_rule=stop_rule)
+                            stop_rule=stop_rule, exit_grad=exit_grad, stop_threshold=stop_threshold)
+        check_options(backbone, prebuild, **self.options)
         self.tau = 1.0  # Gumbel temperature; the training loop anneals it (gumbel_tau)
         stages, self.head = backbone.initial(init_from)
         self.adapters = nn.ModuleDict()
@@ -172,8 +176,7 @@ class JulietNet(nn.Module):
         self.exits = []  # (node, sample indices, exit logits, P) at nodes with a stop child
         self.record_exits = False  # record exits in eval too (routing.exit_table)
         self.last_input = (0, (32, 32))  # (batch size, (H, W)) of the last forward
-        self.stage_macs_cache = {}  # {(H, W): MACs of each stage}, for cost_loss and route_loss
-        self.signature_cache = {}  # {node id: (weights' versions, signatures)}
+        self.stage_macs_cache, self.signature_cache = {}, {}  # {(H, W): stage MACs}, {node id: (versions, sigs)}
 
     # --------------------------------------------------------------------- structure
 
@@ -283,8 +286,8 @@ class JulietNet(nn.Module):
     # --------------------------------------------------------------------- forward (Algorithm 1)
 
     def forward(self, x: torch.Tensor, return_paths: bool = False, stop_threshold: float | None = None):
-        """Logits (B, num_classes), and with `return_paths` each sample's leaf id. `stop_threshold` t in [0, 1]
-        replaces the stop rule at inference: stop where P_stop >= t (t = 1: never; the "half" rule is t = 1/2)."""
+        """Logits (B, num_classes), and with `return_paths` each sample's leaf id. `stop_threshold` t in [0, 1] replaces
+        the operating point at inference: stop where P_stop >= t (t = 1: never; the "half" rule is t = 1/2)."""
         if x.ndim != 4 or x.shape[1] != self.backbone.in_channels:
             raise ValueError(f"input x must be (B, in_channels={self.backbone.in_channels}, H, W); "
                              f"got shape {tuple(x.shape)}")
@@ -293,9 +296,10 @@ class JulietNet(nn.Module):
         B = x.shape[0]
         self.decisions, self.exits, self.last_input = [], [], (B, tuple(x.shape[-2:]))
         leaves, stopped = [], []  # (leaf id, sample indices (B_l,), pooled gated features (B_l, W), alive (B_l,))
-        t = STOP_RULES[self.options["stop_rule"]] if stop_threshold is None else stop_threshold
+        held_out = None if self.training else self.options["stop_threshold"]  # the operating point, at inference
+        t = next((v for v in (stop_threshold, held_out) if v is not None), STOP_RULES[self.options["stop_rule"]])
         ones = torch.ones(B, device=x.device)  # product of straight-through gates along each path
-        todo = [(self.root, x, torch.arange(B, device=x.device), ones, ones.bool())]  # (node, x, idx, gate, alive)
+        todo = [(self.root, x, torch.arange(B, device=x.device), ones, ones.bool(), None)]  # _route's arguments
         while todo:  # Alg. 1 line 7, pre-order from a stack: recursive frames held features (CPU inference +8%)
             todo += reversed(self._route(*todo.pop(), leaves, stopped, t))
         idx = torch.cat([i for _, i, _, _ in leaves])  # (B,) sample index of each row
@@ -315,9 +319,9 @@ class JulietNet(nn.Module):
         order = leaf_of.new_empty(B).index_copy(0, idx, leaf_of).tolist()
         return logits, [leaves[k][0] for k in order]
 
-    def _route(self, node: TrieNode, x, idx, gate, alive, leaves: list, stopped: list, t: float | None) -> list:
-        """Alg. 1 at one node, on the sub-batch `x` of samples `idx` (`alive`: those top-1 sends here; in full-depth
-        training the others run on for their counterfactual losses only) -> its children's sub-batches."""
+    def _route(self, node: TrieNode, x, idx, gate, alive, prev, leaves: list, stopped: list, t: float | None):
+        """Alg. 1 at one node, on the sub-batch `x` of samples `idx` (`alive`: those top-1 sends here, the others run
+        on in full-depth training; `prev`: the logits of the path's last exit) -> its children's sub-batches."""
         f = run_sub(node.sub, x, self.training)  # Alg. 1 line 2: (B_n, C, H, W)
         n = f.shape[0]
         self.visits[node.node_id] += n
@@ -331,14 +335,15 @@ class JulietNet(nn.Module):
         record = has_stop and (self.training or self.record_exits)  # this node's exit, for the losses and tables
         exit_logits = None  # what a sample stopping here leaves with: (B_n, classes)
         if record or self.reads_exit(node):
-            exit_logits = self.head(self.adapt(f.mean((2, 3))))
+            pooled = grad_scale(f.mean((2, 3)), self.options["exit_grad"] if self.training else 1.0)  # (B_n, C)
+            exit_logits = self.head(self.adapt(pooled))
         read = None if exit_logits is None else exit_logits.detach()  # routing must not bend the exit's answer
         if len(choices) == 1:
             choice = None
         elif not (self.training or torch.is_grad_enabled() or self.record_exits):  # inference: the decision only
-            choice = decide(node.selector(f, self.signatures(node), has_stop, read), has_stop, t)  # (B_n,)
+            choice = decide(node.selector(f, self.signatures(node), has_stop, read, prev), has_stop, t)  # (B_n,)
         else:
-            logits = node.selector(f, self.signatures(node), has_stop, read)  # (B_n, K)
+            logits = node.selector(f, self.signatures(node), has_stop, read, prev)  # (B_n, K)
             tau = self.tau if self.training and self.options["policy"] == "gumbel" else None
             full = self.training and self.options["train_depth"] == "full"
             choice, top1, q, P = choose(logits, has_stop, t, tau, full)  # (B_n,) x 3, (B_n, K)
@@ -353,13 +358,13 @@ class JulietNet(nn.Module):
                     stopped.append((choices[-1].node_id, stop_here))
                     alive = alive & ~stop_here
         # Partition the sub-batch by chosen child: one sort, one gather, K contiguous slices.
-        if choice is None:
-            return [(choices[0], f, idx, gate, alive)]
-        counts = torch.bincount(choice, minlength=len(choices)).tolist()
-        if max(counts) == n:  # everyone chose the same child: no gather needed
-            return [(choices[counts.index(n)], f, idx, gate, alive)]
+        prev = prev if read is None else read
+        counts = [n] if choice is None else torch.bincount(choice, minlength=len(choices)).tolist()
+        if max(counts) == n:  # one child, or everyone chose the same one: no gather needed
+            return [(choices[counts.index(n)], f, idx, gate, alive, prev)]
         perm = torch.argsort(choice, stable=True)  # (B_n,)
-        parts = [v.index_select(0, perm).split(counts) for v in (f, idx, gate, alive)]  # K x (B_j, ...)
+        parts = [[None] * len(counts) if v is None else v.index_select(0, perm).split(counts)
+                 for v in (f, idx, gate, alive, prev)]  # K x (B_j, ...)
         return [(k, *(p[j] for p in parts)) for j, k in enumerate(choices) if counts[j]]
 
     def adapt(self, pooled: torch.Tensor) -> torch.Tensor:
@@ -369,8 +374,9 @@ class JulietNet(nn.Module):
         return self.adapters[key](pooled) if key in self.adapters else pooled
 
     def reads_exit(self, node: TrieNode) -> bool:
-        """Whether `node`'s selector reads its exit's confidence: `exit_confidence`, a stop child, a choice."""
-        return self.options["exit_confidence"] and STOP in node.child and len(node.choices) > 1
+        """Whether `node`'s selector reads its exit: a stop child, a choice, exit_confidence or a calibration."""
+        return (STOP in node.child and len(node.choices) > 1
+                and (self.options["exit_confidence"] or node.selector.calibrated))
 
     def signatures(self, node: TrieNode) -> torch.Tensor:
         """Weight signature of each stage child: its last conv's weights averaged to (C_out,) (§4.1). Kept
@@ -383,6 +389,11 @@ class JulietNet(nn.Module):
             sig = torch.stack([w.detach().float().mean((1, 2, 3)) for w in ws])  # (K_s, S)
             self.signature_cache[node.node_id] = (key, sig)
         return self.signature_cache[node.node_id][1]
+
+
+def grad_scale(x: torch.Tensor, g: float) -> torch.Tensor:
+    """x in the forward pass (exactly), g times its gradient in the backward pass."""
+    return x if g == 1.0 else x.detach() + g * (x - x.detach())
 
 
 def decide(logits: torch.Tensor, has_stop: bool, t: float | None) -> torch.Tensor:
