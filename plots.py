@@ -117,14 +117,15 @@ def plot_curve(path: str, rep: dict) -> None:
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(6, 4.2))
     xy = lambda pts: ([p["macs"] / 1e6 for p in pts], [p["top1"] for p in pts])
-    ax.plot(*xy(rep["juliet_curve"]), "o-", ms=3, label="Juliet, stop threshold t (one checkpoint)")
-    ax.plot(*xy(sorted(rep["confidence_curve"], key=lambda p: p["macs"])), "s--", ms=3,
-            label="confidence early exit (same exits)")
+    ax.plot(*xy(rep["juliet_curve"]), "-", label="Juliet, stop threshold t (one checkpoint)")
+    ax.plot(*xy(sorted(rep["confidence_curve"], key=lambda p: p["macs"])), "--", label="confidence early exit "
+            "(same exits)")
     ax.plot(*xy(rep["fixed_hull"]), ":", color="0.4", label="fixed-depth exits: hull")
     ax.plot(*xy(rep["fixed_depth"]), "x", color="0.4")
     top = rep["juliet_top1_policy"]
-    ax.plot([top["macs"] / 1e6], [top["top1"]], "*", ms=12,
-            label=f"Juliet, its stop rule ({rep.get('stop_rule', 'argmax')})")
+    where = "held-out operating point" if rep.get("stop_threshold") is not None else \
+        f"its stop rule ({rep.get('stop_rule', 'argmax')})"
+    ax.plot([top["macs"] / 1e6], [top["top1"]], "*", ms=12, label=f"Juliet, {where}")
     if rep["static"].get("top1") is not None:
         ax.plot([rep["static"]["macs"] / 1e6], [rep["static"]["top1"]], "D", label="static backbone")
     ax.set(xlabel="executed MACs per sample (M)", ylabel="test top-1 (%)", title="accuracy vs compute")

@@ -283,7 +283,8 @@ def main(argv=None):
     parser.add_argument("--budget", type=runs.positive_float, metavar="MMACS",
                         help="--curve: a budget in M MACs per sample; the threshold is calibrated on val")
     parser.add_argument("--calibrate", action="store_true", help="RUN: refit its stop decisions and operating point "
-                        "on its validation split (before --curve), rewriting RUN/model.pt")
+                        "on its validation split (before --curve), rewriting RUN/model.pt; final.json keeps "
+                        "training's numbers, curve.json gets the new ones")
     parser.add_argument("--stop-tolerance", type=runs.nonneg_float, default=0.5,
                         help="--calibrate: the operating point is the cheapest within this many points of val "
                              "top-1 at full depth")

@@ -87,7 +87,7 @@ class Selector(nn.Module):
         self.calibrated = not torch.equal(self.calibration.cpu(), IDENTITY)
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
-        calibration = state_dict.get(prefix + "calibration", IDENTITY)  # checkpoints from before calibration
+        calibration = state_dict.get(prefix + "calibration", IDENTITY.clone())  # checkpoints before calibration
         if len(calibration) == 5:  # from before the previous exit's features: [a, w_1..w_3, b]
             calibration = torch.cat([calibration[:4], calibration.new_zeros(2), calibration[4:]])
         state_dict[prefix + "calibration"] = calibration

@@ -50,7 +50,7 @@ def build_model(args, num_classes: int):
                          prebuild=args.prebuild, stop=not args.no_stop, stop_bias=args.stop_bias,
                          d_model=args.d_model, n_head=args.n_head, beta=args.ema_beta, train_depth=args.train_depth,
                          exit_confidence=not args.no_exit_confidence, stop_rule=args.stop_rule,
-                         exit_grad=args.exit_grad)
+                         stage_grad=args.stage_grad)
     except ValueError as e:
         raise UsageError(str(e)) from None
 
@@ -165,11 +165,8 @@ def evaluate(model, loader, args, split: str) -> dict:
 @torch.no_grad()
 def full_depth_top1(model, loader, args) -> float:
     """Validation top-1 with nobody stopping: the trie's deepest exits."""
-    hits = n = 0
-    for x, y in loader:
-        x, y = x.to(args.device), y.to(args.device)
-        hits, n = hits + int((model(x, stop_threshold=1.0).argmax(1) == y).sum()), n + len(y)
-    return 100 * hits / max(1, n)
+    hits = [model(x.to(args.device), stop_threshold=1.0).argmax(1).cpu() == y for x, y in loader]  # (B,) each
+    return 100 * float(torch.cat(hits).float().mean())
 
 
 def fit(model, loaders, args, progress: dict, state: dict, on_epoch=None) -> None:
@@ -390,8 +387,8 @@ def build_parser(description: str) -> argparse.ArgumentParser:
                    help="lambda_c: route_loss's price of compute, top-1 per backbone-worth of MACs (twin of §6.2)")
     g.add_argument("--exit-weight", type=runs.nonneg_float, default=1.0,
                    help="weight of the deep supervision of every exit (ours; losses.exit_loss)")
-    g.add_argument("--exit-grad", type=runs.unit_interval, default=0.0, help="share of the exit losses' gradient "
-                   "that reaches the stages (ours; 0: exits learn on the stages' features; 1: joint training)")
+    g.add_argument("--stage-grad", type=runs.unit_interval, default=0.0, help="share of the exits' and selectors' "
+                   "gradient that reaches the stages (ours; 0: the stages learn the task loss alone; 1: jointly)")
     g.add_argument("--no-exit-confidence", action="store_true",
                    help="stop logits do not read the exit's confidence (the paper's selector input; routers.py)")
     g.add_argument("--stop-rule", default="half", choices=STOP_RULES, help="half: stop where P_stop >= 1/2, "

@@ -79,7 +79,7 @@ def run_sub(sub: nn.Module, x: torch.Tensor, training: bool) -> torch.Tensor:
             m.train()
 
 
-def check_options(backbone, prebuild, selector, policy, train_depth, beta, d_model, n_head, stop_rule, exit_grad,
+def check_options(backbone, prebuild, selector, policy, train_depth, beta, d_model, n_head, stop_rule, stage_grad,
                   stop_threshold, **_) -> None:
     """JulietNet's arguments, each bad one named in a ValueError."""
     for name, value, allowed in (("selector", selector, SELECTORS), ("policy", policy, POLICIES),
@@ -88,7 +88,7 @@ def check_options(backbone, prebuild, selector, policy, train_depth, beta, d_mod
             raise ValueError(f"unknown {name} {value!r}; choose one of: {', '.join(allowed)}")
     if not 1 <= prebuild <= len(backbone.stages):
         raise ValueError(f"prebuild must be in [1, {len(backbone.stages)}] for {backbone.name}, got {prebuild}")
-    for name, value in (("exit_grad", exit_grad), ("stop_threshold", stop_threshold or 0.0)):
+    for name, value in (("stage_grad", stage_grad), ("stop_threshold", stop_threshold or 0.0)):
         if not 0.0 <= value <= 1.0:
             raise ValueError(f"{name} must be in [0, 1], got {value}")
     if not 0.0 <= beta < 1.0:
@@ -144,20 +144,20 @@ class JulietNet(nn.Module):
     train_depth "full" (ours: training samples run to a leaf whatever they decide) or "routed" (the paper)
     exit_confidence  stop decisions also read the exit's confidence (ours; routers.py); False: the paper's
     stop_rule "half" (ours: stop where P_stop >= 1/2, else the best stage child) or "argmax" (the paper)
-    exit_grad share of the exit losses' gradient that reaches the stages (ours; 1: joint training, 0: frozen)
+    stage_grad share of the exits' and selectors' gradient that reaches the stages (ours; 0: the task loss alone)
     stop_threshold  operating point at inference, stop where P_stop >= it (routing.calibrate_net); None: stop_rule
     init_from a static model of the same backbone whose weights seed the prebuilt chain
     """
 
     def __init__(self, backbone, selector="transformer", policy="top1", prebuild: int | None = None, stop=True,
                  stop_bias=0.0, d_model=64, n_head=4, beta=0.99, train_depth="full", exit_confidence=True,
-                 stop_rule="half", exit_grad=1.0, stop_threshold: float | None = None, init_from=None):
+                 stop_rule="half", stage_grad=1.0, stop_threshold: float | None = None, init_from=None):
         super().__init__()
         prebuild = len(backbone.stages) if prebuild is None else prebuild
         self.backbone = backbone
         self.options = dict(selector=selector, policy=policy, stop=stop, stop_bias=stop_bias, d_model=d_model,
                             n_head=n_head, beta=beta, train_depth=train_depth, exit_confidence=exit_confidence,
-                            stop_rule=stop_rule, exit_grad=exit_grad, stop_threshold=stop_threshold)
+                            stop_rule=stop_rule, stage_grad=stage_grad, stop_threshold=stop_threshold)
         check_options(backbone, prebuild, **self.options)
         self.tau = 1.0  # Gumbel temperature; the training loop anneals it (gumbel_tau)
         stages, self.head = backbone.initial(init_from)
@@ -334,16 +334,16 @@ class JulietNet(nn.Module):
             return []
         record = has_stop and (self.training or self.record_exits)  # this node's exit, for the losses and tables
         exit_logits = None  # what a sample stopping here leaves with: (B_n, classes)
+        fr = grad_scale(f, self.options["stage_grad"]) if self.training else f  # what the exit and selector read
         if record or self.reads_exit(node):
-            pooled = grad_scale(f.mean((2, 3)), self.options["exit_grad"] if self.training else 1.0)  # (B_n, C)
-            exit_logits = self.head(self.adapt(pooled))
+            exit_logits = self.head(self.adapt(fr.mean((2, 3))))
         read = None if exit_logits is None else exit_logits.detach()  # routing must not bend the exit's answer
         if len(choices) == 1:
             choice = None
         elif not (self.training or torch.is_grad_enabled() or self.record_exits):  # inference: the decision only
             choice = decide(node.selector(f, self.signatures(node), has_stop, read, prev), has_stop, t)  # (B_n,)
         else:
-            logits = node.selector(f, self.signatures(node), has_stop, read, prev)  # (B_n, K)
+            logits = node.selector(fr, self.signatures(node), has_stop, read, prev)  # (B_n, K)
             tau = self.tau if self.training and self.options["policy"] == "gumbel" else None
             full = self.training and self.options["train_depth"] == "full"
             choice, top1, q, P = choose(logits, has_stop, t, tau, full)  # (B_n,) x 3, (B_n, K)
@@ -393,7 +393,7 @@ class JulietNet(nn.Module):
 
 def grad_scale(x: torch.Tensor, g: float) -> torch.Tensor:
     """x in the forward pass (exactly), g times its gradient in the backward pass."""
-    return x if g == 1.0 else x.detach() + g * (x - x.detach())
+    return x if g == 1.0 else x.detach() if g == 0.0 else x.detach() + g * (x - x.detach())
 
 
 def decide(logits: torch.Tensor, has_stop: bool, t: float | None) -> torch.Tensor:
