@@ -60,15 +60,21 @@ def clone(run, dst, skip=()):
     return dst
 
 
-def evil_run(t, run, raw=False):
-    """A run directory whose checkpoint.pt runs code when unpickled unsafely; the marker file shows it ran."""
-    d = clone(run, t / "evil", skip=("checkpoint.pt", "model_profile.json"))
+def evil_run(t, run, raw=False, name="checkpoint.pt"):
+    """A run directory whose `name` runs code when unpickled unsafely; the marker file shows it ran. An evil
+    checkpoint.pt comes without model.pt (a run from before model.pt, which load_run would read instead)."""
+    d = clone(run, t / "evil", skip=(name, "model_profile.json", *without_model(name)))
     payload = {"model": {}, "structure": None, "args": Evil(str(t / "PWNED"))}
     if raw:  # a plain pickle named checkpoint.pt
-        (d / "checkpoint.pt").write_bytes(pickle.dumps(payload, protocol=2))
+        (d / name).write_bytes(pickle.dumps(payload, protocol=2))
     else:
-        torch.save(payload, d / "checkpoint.pt")
+        torch.save(payload, d / name)
     return d
+
+
+def without_model(name):
+    """Files to leave out beside a damaged checkpoint.pt: model.pt, which runs.load_run prefers to it."""
+    return ("model.pt",) if name == "checkpoint.pt" else ()
 
 
 def imgs(t, **kw):
@@ -105,7 +111,7 @@ def with_run_files(t, run, skip):
 
 
 def resume_dir(t, run, name, content):
-    d = clone(run, t / "r", skip=(name,))
+    d = clone(run, t / "r", skip=(name, *without_model(name)))
     (d / name).write_bytes(content)
 
 
@@ -215,6 +221,8 @@ CASES = [
      lambda t, r, h: evil_run(t, r, raw=True), ""),
     ("eval-only-malicious-checkpoint", T, ["--resume", "{t}/evil", "--eval-only"], 1, "refused",
      lambda t, r, h: evil_run(t, r), ""),
+    ("eval-only-malicious-model", T, ["--resume", "{t}/evil", "--eval-only"], 1, "refused",
+     lambda t, r, h: evil_run(t, r, name="model.pt"), ""),
     ("imagenet-resume-malicious-checkpoint", IN, ["--resume", "{t}/evil"], 1, "refused",
      lambda t, r, h: evil_run(t, r), ""),
     ("resume-other-backbone", T, ["--resume", "{run}", "--backbone", "resnet101"], 1, "--backbone resnet101", None,
@@ -229,6 +237,7 @@ CASES = [
      lambda t, r, h: resume_dir(t, r, "config.json", b'{"backbone": "resn'), ""),
     # profile.py: exit 2
     ("profile-malicious-checkpoint", P, ["{t}/evil"], 2, "refused", lambda t, r, h: evil_run(t, r), ""),
+    ("profile-malicious-model", P, ["{t}/evil"], 2, "refused", lambda t, r, h: evil_run(t, r, name="model.pt"), ""),
     ("profile-table-malicious-checkpoint", P, ["--table", "{t}/evil"], 2, "refused",
      lambda t, r, h: evil_run(t, r), ""),
     ("profile-bench-run-malicious-checkpoint", P, ["--bench", "--run", "{t}/evil"], 2, "refused",
@@ -245,6 +254,8 @@ CASES = [
      ""),
     ("profile-truncated-checkpoint", P, ["{t}/r"], 2, "truncated",
      lambda t, r, h: resume_dir(t, r, "checkpoint.pt", (r / "checkpoint.pt").read_bytes()[:4096]), ""),
+    ("profile-truncated-model", P, ["{t}/r"], 2, "truncated",
+     lambda t, r, h: resume_dir(t, r, "model.pt", (r / "model.pt").read_bytes()[:4096]), ""),
     ("profile-table-garbage-final", P, ["--table", "{t}/r"], 2, "final.json",
      lambda t, r, h: resume_dir(t, r, "final.json", b"{{"), ""),
     ("profile-table-final-not-a-number", P, ["--table", "{t}/r"], 2, "not a number",

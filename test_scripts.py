@@ -16,6 +16,7 @@ import torchvision
 from PIL import Image
 
 import data
+import runs
 import train_cifar
 import train_imagenet
 from backbones import make_backbone
@@ -23,7 +24,8 @@ from conftest import REPO, cifar_args, one_line_error, read_json, write_image_fo
 
 # ----------------------------------------------------------------------------- train_cifar.py
 
-RUN_FILES = ["config.json", "model_profile.json", "epoch_1.json", "checkpoint.pt", "final.json", "accuracy.png"]
+RUN_FILES = ["config.json", "model_profile.json", "epoch_1.json", "checkpoint.pt", "model.pt", "final.json",
+             "accuracy.png"]
 EPOCH_KEYS = ["train_loss", "val_loss", "train_top1", "train_top5", "val_top1", "val_top5", "lr", "params",
               "train_flops_epoch_paper_convention_macs", "time_train_s", "time_val_s", "events",
               "energy_train_j", "energy_train_status", "peak_memory_bytes"]
@@ -99,6 +101,14 @@ def test_one_epoch_of_each_backbone_writes_the_run_directory(tmp_path, backbone)
     assert profile_json["proxy"] is True and profile_json["dataset"] == "imagefolder"
     ckpt = torch.load(out / "checkpoint.pt", weights_only=True)  # tensors and plain containers only
     assert {"model", "structure", "optimizer", "scheduler", "run", "args", "rng"} <= set(ckpt)
+    # the kept model: the best epoch's weights with their stop decisions fitted on val (keep_and_calibrate)
+    kept = final["evaluated_checkpoint"]
+    assert kept["keep"] == "best" and kept["epoch"] == 1 and kept["stop_tolerance"] == 0.5 and kept["calibration"]
+    assert {"train_flops_epoch_static_macs", "train_flops_epoch_executed_macs"} <= set(final)
+    _, model = runs.load_run(str(out))  # model.pt, not checkpoint.pt
+    assert model.options["stop_threshold"] == kept["val_operating_point"]["t"] and model.options["stage_grad"] == 0.0
+    assert {n.node_id for n in model.nodes() if n.selector is not None and n.selector.calibrated} == \
+        set(kept["calibration"])
 
 
 def test_resume_is_exact(tmp_path):
@@ -117,6 +127,29 @@ def test_resume_is_exact(tmp_path):
     # the resumed checkpoint still records the flags its user chose, plus the runtime flag given at resume
     explicit = torch.load(b / "checkpoint.pt", weights_only=True)["args"]["explicit"]
     assert {"dataset", "selector", "grow_every", "seed", "out", "epochs"} <= set(explicit)
+
+
+def test_kept_model_is_what_final_json_and_eval_only_describe(tmp_path):
+    """model.pt holds the tested model (calibrated: --eval-only scores it again exactly); --keep last
+    --no-calibrate keeps the last epoch as trained, and --stage-grad reaches the model."""
+    common = ["--dataset", "synthetic", "--synthetic-size", "60", "--batch-size", "10", "--selector", "mlp",
+              "--workers", "0", "--limit-batches", "2", "--quiet"]
+    a = tmp_path / "a"
+    final = train_cifar.main(train_cifar.parse_args(["--out", str(a), "--epochs", "2", *common]))
+    kept = final["evaluated_checkpoint"]
+    best = max((1, 2), key=lambda e: (read_json(a / f"epoch_{e}.json")["val_full_depth_top1"], -e))
+    assert kept["keep"] == "best" and kept["epoch"] == best == torch.load(a / "model.pt")["epoch"]
+    again = train_cifar.main(train_cifar.parse_args(["--resume", str(a), "--eval-only", "--limit-batches", "2",
+                                                     "--quiet"]))
+    for k in ("test_top1", "test_executed_macs_per_sample", "test_leaf_counts"):
+        assert again[k] == final[k], k
+    b = tmp_path / "b"
+    final = train_cifar.main(train_cifar.parse_args(["--out", str(b), "--epochs", "2", "--keep", "last",
+                                                     "--no-calibrate", "--stage-grad", "0.5", *common]))
+    assert final["evaluated_checkpoint"] == {"keep": "last", "epoch": 2}
+    _, model = runs.load_run(str(b))
+    assert model.options["stop_threshold"] is None and model.options["stage_grad"] == 0.5
+    assert not any(n.selector.calibrated for n in model.nodes() if n.selector is not None)
 
 
 def test_synthetic_set_is_seeded_learnable_shape_and_mixed():
