@@ -16,8 +16,8 @@ one exit; a fixed-depth exit pays stages and its exit; the confidence exit pays 
 tries. Selectors count for the baselines only where a node has sibling stages to choose between.
 
 Held-out stop decisions (ours; README "Paper notes and deviations"). The selectors learn where to stop from
-training samples, which the exits have fitted: there "this exit is right" holds far more often than on new
-data, and the learned stop drifts early as training goes on. After training, `calibrate_net` refits every
+training samples, by a loss that is not the decision the knob is judged on; on real digits the trained
+stop fell below a plain confidence threshold. After training, `calibrate_net` refits every
 stop decision on the validation split (a logistic regression per node on the selector's stop log-odds and the
 exit's confidence, EENet-style) and picks the operating point there: the cheapest threshold within a declared
 tolerance of full-depth accuracy (`operating_point`). The knob's thresholds are then estimated probabilities
@@ -258,10 +258,10 @@ def format_curve(rep: dict) -> str:
     f = lambda v: "n/a" if v is None else f"{v:.2f}"  # noqa: E731
     out = ["| t | executed MACs (M) | Juliet top-1 | fixed-depth hull | confidence exit | static |",
            "|---|---|---|---|---|---|"]
-    rows = rep["matched"]
+    rows = rep["matched"]  # in knob order, MACs non-decreasing
     lo, hi = rows[0]["macs"], rows[-1]["macs"]
-    for r in sorted({min(rows, key=lambda r: abs(r["macs"] - lo - k * (hi - lo) / 10))["t"]: 0 for k in range(11)}):
-        r = next(x for x in rows if x["t"] == r)
+    nearest = {min(range(len(rows)), key=lambda i: abs(rows[i]["macs"] - lo - k * (hi - lo) / 10)) for k in range(11)}
+    for r in (rows[i] for i in sorted(nearest)):
         out.append(f"| {r['t']:.3f} | {r['macs'] / 1e6:.2f} | {f(r['juliet_top1'])} | {f(r['fixed_hull_top1'])} | "
                    f"{f(r['confidence_top1'])} | {f(r['static_top1'])} |")
     top, vs = rep["juliet_top1_policy"], rep["vs_confidence_25_100"]
@@ -290,8 +290,8 @@ def stop_targets(table: dict) -> torch.Tensor:
 def calibrate(table: dict, l2: float = 1e-3, steps: int = 200) -> dict[str, torch.Tensor]:
     """Fit each stop decision on held-out samples (EENet-style; ours): per node, a logistic regression of
     `stop_targets` on [d, calibration_features], d the selector's stop log-odds, on an exit table of the
-    validation split taken with the calibration at identity. Training samples cannot do this: the exits have
-    fitted them, so "this exit is right" is true far more often there than on new data. Returns
+    validation split taken with the calibration at identity: data neither the exits nor the selectors were
+    trained on. Returns
     {node id: [a, w_1, ..., w_5, b]} for routers.Selector.set_calibration."""
     out, y = {}, stop_targets(table)
     routed = ~table["leaf"] & torch.isfinite(table["p_stop"])  # (N, D): a decision was taken there
