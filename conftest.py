@@ -9,10 +9,11 @@ import os
 import numpy as np
 import pytest
 import torch
+import torch.nn as nn
 import torch.nn.functional as F
 from PIL import Image
 
-from backbones import make_backbone
+from backbones import Backbone, Stage, make_backbone
 from trie import JulietNet
 
 REPO = os.path.dirname(os.path.abspath(__file__))
@@ -98,3 +99,23 @@ def one_line_error(proc, code=2):
     lines = [ln for ln in proc.stderr.strip().splitlines() if ln.strip()]
     assert len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr
     return lines[0]
+
+
+def tiny_backbone(num_classes=4) -> Backbone:
+    """A real `Backbone` (what measure.py and routing.costs read) of four small conv stages."""
+    widths = (8, 12, 16, 24)
+
+    def build():
+        model = nn.Module()
+        chans = (3, *widths)
+        model.stages = nn.ModuleList(nn.Sequential(nn.Conv2d(i, o, 3, 1 if k == 0 else 2, 1), nn.BatchNorm2d(o),
+                                                   nn.ReLU()) for k, (i, o) in enumerate(zip(chans, widths)))
+        model.fc = nn.Linear(widths[-1], num_classes)
+        return model
+
+    def split(model):
+        return list(model.stages)
+
+    stages = [Stage(make=lambda i=i: split(build())[i], channels=c, sig_name="0", sig_dim=c)
+              for i, c in enumerate(widths)]
+    return Backbone("tiny", num_classes, stages, build, split, lambda m: m.fc)

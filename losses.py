@@ -21,6 +21,11 @@ import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
 
+def gumbel_tau(epoch: int, epochs: int, tau0: float = 1.0, tau_min: float = 0.1) -> float:
+    """Gumbel temperature annealed geometrically from tau0 to tau_min over training (§3.1.3, §5.3)."""
+    return tau0 * (tau_min / tau0) ** (epoch / max(1, epochs - 1))
+
+
 def freeze_selectors(net, frozen: bool) -> None:
     """Routing warm-up (ours): frozen selectors keep a new trie at full depth (negative stop bias), so the
     stages and exits learn before the straight-through signal, noise until then, can move any route."""

@@ -9,14 +9,12 @@ import os
 
 import pytest
 import torch
-import torch.nn as nn
 from torch.utils.data import DataLoader, TensorDataset
 
 import data
 import routing
 import runs
-from backbones import Backbone, Stage
-from conftest import spread_loss
+from conftest import spread_loss, tiny_backbone
 from losses import exit_loss, juliet_loss, route_loss
 from routers import IDENTITY, calibration_features, make_selector
 from trie import STOP, JulietNet
@@ -24,26 +22,6 @@ from trie import STOP, JulietNet
 CLASSES, SIZE = 4, 16
 COLOURS = torch.tensor([[1.0, 0, 0], [0, 1.0, 0], [0, 0, 1.0], [1.0, 1.0, 0]])  # one per class
 NOISE = 1.5
-
-
-def tiny_backbone(num_classes=CLASSES) -> Backbone:
-    """A real `Backbone` (what measure.py and routing.costs read) of four small conv stages."""
-    widths = (8, 12, 16, 24)
-
-    def build():
-        model = nn.Module()
-        chans = (3, *widths)
-        model.stages = nn.ModuleList(nn.Sequential(nn.Conv2d(i, o, 3, 1 if k == 0 else 2, 1), nn.BatchNorm2d(o),
-                                                   nn.ReLU()) for k, (i, o) in enumerate(zip(chans, widths)))
-        model.fc = nn.Linear(widths[-1], num_classes)
-        return model
-
-    def split(model):
-        return list(model.stages)
-
-    stages = [Stage(make=lambda i=i: split(build())[i], channels=c, sig_name="0", sig_dim=c)
-              for i, c in enumerate(widths)]
-    return Backbone("tiny", num_classes, stages, build, split, lambda m: m.fc)
 
 
 def toy_trie(seed=0, **kw) -> JulietNet:

@@ -34,10 +34,10 @@ import routing
 import runs
 from backbones import BACKBONES, make_backbone, static_model
 from grow_prune import MODES, GrowPruneConfig, end_epoch, grow
-from losses import freeze_selectors, juliet_loss
+from losses import freeze_selectors, gumbel_tau, juliet_loss
 from routers import SELECTORS
 from runs import NonFiniteLoss, UsageError
-from trie import POLICIES, STOP_RULES, TRAIN_DEPTHS, JulietNet, gumbel_tau
+from trie import POLICIES, STOP_RULES, TRAIN_DEPTHS, JulietNet
 
 # ----------------------------------------------------------------------------- model
 

@@ -97,11 +97,6 @@ def check_options(backbone, prebuild, selector, policy, train_depth, beta, d_mod
         raise ValueError(f"d_model ({d_model}) must be divisible by n_head ({n_head})")
 
 
-def gumbel_tau(epoch: int, epochs: int, tau0: float = 1.0, tau_min: float = 0.1) -> float:
-    """Gumbel temperature annealed geometrically from tau0 to tau_min over training (§3.1.3, §5.3)."""
-    return tau0 * (tau_min / tau0) ** (epoch / max(1, epochs - 1))
-
-
 class TrieNode(nn.Module):
     """A trie node: a stage sub-module (N.sub), children (N.children) and, if it routes, a selector (N.PS)."""
 
