@@ -317,23 +317,28 @@ def digit_sources(sources=("sklearn", "mnist")) -> dict:
 REAL_SETS = {"digits": ("sklearn",), "mixed-digits": ("sklearn", "mnist")}
 
 
-def make_digits(out: str, sources=("sklearn",), test_fraction: float = 0.25, seed: int = 0) -> dict:
+def make_digits(out: str, sources=("sklearn",), test_fraction: float = 0.25, seed: int = 0, size: int = 32,
+                per_source: int | None = None) -> dict:
     """Write `out/{train,test}/<digit>/<source>__<index>.png`: a seeded, per-source and per-class stratified
-    test split. Returns {split: images}. Nothing is written when `out` exists."""
+    test split, images resized to `size` (bicubic), at most `per_source` images of each source (a seeded,
+    class-stratified subset). Returns {split: images}. Nothing is written when `out` exists."""
     if os.path.exists(out):
         raise UsageError(f"{out} exists; remove it or choose another directory")
     g, plan = torch.Generator().manual_seed(seed), []
     for source, (images, labels) in digit_sources(sources).items():
+        keep = 1.0 if per_source is None else min(1.0, per_source / len(labels))
         for c in sorted(set(labels.tolist())):
             idx = [i for i in range(len(labels)) if labels[i] == c]
-            perm = torch.randperm(len(idx), generator=g).tolist()
-            n_test = round(test_fraction * len(idx))
+            perm = torch.randperm(len(idx), generator=g).tolist()[:max(2, round(keep * len(idx)))]
+            n_test = round(test_fraction * len(perm))
             plan += [("test" if k < n_test else "train", c, source, idx[j], images[idx[j]]) for k, j in enumerate(perm)]
     counts = {"train": 0, "test": 0}
     for split, c, source, i, img in tqdm(plan, desc=f"writing {out}", leave=False):
         folder = os.path.join(out, split, str(c))
         os.makedirs(folder, exist_ok=True)
-        Image.fromarray(img).save(os.path.join(folder, f"{source}__{i:05d}.png"))
+        img = Image.fromarray(img)
+        img = img if img.size == (size, size) else img.resize((size, size), Image.BICUBIC)
+        img.save(os.path.join(folder, f"{source}__{i:05d}.png"))
         counts[split] += 1
     return counts
 
@@ -347,12 +352,19 @@ def main(argv=None) -> None:
     p.add_argument("out", help="directory to create (must not exist)")
     p.add_argument("--test-fraction", type=float, default=0.25, help="per source and class")
     p.add_argument("--seed", type=int, default=0, help="seed of the train/test split")
+    p.add_argument("--size", type=int, default=32, help="image side in pixels (train with --input-size SIZE)")
+    p.add_argument("--per-source", type=int, default=None, help="at most this many images of each source")
     args = p.parse_args(argv)
     if not 0 < args.test_fraction < 1:
         p.error(f"--test-fraction must be in (0, 1), got {args.test_fraction}")
-    counts = make_digits(args.out, REAL_SETS[args.name], args.test_fraction, args.seed)
+    if not 8 <= args.size <= 256:
+        p.error(f"--size must be in [8, 256], got {args.size}")
+    if args.per_source is not None and args.per_source < 40:
+        p.error(f"--per-source must be >= 40 (4 per class and split), got {args.per_source}")
+    counts = make_digits(args.out, REAL_SETS[args.name], args.test_fraction, args.seed, args.size, args.per_source)
+    size = "" if args.size == 32 else f" --input-size {args.size}"
     print(f"{args.out}: {counts['train']} train and {counts['test']} test images, 10 classes; train with "
-          f"--dataset imagefolder --data-dir {args.out}")
+          f"--dataset imagefolder --data-dir {args.out}{size}")
 
 
 if __name__ == "__main__":
