@@ -21,10 +21,19 @@ Pruning (Alg. 3): each epoch, a child whose EMA usage alpha is below theta_prune
 incremented (otherwise reset). Every E_prune epochs a sweep deletes each stage child whose counter
 reached t_min, with its subtree. The root is never pruned, nor is a stop child.
 
-Warm siblings (ours, `warm_siblings`, off by default): a child grown beside existing stage children starts
-as a copy of the busiest of them, its weights perturbed by 10% relative Gaussian noise, instead of fresh
-(MoE "sparse upcycling"). A fresh sibling is an untrained stage that the selector may send half its samples
-to; a perturbed copy is as good as its sibling from its first step and differs enough to be told apart.
+Split growth (ours, `statistic="split"`; README "Paper notes and deviations"). sigma^2 on unit-norm features
+measures how spread a node's outputs are, which grows with depth whatever the data (0.06 at the stem to 0.6
+at layer 4 of a trained ResNet-18, on one domain or two), so θ_grow = 0.4 can only fire at the last stage. The
+split share (trie.update_split) measures instead how well one 2-way split explains a node's *inputs*: on real
+digits it stays below 0.35 at every node; mixed with MNIST it is 0.4-0.75 at the nodes before layer 3, and the
+split is the domain. Every `grow_every` steps the node with the highest share above θ_grow on the busiest
+path gets a sibling, and the sibling a *prior*: the side of that split (its mean and direction) from which
+losses.split_loss teaches the parent's selector which samples are the newcomer's. Both shares then restart.
+
+Sibling initialisation (`sibling`): "fresh" (Alg. 2: a freshly initialised stage), "warm" (ours: the busiest
+sibling's stage, weights perturbed by 10% relative Gaussian noise, as MoE "sparse upcycling"), "subtree"
+(ours: the whole subtree below, perturbed likewise, so a specialist grown at layer 1 still has layers 2-4
+and its exits; a fresh or warm sibling there ends the path two stages early).
 """
 
 import copy
@@ -38,6 +47,8 @@ if TYPE_CHECKING:  # annotations only: this file runs with any object that has J
     from trie import JulietNet, TrieNode
 
 MODES = ("both", "grow-only", "prune-only", "off")  # §5.3 ablation; "off" is static Juliet
+STATISTICS = ("sigma2", "split")  # growth trigger: §4.2's sigma^2 at the busiest leaf; ours, the inputs' split share
+SIBLINGS = ("fresh", "warm", "subtree")  # a grown sibling: Alg. 2's fresh stage; ours, perturbed copies
 
 
 @dataclass
@@ -50,14 +61,20 @@ class GrowPruneConfig:
     t_min: int = 3             # epochs a child's alpha must stay below theta_prune (Alg. 3)
     m_max: int = 3             # M_max, stage children per node (Alg. 2); not given in the paper
     max_depth: int | None = None  # deepest node depth; None: the backbone's last stage
-    warm_siblings: bool = False  # ours: a new sibling is a perturbed copy of the busiest one
+    statistic: str = "sigma2"  # "split": ours, the node's inputs' split share
+    sibling: str = "fresh"     # "warm", "subtree": ours, perturbed copies of the sibling's stage or subtree
+    noise: float = 0.1         # relative Gaussian noise on a copied sibling's weights
 
     def __post_init__(self):
-        if self.mode not in MODES:
-            raise ValueError(f"unknown grow/prune mode {self.mode!r}; choose one of: {', '.join(MODES)}")
+        for name, allowed in (("mode", MODES), ("statistic", STATISTICS), ("sibling", SIBLINGS)):
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"unknown grow/prune {name} {getattr(self, name)!r}; "
+                                 f"choose one of: {', '.join(allowed)}")
         for name in ("theta_grow", "theta_prune"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ValueError(f"{name} must be in [0, 1], got {getattr(self, name)}")
+        if not 0.0 <= self.noise <= 1.0:
+            raise ValueError(f"noise must be in [0, 1], got {self.noise}")
         for name in ("grow_every", "prune_every", "t_min", "m_max"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
@@ -70,12 +87,13 @@ def _event(kind: str, node: "TrieNode", step: int, statistic: str, value: float,
             "value": round(value, 6), "threshold": threshold}
 
 
-def sync_optimizer(optimizer: torch.optim.Optimizer, net: "JulietNet") -> None:
+def sync_optimizer(optimizer: torch.optim.Optimizer, net: "JulietNet", copied: dict | None = None) -> None:
     """Make the optimizer's single param group equal `net.parameters()`, in that order.
 
-    New parameters join (their state is created on their first step); parameters no longer in the
-    net leave, with their state. One group keeps a scheduler's per-group learning rate valid for grown
-    children, and the fixed order lets a checkpointed optimizer load into a rebuilt net.
+    New parameters join (their state is created on their first step, or cloned from their source's in
+    `copied`, so a copy continues where its source was); parameters no longer in the net leave, with their
+    state. One group keeps a scheduler's per-group learning rate valid for grown children, and the fixed
+    order lets a checkpointed optimizer load into a rebuilt net.
     """
     if len(optimizer.param_groups) != 1:
         raise ValueError("sync_optimizer expects an optimizer with one param group over net.parameters()")
@@ -83,6 +101,9 @@ def sync_optimizer(optimizer: torch.optim.Optimizer, net: "JulietNet") -> None:
     alive = set(params)
     for p in [p for p in optimizer.state if p not in alive]:
         del optimizer.state[p]
+    for new, old in (copied or {}).items():
+        if old in optimizer.state:
+            optimizer.state[new] = {k: v.clone() if torch.is_tensor(v) else v for k, v in optimizer.state[old].items()}
     optimizer.param_groups[0]["params"] = params
 
 
@@ -90,6 +111,8 @@ def grow(net: "JulietNet", cfg: GrowPruneConfig, step: int, optimizer=None) -> l
     """Algorithm 2 at the leaf reached by the last training batch, every `cfg.grow_every` steps."""
     if cfg.mode not in ("both", "grow-only") or step % cfg.grow_every or not net.last_leaf_counts:
         return []
+    if cfg.statistic == "split":
+        return split(net, cfg, step, optimizer)
     leaf = net.node(max(net.last_leaf_counts, key=net.last_leaf_counts.get))
     max_depth = min(len(net.backbone.stages) - 1, math.inf if cfg.max_depth is None else cfg.max_depth)
     # Where the new child goes: under the leaf if it can deepen; otherwise it becomes the leaf's sibling,
@@ -101,13 +124,55 @@ def grow(net: "JulietNet", cfg: GrowPruneConfig, step: int, optimizer=None) -> l
     if node is None or not (sigma2 > cfg.theta_grow and len(node.stage_children) < cfg.m_max
                             and node.depth < max_depth):
         return []
-    sub = None  # lines 2-4: fresh torchvision init, alpha = 0
-    if cfg.warm_siblings and node.stage_children:
-        sub = perturbed_copy(max(node.stage_children, key=lambda k: float(k.alpha)).sub)
-    child = net.add_child(node, sub)
+    busiest = max(node.stage_children, key=lambda k: float(k.alpha), default=None)
+    child, copied = add_sibling(net, node, busiest, cfg.sibling, cfg.noise)  # lines 2-4 (fresh: torchvision init)
     if optimizer is not None:
-        sync_optimizer(optimizer, net)
+        sync_optimizer(optimizer, net, copied)
     return [_event("grow", child, step, "sigma2", sigma2, cfg.theta_grow)]
+
+
+def split(net: "JulietNet", cfg: GrowPruneConfig, step: int, optimizer=None) -> list[dict]:
+    """Split growth (ours): a sibling beside the node whose inputs a 2-way split explains best, above θ_grow, on
+    the path of the leaf most samples of the last batch ran to; the newcomer's prior is the split's far side."""
+    path = net.path(max(net.ran_leaf_counts, key=net.ran_leaf_counts.get))[1:]
+    room = [k for k in path if not k.is_stop and len(net.parent(k).stage_children) < cfg.m_max]
+    node = max(room, key=lambda k: float(k.split_share), default=None)
+    if node is None or not float(node.split_share) > cfg.theta_grow:
+        return []
+    share, parent = float(node.split_share), net.parent(node)
+    child, copied = add_sibling(net, parent, node, cfg.sibling, cfg.noise)
+    child.prior = node.principal.clone()  # samples with (u - mean)·v > 0 are the newcomer's
+    node.alpha.div_(2), child.alpha.copy_(node.alpha)  # it takes about half of them: Alg. 3 must not see a newborn
+    for k in parent.stage_children:  # the shares restart: each sibling's inputs are now its side's
+        k.split_share.zero_()
+        k.principal = k.principal.new_zeros(0)
+    if optimizer is not None:
+        sync_optimizer(optimizer, net, copied)
+    return [_event("grow", child, step, "split_share", share, cfg.theta_grow)]
+
+
+def add_sibling(net: "JulietNet", parent: "TrieNode", source: "TrieNode | None", how: str, noise: float = 0.1):
+    """A new stage child of `parent`: fresh, or a perturbed copy of `source`'s stage ("warm") or subtree.
+    Returns it and {copied parameter: its source}, from which the optimizer state is copied too."""
+    if source is None or how == "fresh":
+        return net.add_child(parent), {}
+    child = net.add_child(parent, perturbed_copy(source.sub, noise))
+    copied = dict(zip(child.sub.parameters(), source.sub.parameters()))
+
+    def copy_below(dst: "TrieNode", src: "TrieNode") -> None:
+        for k in src.stage_children:
+            kid = net.add_child(dst, perturbed_copy(k.sub, noise), k.node_id.rsplit("/", 1)[1])
+            kid.alpha.copy_(k.alpha)
+            copied.update(zip(kid.sub.parameters(), k.sub.parameters()))
+            copy_below(kid, k)
+        dst.next_child = src.next_child
+        if src.selector is not None:
+            dst.selector.load_state_dict(src.selector.state_dict())
+            copied.update(zip(dst.selector.parameters(), src.selector.parameters()))
+
+    if how == "subtree":
+        copy_below(child, source)
+    return child, copied
 
 
 @torch.no_grad()

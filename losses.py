@@ -13,6 +13,7 @@ Each is a function of the last training forward pass of a `trie.JulietNet` (its 
   exit_loss     ours: deep supervision of every exit (BranchyNet-style)
   cost_loss     expected stage cost under P (compute-aware straight-through routing)
   balance_loss  §2.2's load-balancing loss over sibling stage children
+  split_loss    ours: a grown specialist's parent learns the side of the split it was grown for
   freeze_selectors  a routing warm-up: selectors frozen while stages and exits learn
 """
 
@@ -126,8 +127,22 @@ def balance_loss(net) -> torch.Tensor:
     return torch.stack(terms).mean() if terms else torch.zeros((), device=net.root.alpha.device)
 
 
+def split_loss(net) -> torch.Tensor:
+    """Ours (grow_prune.split): each grown specialist's parent learns which samples are the specialist's. The
+    binary cross-entropy of the specialist's share of the stage children's P (stop left out) against the side
+    of the split it was grown for, averaged over specialists; 0 where none was grown."""
+    terms = []
+    for _, P, sides in net.splits:
+        M = len(sides)
+        share = P[:, :M] / P[:, :M].sum(1, keepdim=True)  # (B_n, M) renormalised over the stage children
+        terms += [F.binary_cross_entropy(share[:, k].clamp(1e-6, 1 - 1e-6), side)
+                  for k, side in enumerate(sides) if side is not None]
+    return torch.stack(terms).mean() if terms else torch.zeros((), device=net.root.alpha.device)
+
+
 def juliet_loss(net, logits: torch.Tensor, y: torch.Tensor, exit_weight: float = 1.0, route_weight: float = 1.0,
-                price: float = 0.05, cost_weight: float = 0.0, balance_weight: float = 0.0) -> torch.Tensor:
+                price: float = 0.05, cost_weight: float = 0.0, balance_weight: float = 0.0,
+                split_weight: float = 0.0) -> torch.Tensor:
     """The training objective of a Juliet step: the task loss plus each routing loss that has a weight
     (defaults: the training script's recipe; `exit_weight=route_weight=0` is the paper's task loss alone)."""
     loss = F.cross_entropy(logits, y)
@@ -139,4 +154,6 @@ def juliet_loss(net, logits: torch.Tensor, y: torch.Tensor, exit_weight: float =
         loss = loss + cost_weight * cost_loss(net)
     if balance_weight:  # §2.2 load balancing of sibling stage children
         loss = loss + balance_weight * balance_loss(net)
+    if split_weight:  # grown specialists get the side of the split they were grown for
+        loss = loss + split_weight * split_loss(net)
     return loss

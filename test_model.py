@@ -293,7 +293,7 @@ def test_warm_siblings_start_as_a_perturbed_copy_of_the_busiest_sibling(r18):
     net = JulietNet(r18, prebuild=2)
     net.add_child(net.root)  # 0/1, fresh
     net.node("0/0").alpha.fill_(0.2), net.node("0/1").alpha.fill_(0.7)  # 0/1: the busiest of the root's children
-    cfg = GrowPruneConfig(theta_grow=0.0, grow_every=1, warm_siblings=True)
+    cfg = GrowPruneConfig(theta_grow=0.0, grow_every=1, sibling="warm")
     net.root.sigma2.fill_(1.0)
     net.last_leaf_counts = {"0/stop": 8}  # grows at the root, beside 0/0 and 0/1
     assert [e["node"] for e in grow(net, cfg, 1)] == ["0/2"]

@@ -33,7 +33,7 @@ import plots
 import routing
 import runs
 from backbones import BACKBONES, make_backbone, static_model
-from grow_prune import MODES, GrowPruneConfig, end_epoch, grow
+from grow_prune import MODES, SIBLINGS, STATISTICS, GrowPruneConfig, end_epoch, grow
 from losses import freeze_selectors, gumbel_tau, juliet_loss
 from routers import SELECTORS
 from runs import NonFiniteLoss, UsageError
@@ -58,7 +58,8 @@ def build_model(args, num_classes: int):
 def grow_prune_config(args) -> GrowPruneConfig:
     return GrowPruneConfig(mode=args.grow_prune, theta_grow=args.grow_threshold, theta_prune=args.prune_threshold,
                            grow_every=args.grow_every, prune_every=args.prune_every, t_min=args.t_min,
-                           m_max=args.m_max, max_depth=args.max_depth, warm_siblings=args.warm_siblings)
+                           m_max=args.m_max, max_depth=args.max_depth, statistic=args.grow_statistic,
+                           sibling=args.sibling, noise=args.sibling_noise)
 
 
 def maybe_compile(model, args) -> None:
@@ -101,7 +102,8 @@ def train_one_epoch(model, loader, opt, scaler, args, progress: dict) -> dict:
             logits = model(x)
             loss = juliet_loss(model, logits, y, exit_weight=args.exit_weight, route_weight=args.route_weight,
                                price=args.cost_weight, cost_weight=args.expected_cost_weight,
-                               balance_weight=args.balance_weight) if juliet else F.cross_entropy(logits, y)
+                               balance_weight=args.balance_weight, split_weight=args.split_weight) \
+                if juliet else F.cross_entropy(logits, y)
         if not torch.isfinite(loss):
             raise NonFiniteLoss(f"loss is {loss.item()} at epoch {progress['epoch']}, step {progress['step'] + 1}")
         opt.zero_grad(set_to_none=True)
@@ -366,17 +368,14 @@ def build_parser(description: str) -> argparse.ArgumentParser:
     g.add_argument("--selector", "--router", default="transformer", choices=list(SELECTORS),
                    help="path selector N.PS (§4.1; §5.3 ablation)")
     g.add_argument("--policy", default="top1", choices=POLICIES, help="routing policy (§4.1 top-1; §5.3 gumbel)")
-    g.add_argument("--tau0", type=runs.positive_float, default=1.0,
-                   help="gumbel: initial temperature (§3.1.3 annealing)")
+    g.add_argument("--tau0", type=runs.positive_float, default=1.0, help="gumbel: initial temperature (§3.1.3)")
     g.add_argument("--tau-min", type=runs.positive_float, default=0.1, help="gumbel: final temperature")
-    g.add_argument("--prebuild", type=runs.positive, default=None,
-                   help="nodes in the initial chain; default one per stage (§5.3 'Initialisation': 5, or 10 "
-                        "for ResNet-101)")
+    g.add_argument("--prebuild", type=runs.positive, default=None, help="nodes in the initial chain; default one "
+                   "per stage (§5.3 'Initialisation': 5, or 10 for ResNet-101)")
     g.add_argument("--no-stop", action="store_true", help="no stop children: every path runs every stage")
     g.add_argument("--d-model", type=runs.positive, default=64, help="selector width d_model (§4.1)")
     g.add_argument("--n-head", type=runs.positive, default=4, help="selector heads n_head (§4.1)")
-    g.add_argument("--ema-beta", type=runs.unit_interval, default=0.99,
-                   help="EMA beta of alpha and sigma^2 (Eq. 3; lambda=1-beta)")
+    g.add_argument("--ema-beta", type=runs.unit_interval, default=0.99, help="EMA beta of alpha, sigma^2 (Eq. 3)")
     g = p.add_argument_group("routing recipe (ours; README 'Paper notes and deviations')")
     g.add_argument("--train-depth", default="full", choices=TRAIN_DEPTHS,
                    help="full: training samples run to a leaf whatever they decide, so every exit and the rest "
@@ -385,16 +384,14 @@ def build_parser(description: str) -> argparse.ArgumentParser:
                    help="weight of route_loss: stop decisions as cost-sensitive classification (ours; losses.py)")
     g.add_argument("--cost-weight", type=runs.nonneg_float, default=0.05,
                    help="lambda_c: route_loss's price of compute, top-1 per backbone-worth of MACs (twin of §6.2)")
-    g.add_argument("--exit-weight", type=runs.nonneg_float, default=1.0,
-                   help="weight of the deep supervision of every exit (ours; losses.exit_loss)")
+    g.add_argument("--exit-weight", type=runs.nonneg_float, default=1.0, help="weight of losses.exit_loss (ours)")
     g.add_argument("--stage-grad", type=runs.unit_interval, default=0.0, help="share of the exits' and selectors' "
                    "gradient that reaches the stages (ours; 0: the stages learn the task loss alone; 1: jointly)")
     g.add_argument("--no-exit-confidence", action="store_true",
                    help="stop logits do not read the exit's confidence (the paper's selector input; routers.py)")
     g.add_argument("--stop-rule", default="half", choices=STOP_RULES, help="half: stop where P_stop >= 1/2, "
                    "else the best stage child (ours); argmax: top-1 over all children (Alg. 1, the paper)")
-    g.add_argument("--stop-bias", type=float, default=0.0,
-                   help="initial stop-logit offset (negative: a new trie starts at full depth)")
+    g.add_argument("--stop-bias", type=float, default=0.0, help="initial stop-logit offset (negative: full depth)")
     g.add_argument("--route-warmup", type=runs.nonneg, default=0, help="epochs with frozen selectors (ours)")
     g.add_argument("--calibrate", action=argparse.BooleanOptionalAction, default=True, help="fit the stop decisions "
                    "and the operating point on the validation split after training (ours; routing.calibrate_net)")
@@ -416,13 +413,16 @@ def build_parser(description: str) -> argparse.ArgumentParser:
     g.add_argument("--t-min", type=runs.positive, default=3, help="epochs of alpha < theta_prune before pruning")
     g.add_argument("--m-max", type=runs.positive, default=3, help="M_max stage children per node (Alg. 2)")
     g.add_argument("--max-depth", type=runs.nonneg, default=None, help="deepest node depth (default: last stage)")
-    g.add_argument("--warm-siblings", action="store_true",
-                   help="a grown sibling starts as a perturbed copy of the busiest one, not fresh (ours)")
+    g.add_argument("--grow-statistic", default="split", choices=STATISTICS, help="growth trigger (ours; §4.2)")
+    g.add_argument("--sibling", default="subtree", choices=SIBLINGS, help="a grown sibling: a perturbed copy of "
+                   "the subtree beside it (ours), of its stage only (warm), or a fresh stage (Alg. 2)")
+    g.add_argument("--sibling-noise", type=runs.unit_interval, default=0.01, help="relative weight noise of a copy")
+    g.add_argument("--split-weight", type=runs.nonneg_float, default=1.0, help="weight of losses.split_loss (ours)")
     g = p.add_argument_group("data (§5.1, Table 2)")
     g.add_argument("--dataset", default="cifar10", choices=data.DATASETS)
     g.add_argument("--data-dir", default="./data", help="CIFAR root, or an image folder with train/ and test/")
-    g.add_argument("--download", action=argparse.BooleanOptionalAction, default=True,
-                   help="let torchvision download and MD5-check CIFAR when it is absent")
+    g.add_argument("--download", action=argparse.BooleanOptionalAction, default=True, help="let torchvision "
+                   "download and MD5-check CIFAR when it is absent")
     g.add_argument("--input-size", type=runs.positive, default=32,
                    help="image side (CIFAR: 32, resized to another; an ImageFolder's images must have it)")
     g.add_argument("--synthetic-size", type=runs.positive, default=10000, help="synthetic train+val images")

@@ -1,49 +1,35 @@
 """The Juliet trie: `TrieNode`, `JulietNet`, batched top-1 routing (paper §3.1, §4.1, Algorithm 1).
 
-A node at depth d runs a copy of backbone stage d (the root runs the stem). An internal node has a
-selector (routers.py) that picks one child per sample; siblings are independent copies of the same
-stage (specialists). Each internal node also has a *stop* child whose sub-module is the identity, so
-a sample may end its path early: paths have different depths and different costs (Table 1 "dynamic
-depth"; §2.1, E[C] = p_e C_e + (1 - p_e) C_h). A leaf's features are pooled, mapped to the head width
-by a channel adapter cached per channel count (§4.1), and classified by one shared head.
+A node at depth d runs a copy of backbone stage d (the root runs the stem). An internal node has a selector
+(routers.py) that picks one child per sample; siblings are copies of the same stage (specialists). Each
+internal node also has a *stop* child whose sub-module is the identity, so paths have different depths and
+costs (Table 1 "dynamic depth"; §2.1). A leaf's features are pooled, mapped to the head width by a channel
+adapter cached per channel count (§4.1), and classified by one shared head.
 
-Algorithm 1, batched: at a node, f = sub(x); P = softmax(selector(f)) (Eq. 1); i* = argmax P; the
-batch is partitioned by i* with one sort, each child runs once on its own sub-batch, and the leaf
-outputs are scattered back into batch order once, at the end. No per-sample Python loop, and no child
-ever runs on samples that did not choose it.
+Algorithm 1, batched: at a node, f = sub(x); P = softmax(selector(f)) (Eq. 1); i* = argmax P; the batch is
+partitioned by i* with one sort, each child runs once on its own sub-batch, and the leaf outputs are scattered
+back into batch order once, at the end. No per-sample Python loop; no child runs on samples that did not
+choose it. Gradient reaches the selectors through a straight-through gate per decision,
+g = 1 + (P_i* - sg(P_i*)): exactly 1 forward, dP_i* backward; it scales the pooled leaf feature as an MoE gate.
 
-The compute knob: with `stop_threshold=t`, a sample stops at the first node where P_stop >= t, and
-otherwise takes the best stage child; t = 0 stops everyone at the root's exit, t = 1 stops nobody. One
-trained checkpoint thus spans an accuracy-vs-MACs curve (MSDNet's budgeted classification).
+The compute knob: with `stop_threshold=t`, a sample stops at the first node where P_stop >= t, else takes the
+best stage child (t = 0: everyone stops at the root; t = 1: nobody). One checkpoint spans an accuracy-vs-MACs
+curve (MSDNet's budgeted classification).
 
-Stop rule (ours). Top-1 over all children (`stop_rule="argmax"`, Alg. 1 line 5) stops a sample when P_stop
-beats each stage child alone: with M balanced siblings, already at P_stop > 1/(M + 1), though going on is
-likelier. `stop_rule="half"` (the default) decides stop-or-go first, P_stop >= 1/2 (the knob at t = 1/2,
-the decision route_loss trains), then the best stage child. With one stage child the two rules agree.
+Ours (README "Paper notes and deviations"), each switchable: `stop_rule="half"` decides stop-or-go first
+(P_stop >= 1/2), where Alg. 1's argmax ("argmax") stops once P_stop beats each sibling alone;
+`train_depth="full"` runs every training sample to a leaf whatever it decides, so every exit and stop
+decision learns from the true counterfactual ("routed": the paper).
 
-Training depth (ours; README "Paper notes and deviations"). `train_depth="routed"` is the paper: training
-samples stop where top-1 sends them. `train_depth="full"` (the default) runs every training sample down
-its stage children to a leaf, whatever its stop decision: every exit and the rest of the path are then
-known for every sample, so stop decisions learn from the true counterfactual (route_loss) and no stage is
-starved of the samples it should learn. Inference routes and stops as the paper does.
-
-Gradient reaches the selectors through a straight-through gate per decision, g = 1 + (P_i* - sg(P_i*)):
-exactly 1 in the forward pass (the bracket is exactly 0), dP_i* in the backward pass. The product of
-a sample's gates scales its pooled leaf feature, as an MoE gate scales an expert's output, so routing
-decides which modules run but never changes a value.
-
-Training-mode bookkeeping for grow_prune.py: EMA usage alpha per child of the top-1 decision (Alg. 1
-line 6, lambda = 1 - beta) over the samples the policy sends to the node, and EMA sigma^2 per node (§4.2),
-on L2-normalised GAP features so that sigma^2 lies in [0, 1].
+Training-mode bookkeeping for grow_prune.py: EMA usage alpha per child (Alg. 1 line 6, lambda = 1 - beta),
+EMA sigma^2 per node on L2-normalised GAP features (§4.2, in [0, 1]), and the split share of each node's
+inputs (ours, `update_split`). A training forward records what losses.py reads: each decision's P
+(`decisions`), each exit's logits and P (`exits`), each leaf's depth (`leaf_depth`), the split priors of
+grown specialists (`splits`).
 
     net = JulietNet(make_backbone("resnet18"), selector="transformer", policy="top1")
     logits, paths = net(x, return_paths=True)      # paths[i]: leaf id reached by sample i, e.g. "0/0/stop"
     logits = net(x, stop_threshold=0.8)             # the compute knob: stop where P_stop >= 0.8
-
-A training forward records what the routing losses (losses.py) read: each decision's P (`decisions`),
-each exit's logits and P (`exits`), the depth of each sample's leaf (`leaf_depth`). With `exit_confidence`
-(ours, routers.py), a node with a stop child computes its exit's logits before deciding, and its selector
-reads their confidence.
 """
 
 import collections
@@ -62,16 +48,11 @@ STOP = "stop"  # local id of a node's stop child
 
 
 def run_sub(sub: nn.Module, x: torch.Tensor, training: bool) -> torch.Tensor:
-    """sub(x), except that a lone training sample is normalised with BatchNorm's running statistics.
-
-    Routing makes sub-batches of one sample, and BatchNorm cannot normalise a single value per channel
-    (ResNet's layer4 maps 32x32 inputs to 1x1), so for B=1 in training its BatchNorm layers run in eval.
-    """
+    """sub(x), except that a lone training sample (routing makes sub-batches of one) is normalised with BatchNorm's
+    running statistics: BatchNorm cannot normalise one value per channel (ResNet's layer4 at 32x32 is 1x1)."""
     if not (training and x.shape[0] == 1):
         return sub(x)
-    bns = [m for m in sub.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training]
-    for m in bns:
-        m.eval()
+    bns = [m.eval() for m in sub.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training]
     try:
         return sub(x)
     finally:
@@ -112,6 +93,16 @@ class TrieNode(nn.Module):
         self.register_buffer("alpha", torch.zeros(()))   # EMA usage, as seen by the parent (Eq. 3)
         self.register_buffer("sigma2", torch.zeros(()))  # EMA uncertainty proxy (§4.2)
         self.register_buffer("low_epochs", torch.zeros((), dtype=torch.long))  # Alg. 3 age counter
+        self.register_buffer("split_share", torch.zeros(()))  # EMA growth trigger on the inputs (ours; update_split)
+        self.register_buffer("principal", torch.zeros(0))  # (2, C_in): the inputs' EMA mean, top direction
+        self.register_buffer("prior", torch.zeros(0))  # (2, C_in) for a grown specialist: its side of a split
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        state_dict.setdefault(prefix + "split_share", torch.zeros(()))  # checkpoints before the split trigger
+        for name in ("principal", "prior"):  # sized by the data
+            value = state_dict.setdefault(prefix + name, torch.zeros(0))
+            setattr(self, name, torch.empty_like(value, device=self.alpha.device))
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     @property
     def stage_children(self) -> list["TrieNode"]:
@@ -168,12 +159,11 @@ class JulietNet(nn.Module):
         self.ran_leaf_counts: dict[str, int] = {}  # leaves whose paths actually ran (differ in full-depth training)
         self.leaf_depth = torch.zeros(0, dtype=torch.long)  # (B,) depth of each sample's leaf that ran
         self.decisions = []  # (node, P) of the last training forward, for the auxiliary losses
+        self.splits = []  # (node, P, per stage child: which samples its split prior sends it, or None)
         self.exits = []  # (node, sample indices, exit logits, P) at nodes with a stop child
         self.record_exits = False  # record exits in eval too (routing.exit_table)
         self.last_input = (0, (32, 32))  # (batch size, (H, W)) of the last forward
         self.stage_macs_cache, self.signature_cache = {}, {}  # {(H, W): stage MACs}, {node id: (versions, sigs)}
-
-    # --------------------------------------------------------------------- structure
 
     def nodes(self, node: TrieNode | None = None):
         """All nodes, pre-order."""
@@ -278,8 +268,6 @@ class JulietNet(nn.Module):
         rec(net.root, s["root"])
         return net
 
-    # --------------------------------------------------------------------- forward (Algorithm 1)
-
     def forward(self, x: torch.Tensor, return_paths: bool = False, stop_threshold: float | None = None):
         """Logits (B, num_classes), and with `return_paths` each sample's leaf id. `stop_threshold` t in [0, 1] replaces
         the operating point at inference: stop where P_stop >= t (t = 1: never; the "half" rule is t = 1/2)."""
@@ -289,7 +277,7 @@ class JulietNet(nn.Module):
         if stop_threshold is not None and not 0.0 <= stop_threshold <= 1.0:
             raise ValueError(f"stop_threshold must be in [0, 1], got {stop_threshold}")
         B = x.shape[0]
-        self.decisions, self.exits, self.last_input = [], [], (B, tuple(x.shape[-2:]))
+        self.decisions, self.exits, self.splits, self.last_input = [], [], [], (B, tuple(x.shape[-2:]))
         leaves, stopped = [], []  # (leaf id, sample indices (B_l,), pooled gated features (B_l, W), alive (B_l,))
         held_out = None if self.training else self.options["stop_threshold"]  # the operating point, at inference
         t = next((v for v in (stop_threshold, held_out) if v is not None), STOP_RULES[self.options["stop_rule"]])
@@ -320,18 +308,17 @@ class JulietNet(nn.Module):
         f = run_sub(node.sub, x, self.training)  # Alg. 1 line 2: (B_n, C, H, W)
         n = f.shape[0]
         self.visits[node.node_id] += n
-        if self.training and not node.is_stop and n > 1:
+        if self.training and not node.is_stop and n > 1:  # growth's statistics (grow_prune.py)
             update_sigma2(node, f, self.options["beta"])
+            update_split(node, x, self.options["beta"])  # the root's (of the images) is never read
         choices, has_stop = node.choices, STOP in node.child
         if not choices:  # Alg. 1 line 3: a leaf
             z = self.adapt(f.mean((2, 3)))  # (B_n, W)
             leaves.append((node.node_id, idx, z * gate[:, None].to(z.dtype), alive))
             return []
         record = has_stop and (self.training or self.record_exits)  # this node's exit, for the losses and tables
-        exit_logits = None  # what a sample stopping here leaves with: (B_n, classes)
         fr = grad_scale(f, self.options["stage_grad"]) if self.training else f  # what the exit and selector read
-        if record or self.reads_exit(node):
-            exit_logits = self.head(self.adapt(fr.mean((2, 3))))
+        exit_logits = self.head(self.adapt(fr.mean((2, 3)))) if record or self.reads_exit(node) else None  # (B_n, cls)
         read = None if exit_logits is None else exit_logits.detach()  # routing must not bend the exit's answer
         if len(choices) == 1:
             choice = None
@@ -347,6 +334,8 @@ class JulietNet(nn.Module):
                 self.exits.append((node, idx, exit_logits, P))  # (B_n,), (B_n, classes), (B_n, K): stop last
             if self.training:
                 self.decisions.append((node, P))
+                if any(k.prior.numel() for k in choices):  # grown specialists: the sides of their split priors
+                    self.splits.append((node, P, split_sides(node, fr)))
                 update_alpha(choices, top1, alive, self.options["beta"])
                 if has_stop:  # where top-1 would have stopped; they run on only in full-depth training
                     stop_here = alive & (top1 == len(choices) - 1)
@@ -363,8 +352,7 @@ class JulietNet(nn.Module):
         return [(k, *(p[j] for p in parts)) for j, k in enumerate(choices) if counts[j]]
 
     def adapt(self, pooled: torch.Tensor) -> torch.Tensor:
-        """The §4.1 channel adapter, after GAP: a 1x1 conv commutes with global average pooling, so
-        pooling first gives the same output at HW-times fewer MACs. (B, C) -> (B, head width)."""
+        """The §4.1 1x1 channel adapter after GAP (they commute: HW-times fewer MACs). (B, C) -> (B, head width)."""
         key = str(pooled.shape[1])
         return self.adapters[key](pooled) if key in self.adapters else pooled
 
@@ -374,9 +362,8 @@ class JulietNet(nn.Module):
                 and (self.options["exit_confidence"] or node.selector.calibrated))
 
     def signatures(self, node: TrieNode) -> torch.Tensor:
-        """Weight signature of each stage child: its last conv's weights averaged to (C_out,) (§4.1). Kept
-        while the weights keep their version (no optimizer step, no load), so inference does not re-read
-        the children's conv weights (layer4's: 2.4 M) for every batch."""
+        """Weight signature of each stage child: its last conv's weights averaged to (C_out,) (§4.1), kept while the
+        weights keep their version, so inference does not re-read them (layer4's: 2.4 M) every batch."""
         name = self.backbone.stages[node.depth + 1].sig_name
         ws = [k.sub.get_submodule(name).weight for k in node.stage_children]
         key = tuple((id(w), w._version) for w in ws)
@@ -405,12 +392,10 @@ def decide(logits: torch.Tensor, has_stop: bool, t: float | None) -> torch.Tenso
 def choose(logits: torch.Tensor, has_stop: bool, t: float | None, gumbel_tau: float | None, full: bool):
     """(child that runs, top-1 child, its gate value q, P) for one routing node's sub-batch.
 
-    Without a threshold: top-1 over all children (Alg. 1 line 5) or, in training with policy "gumbel"
-    (`gumbel_tau` set), a hard Gumbel-softmax sample. With a threshold t (the knob, or 1/2 under the "half"
-    stop rule) the decision is stop-or-go first: stop where P_stop >= t (t = 1: never), else the best stage
-    child. P_stop and the stage children given "go" factorise P exactly: P_j = (1 - P_stop) softmax(stage)_j.
-    In full-depth training (`full`) a stage child runs whatever the decision (`top1`) says.
-    """
+    Without a threshold: top-1 over all children (Alg. 1 line 5) or, in training with policy "gumbel" (`gumbel_tau`
+    set), a hard Gumbel-softmax sample. With a threshold t (the knob; 1/2 under the "half" stop rule): stop where
+    P_stop >= t (t = 1: never), else the best stage child; P_j = (1 - P_stop) softmax(stage)_j exactly. In
+    full-depth training (`full`) a stage child runs whatever the decision (`top1`) says."""
     P = logits.float().softmax(-1)  # Eq. 1: (B_n, K)
     n_stage = P.shape[1] - has_stop
     staged = has_stop and t is not None  # stop-or-go, then a stage child
@@ -432,8 +417,7 @@ def choose(logits: torch.Tensor, has_stop: bool, t: float | None, gumbel_tau: fl
 
 @torch.no_grad()
 def update_alpha(choices: list[TrieNode], top1: torch.Tensor, alive: torch.Tensor, beta: float) -> None:
-    """Alg. 1 line 6 over a batch: alpha <- beta*alpha + (1-beta)*(fraction of the node's samples choosing the
-    child). A batch that top-1 sends none of (full-depth training) leaves alpha alone."""
+    """Alg. 1 line 6: alpha <- beta alpha + (1 - beta) (share of the node's samples choosing the child), if any."""
     w = alive.float()  # (B_n,) the samples top-1 sends to this node
     frac = torch.bincount(top1, weights=w, minlength=len(choices)) / w.sum().clamp(min=1)  # (K,)
     for kid, fr in zip(choices, frac):
@@ -446,3 +430,25 @@ def update_sigma2(node: TrieNode, f: torch.Tensor, beta: float) -> None:
     u = F.normalize(f.float().mean((2, 3)), dim=1)  # (B_n, C)
     s2 = (u - u.mean(0)).pow(2).sum(1).mean()
     node.sigma2.mul_(beta).add_((1 - beta) * s2)
+
+
+@torch.no_grad()
+def split_sides(node: TrieNode, f: torch.Tensor) -> list[torch.Tensor | None]:
+    """Per stage child of `node`: 1 for the samples its split prior sends it, else 0 (B_n,); None: it has none."""
+    u = F.normalize(f.detach().float().mean((2, 3)), dim=1)  # (B_n, C)
+    return [((u - k.prior[0]) @ k.prior[1] > 0).float() if k.prior.numel() else None for k in node.stage_children]
+
+
+@torch.no_grad()
+def update_split(node: TrieNode, x: torch.Tensor, beta: float) -> None:
+    """Ours: the share of the node's input variance one 2-way split explains, EMA'd into `split_share` (in [0, 1]),
+    the unit-norm GAP inputs u split by the sign of (u - mean)·v, v their top direction (Oja: a power step a batch)."""
+    u = F.normalize(x.float().mean((2, 3)), dim=1)  # (B_n, C)
+    d = u - u.mean(0)
+    if node.principal.numel() == 0:  # first batch: its exact top direction
+        node.principal = torch.stack([u.mean(0), torch.linalg.svd(d, full_matrices=False)[2][0]])
+    mean, v = node.principal
+    mean.mul_(beta).add_((1 - beta) * u.mean(0))
+    v.copy_(F.normalize(beta * v + (1 - beta) * F.normalize(d.T @ (d @ v), dim=0), dim=0))
+    between = sum(s.sum() * d[s].mean(0).pow(2).sum() for s in ((d @ v) > 0, (d @ v) <= 0) if s.any())
+    node.split_share.mul_(beta).add_((1 - beta) * between / d.pow(2).sum().clamp(min=1e-12))
