@@ -26,14 +26,15 @@ measures how spread a node's outputs are, which grows with depth whatever the da
 at layer 4 of a trained ResNet-18, on one domain or two), so θ_grow = 0.4 can only fire at the last stage. The
 split share (trie.update_split) measures instead how well one 2-way split explains a node's *inputs*: on real
 digits it stays below 0.35 at every node; mixed with MNIST it is 0.4-0.75 at the nodes before layer 3, and the
-split is the domain. Every `grow_every` steps the node with the highest share above θ_grow on the busiest
-path gets a sibling, and the sibling a *prior*: the side of that split (its mean and direction) from which
-losses.split_loss teaches the parent's selector which samples are the newcomer's. Both shares then restart.
+split is the domain. Every `grow_every` steps the node with the highest share above θ_grow gets a sibling
+with a *prior*: the far side of that split (its mean and direction), from which losses.split_loss teaches
+the parent's selector which samples are the newcomer's. The newcomer takes half its source's alpha (so Alg. 3
+does not prune it before it has had traffic), and both shares restart.
 
 Sibling initialisation (`sibling`): "fresh" (Alg. 2: a freshly initialised stage), "warm" (ours: the busiest
-sibling's stage, weights perturbed by 10% relative Gaussian noise, as MoE "sparse upcycling"), "subtree"
-(ours: the whole subtree below, perturbed likewise, so a specialist grown at layer 1 still has layers 2-4
-and its exits; a fresh or warm sibling there ends the path two stages early).
+sibling's stage, weights times 1 + `noise` N(0, 1), as MoE "sparse upcycling"), "subtree" (ours: the whole
+subtree below, perturbed likewise, so a specialist grown at layer 1 still has layers 2-4 and its exits; a
+fresh or warm sibling there ends the path early). A copy continues with its source's optimizer state.
 """
 
 import copy
@@ -132,10 +133,10 @@ def grow(net: "JulietNet", cfg: GrowPruneConfig, step: int, optimizer=None) -> l
 
 
 def split(net: "JulietNet", cfg: GrowPruneConfig, step: int, optimizer=None) -> list[dict]:
-    """Split growth (ours): a sibling beside the node whose inputs a 2-way split explains best, above θ_grow, on
-    the path of the leaf most samples of the last batch ran to; the newcomer's prior is the split's far side."""
-    path = net.path(max(net.ran_leaf_counts, key=net.ran_leaf_counts.get))[1:]
-    room = [k for k in path if not k.is_stop and len(net.parent(k).stage_children) < cfg.m_max]
+    """Split growth (ours): a sibling beside the node whose inputs a 2-way split explains best, above θ_grow (the
+    shares are the same on every rank under torchrun); the newcomer's prior is the split's far side."""
+    room = [k for k in net.nodes() if k is not net.root and not k.is_stop
+            and len(net.parent(k).stage_children) < cfg.m_max]
     node = max(room, key=lambda k: float(k.split_share), default=None)
     if node is None or not float(node.split_share) > cfg.theta_grow:
         return []
@@ -145,7 +146,7 @@ def split(net: "JulietNet", cfg: GrowPruneConfig, step: int, optimizer=None) -> 
     node.alpha.div_(2), child.alpha.copy_(node.alpha)  # it takes about half of them: Alg. 3 must not see a newborn
     for k in parent.stage_children:  # the shares restart: each sibling's inputs are now its side's
         k.split_share.zero_()
-        k.principal = k.principal.new_zeros(0)
+        k.principal.zero_()
     if optimizer is not None:
         sync_optimizer(optimizer, net, copied)
     return [_event("grow", child, step, "split_share", share, cfg.theta_grow)]

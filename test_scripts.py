@@ -87,7 +87,8 @@ def test_one_epoch_of_each_backbone_writes_the_run_directory(tmp_path, backbone)
     data = write_image_folder(tmp_path / "imgs")
     out = tmp_path / "run"
     final = train_cifar.main(cifar_args(out, "--dataset", "imagefolder", "--data-dir", str(data),
-                                        "--backbone", backbone, "--grow-every", "1", "--grow-threshold", "0"))
+                                        "--backbone", backbone, "--grow-every", "1", "--grow-threshold", "0",
+                                        "--grow-statistic", "sigma2", "--sibling", "fresh"))  # cheap growth
     for name in [*RUN_FILES, "node_usage.png", "trie.png"]:
         assert (out / name).exists(), name
     epoch = read_json(out / "epoch_1.json")

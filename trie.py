@@ -81,7 +81,7 @@ def check_options(backbone, prebuild, selector, policy, train_depth, beta, d_mod
 class TrieNode(nn.Module):
     """A trie node: a stage sub-module (N.sub), children (N.children) and, if it routes, a selector (N.PS)."""
 
-    def __init__(self, node_id: str, depth: int, sub: nn.Module, stop: bool = False):
+    def __init__(self, node_id: str, depth: int, sub: nn.Module, stop: bool = False, in_channels: int = 0):
         super().__init__()
         self.node_id = node_id  # e.g. "0/1/3": per-parent child ids, never reused
         self.depth = depth      # stage index of `sub`; a stop child keeps its parent's depth
@@ -94,14 +94,13 @@ class TrieNode(nn.Module):
         self.register_buffer("sigma2", torch.zeros(()))  # EMA uncertainty proxy (§4.2)
         self.register_buffer("low_epochs", torch.zeros((), dtype=torch.long))  # Alg. 3 age counter
         self.register_buffer("split_share", torch.zeros(()))  # EMA growth trigger on the inputs (ours; update_split)
-        self.register_buffer("principal", torch.zeros(0))  # (2, C_in): the inputs' EMA mean, top direction
-        self.register_buffer("prior", torch.zeros(0))  # (2, C_in) for a grown specialist: its side of a split
+        self.register_buffer("principal", torch.zeros(2, in_channels))  # the inputs' EMA mean, top direction (0: none)
+        self.register_buffer("prior", torch.zeros(2, in_channels))  # a grown specialist's side of a split (0: none)
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
-        state_dict.setdefault(prefix + "split_share", torch.zeros(()))  # checkpoints before the split trigger
-        for name in ("principal", "prior"):  # sized by the data
-            value = state_dict.setdefault(prefix + name, torch.zeros(0))
-            setattr(self, name, torch.empty_like(value, device=self.alpha.device))
+        for name in ("split_share", "principal", "prior"):  # checkpoints from before the split trigger
+            if state_dict.get(prefix + name, torch.zeros(0, 1)).shape != getattr(self, name).shape:
+                state_dict[prefix + name] = getattr(self, name)
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     @property
@@ -148,7 +147,7 @@ class JulietNet(nn.Module):
         self.tau = 1.0  # Gumbel temperature; the training loop anneals it (gumbel_tau)
         stages, self.head = backbone.initial(init_from)
         self.adapters = nn.ModuleDict()
-        self.root = TrieNode("0", 0, stages[0])
+        self.root = TrieNode("0", 0, stages[0], in_channels=backbone.in_channels)
         self.ensure_adapter(backbone.stages[0].channels)
         node = self.root
         for d in range(1, prebuild):
@@ -212,7 +211,8 @@ class JulietNet(nn.Module):
             local_id = str(parent.next_child)
             parent.next_child += 1
         sub = stage.make() if sub is None else sub
-        child = TrieNode(f"{parent.node_id}/{local_id}", d, sub).to(device)
+        child = TrieNode(f"{parent.node_id}/{local_id}", d, sub, in_channels=self.backbone.stages[d - 1].channels)
+        child = child.to(device)
         first = not parent.child
         parent.child[local_id] = child
         self.ensure_adapter(stage.channels)
@@ -334,7 +334,7 @@ class JulietNet(nn.Module):
                 self.exits.append((node, idx, exit_logits, P))  # (B_n,), (B_n, classes), (B_n, K): stop last
             if self.training:
                 self.decisions.append((node, P))
-                if any(k.prior.numel() for k in choices):  # grown specialists: the sides of their split priors
+                if any(k.prior.any() for k in choices):  # grown specialists: the sides of their split priors
                     self.splits.append((node, P, split_sides(node, fr)))
                 update_alpha(choices, top1, alive, self.options["beta"])
                 if has_stop:  # where top-1 would have stopped; they run on only in full-depth training
@@ -436,7 +436,7 @@ def update_sigma2(node: TrieNode, f: torch.Tensor, beta: float) -> None:
 def split_sides(node: TrieNode, f: torch.Tensor) -> list[torch.Tensor | None]:
     """Per stage child of `node`: 1 for the samples its split prior sends it, else 0 (B_n,); None: it has none."""
     u = F.normalize(f.detach().float().mean((2, 3)), dim=1)  # (B_n, C)
-    return [((u - k.prior[0]) @ k.prior[1] > 0).float() if k.prior.numel() else None for k in node.stage_children]
+    return [((u - k.prior[0]) @ k.prior[1] > 0).float() if k.prior.any() else None for k in node.stage_children]
 
 
 @torch.no_grad()
@@ -445,9 +445,11 @@ def update_split(node: TrieNode, x: torch.Tensor, beta: float) -> None:
     the unit-norm GAP inputs u split by the sign of (u - mean)·v, v their top direction (Oja: a power step a batch)."""
     u = F.normalize(x.float().mean((2, 3)), dim=1)  # (B_n, C)
     d = u - u.mean(0)
-    if node.principal.numel() == 0:  # first batch: its exact top direction
-        node.principal = torch.stack([u.mean(0), torch.linalg.svd(d, full_matrices=False)[2][0]])
     mean, v = node.principal
+    if not v.any():  # first batch: its exact top direction, the sign fixed (ranks average their directions)
+        top = torch.linalg.svd(d, full_matrices=False)[2][0]
+        v.copy_(top * top[top.abs().argmax()].sign())
+        mean.copy_(u.mean(0))
     mean.mul_(beta).add_((1 - beta) * u.mean(0))
     v.copy_(F.normalize(beta * v + (1 - beta) * F.normalize(d.T @ (d @ v), dim=0), dim=0))
     between = sum(s.sum() * d[s].mean(0).pow(2).sum() for s in ((d @ v) > 0, (d @ v) <= 0) if s.any())
