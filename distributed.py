@@ -21,7 +21,7 @@ function"). So the training loop synchronises the ranks itself, with torch.distr
   broadcast_model  rank 0's weights on every rank: at the start, and after growth (new children are identical)
   shard            a DistributedSampler for training (--batch-size is the global batch, split evenly over the
                    ranks, so the optimisation matches one process); a strided slice of the validation set
-  reduce_log       an epoch's metrics over the ranks (README "ImageNet"); it also checks that the ranks agree
+  reduce_log       an epoch's metrics over the ranks (docs/distributed.md); it also checks that the ranks agree
   seed_epoch       runs.seed_epoch per rank (rank 0 draws what one process would), and the sampler's epoch
 
 Rank 0 writes the run directory and prints; the other ranks' stdout goes nowhere. The final test runs on rank 0.

@@ -5,13 +5,13 @@ Each is a function of the last training forward pass of a `trie.JulietNet` (its 
 
     logits = net(x)
     loss = (F.cross_entropy(logits, y) + w_exit * exit_loss(net, y)
-            + w_route * route_loss(net, logits, y, price=lambda_c) + w_bal * balance_loss(net))
+            + w_route * route_loss(net, logits, y, cost_weight=lambda_c) + w_bal * balance_loss(net))
     loss = juliet_loss(net, logits, y)  # the same, with the training script's default weights
 
   route_loss    ours: stop decisions as cost-sensitive classification at a price lambda_c of compute --
                 the per-sample twin of §6.2's L = (1 - acc) + lambda c
   exit_loss     ours: deep supervision of every exit (BranchyNet-style)
-  cost_loss     expected stage cost under P (compute-aware straight-through routing)
+  expected_cost_loss  expected stage cost under P (compute-aware straight-through routing)
   balance_loss  §2.2's load-balancing loss over sibling stage children
   split_loss    ours: a grown specialist's parent learns the side of the split it was grown for
   freeze_selectors  a routing warm-up: selectors frozen while stages and exits learn
@@ -50,7 +50,7 @@ def stage_macs(net, hw: tuple[int, int]) -> list[float]:
     return net.stage_macs_cache[hw]
 
 
-def cost_loss(net) -> torch.Tensor:
+def expected_cost_loss(net) -> torch.Tensor:
     """Expected per-sample stage cost under the selectors' P, as a fraction of the static backbone's.
 
     Each routing decision adds sum_j P_j c_j, c_j = MACs of child j's stage (0 for a stop child); the stem,
@@ -75,18 +75,18 @@ def exit_loss(net, y: torch.Tensor) -> torch.Tensor:
     return torch.stack(terms).mean() if terms else torch.zeros((), device=y.device)
 
 
-def route_loss(net, logits: torch.Tensor, y: torch.Tensor, price: float = 0.05) -> torch.Tensor:
+def route_loss(net, logits: torch.Tensor, y: torch.Tensor, cost_weight: float = 0.05) -> torch.Tensor:
     """Stop decisions as cost-sensitive classification (ours): the per-sample twin of §6.2's L = (1 - acc) + lambda c.
 
-    Along a sample's path, stopping at node k costs e_k + price C_k: e_k = 1 if exit k is wrong (0-1, as
+    Along a sample's path, stopping at node k costs e_k + lambda_c C_k: e_k = 1 if exit k is wrong (0-1, as
     §6.2's accuracy), C_k the MACs of the stages up to k as a fraction of the static backbone's. Continuing
     is worth V_{k+1}, the same cost expected under the current policy further down (computed backwards
-    from the leaf that ran, detached). The gain of stopping, g = V_{k+1} - (e_k + price C_k), weighs a
+    from the leaf that ran, detached). The gain of stopping, g = V_{k+1} - (e_k + lambda_c C_k), weighs a
     binary cross-entropy on P_stop: target "stop" with weight g where g > 0, "go on" with weight -g where
     g < 0. Its minimiser is P_stop = E[g+] / (E[g+] + E[g-]) among samples that look alike, so top-1
     (P_stop > 1/2 with one stage child) stops exactly where stopping lowers the expected cost, and P_stop
     stays graded: a threshold t on it is the compute knob. Easy samples learn to stop early, hard ones
-    to go deep. `price` is lambda in accuracy per backbone-worth of MACs (0.05: one point of top-1 weighs
+    to go deep. `cost_weight` is lambda_c in accuracy per backbone-worth of MACs (0.05: one point of top-1 weighs
     as much as 20% of the static compute).
 
     Full-depth training knows every e_k of every sample. In routed training (the paper's) a sample that
@@ -94,7 +94,7 @@ def route_loss(net, logits: torch.Tensor, y: torch.Tensor, price: float = 0.05) 
     """
     B, hw = net.last_input
     D, macs = len(net.backbone.stages), stage_macs(net, hw)
-    cost = price * torch.tensor(macs, device=logits.device).cumsum(0) / sum(macs)  # (D,) price x C at each depth
+    cost = cost_weight * torch.tensor(macs, device=logits.device).cumsum(0) / sum(macs)  # (D,) lambda_c C_k
     with torch.no_grad():
         err, p_stop = torch.zeros(B, D, device=logits.device), torch.zeros(B, D, device=logits.device)
         seen = torch.zeros(B, D, dtype=torch.bool, device=logits.device)
@@ -141,7 +141,7 @@ def split_loss(net) -> torch.Tensor:
 
 
 def juliet_loss(net, logits: torch.Tensor, y: torch.Tensor, exit_weight: float = 1.0, route_weight: float = 1.0,
-                price: float = 0.05, cost_weight: float = 0.0, balance_weight: float = 0.0,
+                cost_weight: float = 0.05, expected_cost_weight: float = 0.0, balance_weight: float = 0.0,
                 split_weight: float = 0.0) -> torch.Tensor:
     """The training objective of a Juliet step: the task loss plus each routing loss that has a weight
     (defaults: the training script's recipe; `exit_weight=route_weight=0` is the paper's task loss alone)."""
@@ -149,9 +149,9 @@ def juliet_loss(net, logits: torch.Tensor, y: torch.Tensor, exit_weight: float =
     if exit_weight:  # deep supervision of the early exits
         loss = loss + exit_weight * exit_loss(net, y)
     if route_weight:  # stop decisions on the expected loss of their policy, at a price of compute
-        loss = loss + route_weight * route_loss(net, logits, y, price=price)
-    if cost_weight:  # compute-aware straight-through routing
-        loss = loss + cost_weight * cost_loss(net)
+        loss = loss + route_weight * route_loss(net, logits, y, cost_weight=cost_weight)
+    if expected_cost_weight:  # compute-aware straight-through routing
+        loss = loss + expected_cost_weight * expected_cost_loss(net)
     if balance_weight:  # §2.2 load balancing of sibling stage children
         loss = loss + balance_weight * balance_loss(net)
     if split_weight:  # grown specialists get the side of the split they were grown for

@@ -1,5 +1,5 @@
 """Every figure Juliet writes: a run's curves, node usage and trie; its routing; the compute knob (paper §5.3
-"Profiling outputs", Fig. 2; README "Per-sample routing"). matplotlib on the Agg backend, PNG files.
+"Profiling outputs", Fig. 2; docs/results.md "Per-sample routing"). matplotlib on the Agg backend, PNG files.
 
     plot_run(out, history, model, final)      accuracy.png; node_usage.png, trie.png for a Juliet run
     plot_routing(out, table, dataset)         routing.png (class / group x leaf), leaf_samples.png

@@ -83,7 +83,7 @@ def profile_run(run_dir, device="cpu", max_batches=None) -> dict:
 
 
 def curve_run(run_dir, baseline=None, budget=None, device="cpu", max_batches=None) -> dict:
-    """The compute knob of one trained checkpoint (README "Per-sample routing"): the test set's accuracy vs
+    """The compute knob of one trained checkpoint (docs/results.md "Per-sample routing"): the test set's accuracy vs
     executed MACs over stop thresholds, against the fixed-depth exits, the confidence exit and the static
     backbone (`baseline`: its run directory, for its test top-1). With `budget` (MACs per sample), the
     threshold is calibrated on the validation split and its test point reported. Writes curve.json, curve.png."""

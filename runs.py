@@ -99,9 +99,11 @@ def add_run_args(p: argparse.ArgumentParser) -> None:
 def finish_args(p: argparse.ArgumentParser, argv=None) -> argparse.Namespace:
     """Parse, remember which flags were given explicitly (for --resume), and name a new run's directory."""
     argv = sys.argv[1:] if argv is None else list(argv)
+    if getattr(p, "recipes", None):  # --recipe NAME: that recipe's defaults; explicit flags still win
+        p.set_defaults(**p.recipes[p.parse_known_args(argv)[0].recipe])
     args = p.parse_args(argv)
     # Explicit flags: parse again into a namespace pre-filled with a marker, which argparse's defaults leave alone
-    # (robust to abbreviations and aliases such as --router).
+    # (robust to abbreviations).
     unset = object()
     given = vars(p.parse_args(argv, argparse.Namespace(**{a.dest: unset for a in p._actions})))
     args.explicit = sorted(d for d, v in given.items() if v is not unset and d != "help")

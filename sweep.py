@@ -14,7 +14,7 @@ is L at its last epoch. TPE, seeded per trial number; a MedianPruner sees L ever
 never the last). Trial k trains in DIR/trial_k; a larger --trials runs only the missing finished (complete or
 pruned) trials. Writes best.json, trials.md, pareto.png, importances.png.
 
-Workers (README "Sweeps and ablations"): any number of sweep.py processes share one study in an Optuna RDB
+Workers (docs/sweeps.md): any number of sweep.py processes share one study in an Optuna RDB
 storage (default DIR/study.db, SQLite). Each beats an Optuna heartbeat while it trains; a trial whose worker died
 is marked FAIL, never counted, and retried under a new number and run directory by a worker that is left.
 
@@ -69,7 +69,7 @@ SPACE = (("max_depth", "--depth-range", int, (1, 4), False, (0, 100), "deepest n
          ("lr", "--lr-range", float, (1e-4, 3e-3), True, (0.0, float("inf")), "Adam lr, log scale (Table 2: 1e-3)"),
          ("wd", "--wd-range", float, (1e-6, 1e-3), True, (0.0, float("inf")),
           "weight decay, log scale (Table 2: 1e-5)"))
-OWNED = {"--out", "--resume", "--eval-only", "--epochs", "--dataset", "--backbone", "--seed", "--selector", "--router",
+OWNED = {"--out", "--resume", "--eval-only", "--epochs", "--dataset", "--backbone", "--seed", "--selector",
          "--policy", "--grow-prune", *(f"--{dest.replace('_', '-')}" for dest, *_ in SPACE)}
 
 

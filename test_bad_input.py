@@ -230,7 +230,7 @@ CASES = [
     ("resume-other-dataset", T, ["--resume", "{run}", "--dataset", "cifar10"], 1, "--dataset cifar10", None, ""),
     ("resume-static-flag", T, ["--resume", "{t}/r", "--static"], 1, "--static True",
      lambda t, r, h: fake_checkpoint(t, r, args={"static": False, "backbone": "resnet18"}), ""),
-    ("resume-other-selector", T, ["--resume", "{run}", "--router", "mlp"], 1, "--selector mlp", None, ""),
+    ("resume-other-selector", T, ["--resume", "{run}", "--selector", "mlp"], 1, "--selector mlp", None, ""),
     ("resume-other-lr", T, ["--resume", "{run}", "--lr", "0.5"], 1, "--lr 0.5", None, ""),
     ("resume-other-out", T, ["--resume", "{run}", "--out", "{t}/elsewhere"], 1, "differ", None, ""),
     ("resume-damaged-config", T, ["--resume", "{t}/r"], 1, "config.json",

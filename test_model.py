@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from backbones import BACKBONES, make_backbone, static_model
 from conftest import REPO, grown_trie, routed_trie, train_step, varied_batch
 from grow_prune import GrowPruneConfig, end_epoch, grow, prune_sweep, sync_optimizer
-from losses import balance_loss, cost_loss, exit_loss, freeze_selectors, route_loss, stage_macs
+from losses import balance_loss, exit_loss, expected_cost_loss, freeze_selectors, route_loss, stage_macs
 from routers import SELECTORS
 from trie import JulietNet
 
@@ -171,7 +171,7 @@ def test_auxiliary_losses(r18):
     net = grown_trie(r18).train()
     x = torch.randn(16, 3, 32, 32)
     net(x)
-    cost, balance = cost_loss(net), balance_loss(net)
+    cost, balance = expected_cost_loss(net), balance_loss(net)
     assert 0 < float(cost) <= 1 and float(balance) >= 0
     (cost + balance).backward()
     assert net.root.selector.sig_proj[1].weight.grad.abs().sum() > 0
@@ -202,7 +202,7 @@ def test_route_loss_is_the_gain_of_stopping_under_the_current_policy(r18):
     logits = net(x)
     for _, _, _, P in net.exits:
         P.retain_grad()
-    route_loss(net, logits, y, price=price).backward()
+    route_loss(net, logits, y, cost_weight=price).backward()
     macs = stage_macs(net, (32, 32))
     cost = [price * sum(macs[:d + 1]) / sum(macs) for d in range(len(macs))]
     with torch.no_grad():

@@ -253,3 +253,15 @@ def test_imagenet_bad_input(tmp_path):
     assert "train does not exist" in one_line_error(run("--data-dir", str(tmp_path / "nothing")), code=1)
     data = write_imagenet(tmp_path / "empty", empty_class=True)
     assert "n02" in one_line_error(run("--data-dir", str(data)), code=1)
+
+
+def test_recipe_paper_turns_every_deviation_off_and_explicit_flags_still_win(tmp_path):
+    ours = train_cifar.parse_args(["--out", str(tmp_path / "a")])
+    paper = train_cifar.parse_args(["--recipe", "paper", "--out", str(tmp_path / "b")])
+    assert (ours.train_depth, ours.stop_rule, ours.calibrate, ours.keep) == ("full", "half", True, "best")
+    for flag, value in train_cifar.RECIPES["paper"].items():
+        assert getattr(paper, flag) == value != getattr(ours, flag), flag
+    mixed = train_cifar.parse_args(["--recipe", "paper", "--keep", "best", "--out", str(tmp_path / "c")])
+    assert mixed.keep == "best" and mixed.stop_rule == "argmax" and "recipe" in mixed.explicit
+    imagenet = train_imagenet.parse_args(["--recipe", "paper", "--out", str(tmp_path / "d")])
+    assert imagenet.lr == 0.1 and imagenet.train_depth == "routed"  # Table 3's defaults stay

@@ -39,6 +39,16 @@ from routers import SELECTORS
 from runs import NonFiniteLoss, UsageError
 from trie import POLICIES, STOP_RULES, TRAIN_DEPTHS, JulietNet
 
+# Named recipes (DiT's `DiT_models`): `--recipe NAME` sets these flags' defaults; explicit flags still win. "ours" is
+# the parser's defaults (README "Paper notes and deviations"); "paper" turns every deviation off: routed training on
+# the task loss alone, Alg. 1's argmax, sigma^2 growth of fresh siblings (Alg. 2), the last epoch, nothing fitted.
+RECIPES = {
+    "ours": {},
+    "paper": dict(train_depth="routed", exit_weight=0.0, route_weight=0.0, stage_grad=1.0, no_exit_confidence=True,
+                  stop_rule="argmax", calibrate=False, keep="last", grow_statistic="sigma2", sibling="fresh",
+                  split_weight=0.0),
+}
+
 # ----------------------------------------------------------------------------- model
 
 
@@ -101,7 +111,7 @@ def train_one_epoch(model, loader, opt, scaler, args, progress: dict) -> dict:
         with torch.autocast(device.type, enabled=args.amp):
             logits = model(x)
             loss = juliet_loss(model, logits, y, exit_weight=args.exit_weight, route_weight=args.route_weight,
-                               price=args.cost_weight, cost_weight=args.expected_cost_weight,
+                               cost_weight=args.cost_weight, expected_cost_weight=args.expected_cost_weight,
                                balance_weight=args.balance_weight, split_weight=args.split_weight) \
                 if juliet else F.cross_entropy(logits, y)
         if not torch.isfinite(loss):
@@ -362,54 +372,46 @@ def train_and_test(args, make_datasets, on_epoch=None) -> dict:
 def build_parser(description: str) -> argparse.ArgumentParser:
     """Every flag, with Table 2 (CIFAR-10) defaults; train_imagenet.py swaps in Table 3's."""
     p = runs.Parser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.recipes = RECIPES  # runs.finish_args applies the chosen one before parsing
     g = p.add_argument_group("model")
     g.add_argument("--backbone", default="resnet18", choices=BACKBONES, help="§5.1 backbones")
-    g.add_argument("--static", action="store_true", help="train the unmodified torchvision baseline (Table 4)")
-    g.add_argument("--selector", "--router", default="transformer", choices=list(SELECTORS),
-                   help="path selector N.PS (§4.1; §5.3 ablation)")
+    g.add_argument("--static", action="store_true", help="the unmodified torchvision baseline (Table 4)")
+    g.add_argument("--selector", default="transformer", choices=list(SELECTORS), help="N.PS (§4.1; §5.3 ablation)")
     g.add_argument("--policy", default="top1", choices=POLICIES, help="routing policy (§4.1 top-1; §5.3 gumbel)")
     g.add_argument("--tau0", type=runs.positive_float, default=1.0, help="gumbel: initial temperature (§3.1.3)")
     g.add_argument("--tau-min", type=runs.positive_float, default=0.1, help="gumbel: final temperature")
-    g.add_argument("--prebuild", type=runs.positive, default=None, help="nodes in the initial chain; default one "
-                   "per stage (§5.3 'Initialisation': 5, or 10 for ResNet-101)")
+    g.add_argument("--prebuild", type=runs.positive, default=None, help="initial chain (§5.3; default: every stage)")
     g.add_argument("--no-stop", action="store_true", help="no stop children: every path runs every stage")
     g.add_argument("--d-model", type=runs.positive, default=64, help="selector width d_model (§4.1)")
     g.add_argument("--n-head", type=runs.positive, default=4, help="selector heads n_head (§4.1)")
     g.add_argument("--ema-beta", type=runs.unit_interval, default=0.99, help="EMA beta of alpha, sigma^2 (Eq. 3)")
     g = p.add_argument_group("routing recipe (ours; README 'Paper notes and deviations')")
+    g.add_argument("--recipe", default="ours", choices=RECIPES, help="named defaults for the flags below and the "
+                   "growth and kept-checkpoint flags (RECIPES); flags given explicitly override them")
     g.add_argument("--train-depth", default="full", choices=TRAIN_DEPTHS,
                    help="full: training samples run to a leaf whatever they decide, so every exit and the rest "
                         "of the path are known (ours); routed: they stop where top-1 sends them (the paper)")
-    g.add_argument("--route-weight", type=runs.nonneg_float, default=1.0,
-                   help="weight of route_loss: stop decisions as cost-sensitive classification (ours; losses.py)")
-    g.add_argument("--cost-weight", type=runs.nonneg_float, default=0.05,
-                   help="lambda_c: route_loss's price of compute, top-1 per backbone-worth of MACs (twin of §6.2)")
+    g.add_argument("--route-weight", type=runs.nonneg_float, default=1.0, help="weight of losses.route_loss (ours)")
+    g.add_argument("--cost-weight", type=runs.nonneg_float, default=0.05, help="route_loss's lambda_c (§6.2's λ)")
     g.add_argument("--exit-weight", type=runs.nonneg_float, default=1.0, help="weight of losses.exit_loss (ours)")
     g.add_argument("--stage-grad", type=runs.unit_interval, default=0.0, help="share of the exits' and selectors' "
                    "gradient that reaches the stages (ours; 0: the stages learn the task loss alone; 1: jointly)")
-    g.add_argument("--no-exit-confidence", action="store_true",
-                   help="stop logits do not read the exit's confidence (the paper's selector input; routers.py)")
+    g.add_argument("--no-exit-confidence", action="store_true", help="stop logits ignore the exit (the paper's)")
     g.add_argument("--stop-rule", default="half", choices=STOP_RULES, help="half: stop where P_stop >= 1/2, "
                    "else the best stage child (ours); argmax: top-1 over all children (Alg. 1, the paper)")
     g.add_argument("--stop-bias", type=float, default=0.0, help="initial stop-logit offset (negative: full depth)")
     g.add_argument("--route-warmup", type=runs.nonneg, default=0, help="epochs with frozen selectors (ours)")
     g.add_argument("--calibrate", action=argparse.BooleanOptionalAction, default=True, help="fit the stop decisions "
                    "and the operating point on the validation split after training (ours; routing.calibrate_net)")
-    g.add_argument("--stop-tolerance", type=runs.nonneg_float, default=0.5, help="--calibrate: the operating "
-                   "point is the cheapest within this many points of val top-1 at full depth")
-    g.add_argument("--expected-cost-weight", type=runs.nonneg_float, default=0.0,
-                   help="weight of cost_loss, the expected stage cost under P (compute-aware straight-through)")
-    g.add_argument("--balance-weight", type=runs.nonneg_float, default=0.0,
-                   help="weight of the §2.2 load-balancing loss over sibling stage children")
+    g.add_argument("--stop-tolerance", type=runs.nonneg_float, default=0.5, help="operating point: val points lost")
+    g.add_argument("--expected-cost-weight", type=runs.nonneg_float, default=0.0, help="of losses.expected_cost_loss")
+    g.add_argument("--balance-weight", type=runs.nonneg_float, default=0.0, help="of §2.2's losses.balance_loss")
     g = p.add_argument_group("growth and pruning (§3.1.1, Alg. 2-3)")
     g.add_argument("--grow-prune", default="both", choices=MODES, help="§5.3 ablation modes")
-    g.add_argument("--grow-threshold", type=runs.unit_interval, default=0.4,
-                   help="theta_grow (Table 2: 0.4; Table 3: 0.5)")
+    g.add_argument("--grow-threshold", type=runs.unit_interval, default=0.4, help="theta_grow (Table 2; Table 3: 0.5)")
     g.add_argument("--prune-threshold", type=runs.unit_interval, default=0.1, help="theta_prune (Tables 2 and 3)")
-    g.add_argument("--grow-every", type=runs.positive, default=10,
-                   help="mini-batches between growth attempts (Table 3; Table 2 gives none)")
-    g.add_argument("--prune-every", type=runs.positive, default=3,
-                   help="E_prune, epochs (Table 2: every 3 ep; Table 3: 5)")
+    g.add_argument("--grow-every", type=runs.positive, default=10, help="mini-batches between growth tries (Table 3)")
+    g.add_argument("--prune-every", type=runs.positive, default=3, help="E_prune, epochs (Table 2; Table 3: 5)")
     g.add_argument("--t-min", type=runs.positive, default=3, help="epochs of alpha < theta_prune before pruning")
     g.add_argument("--m-max", type=runs.positive, default=3, help="M_max stage children per node (Alg. 2)")
     g.add_argument("--max-depth", type=runs.nonneg, default=None, help="deepest node depth (default: last stage)")
@@ -421,8 +423,7 @@ def build_parser(description: str) -> argparse.ArgumentParser:
     g = p.add_argument_group("data (§5.1, Table 2)")
     g.add_argument("--dataset", default="cifar10", choices=data.DATASETS)
     g.add_argument("--data-dir", default="./data", help="CIFAR root, or an image folder with train/ and test/")
-    g.add_argument("--download", action=argparse.BooleanOptionalAction, default=True, help="let torchvision "
-                   "download and MD5-check CIFAR when it is absent")
+    g.add_argument("--download", action=argparse.BooleanOptionalAction, default=True, help="fetch CIFAR if absent")
     g.add_argument("--input-size", type=runs.positive, default=32,
                    help="image side (CIFAR: 32, resized to another; an ImageFolder's images must have it)")
     g.add_argument("--synthetic-size", type=runs.positive, default=10000, help="synthetic train+val images")
@@ -436,8 +437,7 @@ def build_parser(description: str) -> argparse.ArgumentParser:
     g.add_argument("--lr", type=runs.positive_float, default=1e-3, help="Table 2: 1e-3; Table 3: 0.1")
     g.add_argument("--momentum", type=runs.unit_interval, default=0.9, help="SGD only (Table 3: 0.9)")
     g.add_argument("--wd", type=runs.nonneg_float, default=1e-5, help="weight decay (Table 2: 1e-5; Table 3: 1e-4)")
-    g.add_argument("--scheduler", default="plateau", choices=("plateau", "cosine"),
-                   help="Table 2: ReduceLROnPlateau on val loss; Table 3: CosineAnnealingLR")
+    g.add_argument("--scheduler", default="plateau", choices=("plateau", "cosine"), help="Table 2; Table 3: cosine")
     g.add_argument("--lr-factor", type=runs.open_unit, default=0.5, help="plateau factor (Table 2)")
     g.add_argument("--lr-patience", type=runs.nonneg, default=3, help="plateau patience (Table 2)")
     g.add_argument("--t-max", type=runs.positive, default=40, help="cosine T_max (Table 3)")
