@@ -65,8 +65,11 @@ def make_step(model, x, train):
     def step():
         model.train()
         opt.zero_grad(set_to_none=True)
-        logits = model(x)
-        loss = juliet_loss(model, logits, y) if isinstance(model, JulietNet) else F.cross_entropy(logits, y)
+        if isinstance(model, JulietNet):
+            logits, record = model(x, return_record=True)
+            loss = juliet_loss(model, record, logits, y)
+        else:
+            loss = F.cross_entropy(model(x), y)
         loss.backward()
         opt.step()
     return step, opt

@@ -41,9 +41,9 @@ def varied_batch(n, gen):
             + 2 * torch.randn(n, 3, 1, 1, generator=gen))
 
 
-def spread_loss(net):
+def spread_loss(record):
     """§2.2's balance formula over every choice of every decision, stop included: spreads traffic everywhere."""
-    return torch.stack([P.shape[1] * (P.mean(0) - 1.0 / P.shape[1]).pow(2).sum() for _, P in net.decisions]).mean()
+    return torch.stack([P.shape[1] * (P.mean(0) - 1.0 / P.shape[1]).pow(2).sum() for _, P in record.decisions]).mean()
 
 
 def routed_trie(backbone, selector="mlp", seed=0, steps=20):
@@ -54,9 +54,9 @@ def routed_trie(backbone, selector="mlp", seed=0, steps=20):
     opt = torch.optim.Adam([p for n in net.nodes() if n.selector for p in n.selector.parameters()], 3e-2)
     net.train()
     for _ in range(steps):
-        net(varied_batch(32, gen))
+        _, record = net(varied_batch(32, gen), return_record=True)
         opt.zero_grad()
-        spread_loss(net).backward()
+        spread_loss(record).backward()
         opt.step()
     return net.eval()
 

@@ -6,18 +6,18 @@
     torchrun --standalone --nproc_per_node 2 train_cifar.py --dataset synthetic --threads 1   # CPU: gloo
 
 The paper names "scaling via distributed computing" as a future direction (§7); its growth (Alg. 2) and
-pruning (Alg. 3) make that harder than for a static network. The parameter list changes between steps, each
+pruning (Alg. 3) make that harder than for a static network: the parameter list changes between steps, and each
 sample runs only the branches it is routed to (a child can be used on one rank and not on another in the same
-step), and the exit losses (losses.py) run the head and adapters outside `forward`. DistributedDataParallel
-assumes none of this: it wraps a fixed parameter list, and with find_unused_parameters=True it stops at the first
-exit loss ("Expected to mark a variable ready only once ... use of a module parameter outside the forward
-function"). So the training loop synchronises the ranks itself, with torch.distributed collectives:
+step). Gradients go through torch's DistributedDataParallel, rebuilt whenever the trie changes; the exit logits
+and routing probabilities the losses need are computed inside `forward` and returned with the logits (the
+forward pass's `Record`), so DDP sees every use of every parameter. What DDP does not know about, the routing
+statistics that decide growth and pruning, is synchronised here with torch.distributed collectives:
 
-  sync_step        after backward, one all_reduce over a flat buffer: the gradients, averaged (a parameter that no
-                   rank used keeps grad None, as in one process); the float buffers, averaged (EMA usage alpha,
-                   sigma^2 and BatchNorm statistics become EMAs over the global batch); and the leaf counts that
-                   choose Alg. 2's growth target, summed. Integer buffers take their maximum. Every rank then
-                   takes the same growth and pruning decisions, at the same step, from the same numbers.
+  wrap             DistributedDataParallel(find_unused_parameters=True) over today's trie, or the model itself
+  sync_step        after backward, one all_reduce: the float buffers averaged (EMA usage alpha, sigma^2, split
+                   shares and BatchNorm statistics become EMAs over the global batch), the leaf counts that choose
+                   Alg. 2's growth target summed; integer buffers take their maximum. Every rank then takes the
+                   same growth and pruning decisions, at the same step, from the same numbers.
   broadcast_model  rank 0's weights on every rank: at the start, and after growth (new children are identical)
   shard            a DistributedSampler for training (--batch-size is the global batch, split evenly over the
                    ranks, so the optimisation matches one process); a strided slice of the validation set
@@ -39,6 +39,7 @@ from datetime import timedelta
 
 import torch
 import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler, RandomSampler
 
 import runs
@@ -144,37 +145,42 @@ def _flat_in_place(tensors: list, fn) -> None:
             t.copy_(v.view_as(t))
 
 
+def wrap(model):
+    """`model` in DistributedDataParallel under torchrun (itself in one process). DDP averages the gradients
+    during backward, overlapping communication with it; a branch no rank used keeps grad None, as in one process
+    (find_unused_parameters: routing leaves some unused on some ranks). DDP fixes its parameter list when built,
+    so the training loop wraps again after growth, pruning or freezing; building it broadcasts rank 0's
+    parameters and buffers. Buffers are not broadcast at each forward: sync_step averages them after each step.
+    When a step happens to use every parameter, torch prints a one-time notice about find_unused_parameters."""
+    if world() == 1:
+        return model
+    device = next(model.parameters()).device
+    return DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None,
+                                   find_unused_parameters=True, forward_sync_buffers=False)
+
+
 @torch.no_grad()
-def sync_step(model) -> None:
-    """After backward, before the optimizer step: gradients and float buffers averaged over the ranks, integer
-    buffers at their maximum, and (Juliet) `last_leaf_counts` summed, so that Alg. 2 grows at the leaf that
-    most samples of the global batch reached, with the sigma^2 of the global batch."""
-    n = world()
-    if n == 1:
-        return
-    params = [p for p in model.parameters() if p.requires_grad]  # frozen selectors: no gradient on any rank
+def sync_step(model, leaf_counts: dict) -> dict:
+    """After backward, before the optimizer step: the float buffers averaged over the ranks (EMA usage alpha, sigma^2
+    and BatchNorm statistics become EMAs over the global batch), integer buffers at their maximum, and the leaf
+    counts of this rank's `Record` summed, so that Alg. 2 grows at the leaf most samples of the global batch
+    reached. Returns the summed counts (in one process: `leaf_counts` as they are)."""
+    if world() == 1:
+        return leaf_counts
     floats = [b for b in model.buffers() if b.is_floating_point()]
     ids = [node.node_id for node in model.nodes()] if isinstance(model, JulietNet) else []  # same on every rank
     device = next(model.parameters()).device
-    counts = [model.last_leaf_counts.get(i, 0) for i in ids]
-    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
-    flat = torch.cat([*(t.reshape(-1).float() for t in grads + floats),
-                      torch.tensor([p.grad is not None for p in params] + counts, dtype=torch.float32,
-                                   device=device)])  # (grads | buffers | used | counts,)
-    _collective(dist.all_reduce, flat)
-    sizes = [t.numel() for t in grads + floats]
-    flat[:sum(sizes)].div_(n)  # a gradient summed over ranks / n: the gradient of the global batch's mean loss
-    *values, used, counts = flat.split(sizes + [len(params), len(ids)])
-    for p, g, u in zip(params, values, used.tolist()):
-        if u:  # some rank used it; with no user anywhere grad stays None and the optimizer skips it
-            p.grad = g.view_as(p).to(p.dtype)
-    for b, v in zip(floats, values[len(params):]):
-        b.copy_(v.view_as(b))
+    flat = torch.cat([*(b.reshape(-1).float() for b in floats),
+                      torch.tensor([leaf_counts.get(i, 0) for i in ids], dtype=torch.float32, device=device)])
+    _collective(dist.all_reduce, flat)  # (buffers | counts,)
+    sizes = [b.numel() for b in floats]
+    *values, counts = flat.split(sizes + [len(ids)])
+    for b, v in zip(floats, values):
+        b.copy_(v.view_as(b) / world())
     # BatchNorm's num_batches_tracked, Alg. 3's low_epochs (equal on every rank anyway)
     _flat_in_place([b for b in model.buffers() if not b.is_floating_point()],
                    lambda t: _collective(dist.all_reduce, t, op=dist.ReduceOp.MAX))
-    if ids:
-        model.last_leaf_counts = {i: int(c) for i, c in zip(ids, counts.tolist()) if c}
+    return {i: int(c) for i, c in zip(ids, counts.tolist()) if c}
 
 
 @torch.no_grad()

@@ -2,8 +2,8 @@
 
 Paper §3.1.1 (Eq. 2, Eq. 3), §4.2, §4.3. A training loop calls
 
-    events += grow(net, cfg, step, optimizer)             # after every mini-batch; acts every grow_every
-    events += end_epoch(net, cfg, epoch, step, optimizer)  # after every epoch; sweeps every prune_every
+    events += grow(net, cfg, step, record.leaf_counts, optimizer)  # after every mini-batch; acts every grow_every
+    events += end_epoch(net, cfg, epoch, step, optimizer)          # after every epoch; sweeps every prune_every
 
 Both return one record per event: {"kind", "node", "step", "statistic", "value", "threshold"}.
 Both keep the optimizer in step with the trie (`sync_optimizer`): a grown child's parameters are
@@ -108,13 +108,14 @@ def sync_optimizer(optimizer: torch.optim.Optimizer, net: "JulietNet", copied: d
     optimizer.param_groups[0]["params"] = params
 
 
-def grow(net: "JulietNet", cfg: GrowPruneConfig, step: int, optimizer=None) -> list[dict]:
-    """Algorithm 2 at the leaf reached by the last training batch, every `cfg.grow_every` steps."""
-    if cfg.mode not in ("both", "grow-only") or step % cfg.grow_every or not net.last_leaf_counts:
+def grow(net: "JulietNet", cfg: GrowPruneConfig, step: int, leaf_counts: dict, optimizer=None) -> list[dict]:
+    """Algorithm 2 every `cfg.grow_every` steps, at the leaf the last training batch's decisions sent most samples
+    to (`leaf_counts`: its `Record.leaf_counts`, summed over the ranks under torchrun)."""
+    if cfg.mode not in ("both", "grow-only") or step % cfg.grow_every or not leaf_counts:
         return []
     if cfg.statistic == "split":
         return split(net, cfg, step, optimizer)
-    leaf = net.node(max(net.last_leaf_counts, key=net.last_leaf_counts.get))
+    leaf = net.node(max(leaf_counts, key=leaf_counts.get))
     max_depth = min(len(net.backbone.stages) - 1, math.inf if cfg.max_depth is None else cfg.max_depth)
     # Where the new child goes: under the leaf if it can deepen; otherwise it becomes the leaf's sibling,
     # "a child of the same sub-module family as L" (Alg. 2 line 2). A stop leaf shares its parent's

@@ -30,6 +30,10 @@ step without resizing anything. The three selectors differ only in how they read
                the same function runs folded (`folded_logits`), in half the ops.
   mlp          §5.3: a 2-layer MLP embeds GAP(f); logit = <embedding, branch token> / sqrt(d).
   conv         §5.3: depthwise 3x3 conv + ReLU + GAP, projected, scored like `mlp`.
+
+The decision from a selector's logits (Eq. 1, Alg. 1 line 5): `choose` in training (top-1 or Gumbel, the gate
+value, what full-depth training runs), `decide` at inference (the same choice in fewer ops), and `stops`, the
+stop rule itself, which the exit tables (routing.py) apply too.
 """
 
 import math
@@ -245,3 +249,49 @@ def make_selector(name: str, channels: int, sig_dim: int, d_model: int = 64, n_h
     if name not in SELECTORS:
         raise ValueError(f"unknown selector {name!r}; choose one of: {', '.join(SELECTORS)}")
     return SELECTORS[name](channels, sig_dim, d_model, n_head, stop_bias, exit_confidence)
+
+
+# ----------------------------------------------------------------------------- the decision (Alg. 1 line 5)
+
+
+def stops(p_stop: torch.Tensor, p_stage: torch.Tensor | None, t: float | None) -> torch.Tensor:
+    """The stop rule, everywhere it is applied (routing, training, the exit tables): with a threshold t, stop where
+    P_stop >= t (t >= 1: never; the "half" rule is t = 1/2); without one, Alg. 1's argmax: stop where P_stop beats
+    the best stage child's P (`p_stage`)."""
+    return p_stop > p_stage if t is None else (p_stop >= t) & bool(t < 1)
+
+
+def decide(logits: torch.Tensor, has_stop: bool, t: float | None) -> torch.Tensor:
+    """The child each sample runs at inference: `choose`'s first output outside training, in fewer ops."""
+    if not has_stop or t is None:
+        return logits.argmax(-1)  # Alg. 1 line 5 (`stops` with t None, without the softmax)
+    best = logits[:, :-1].argmax(-1)  # the best stage child, given "go"
+    if t >= 1:
+        return best
+    return torch.where(stops(logits.float().softmax(-1)[:, -1], None, t), logits.shape[1] - 1, best)
+
+
+def choose(logits: torch.Tensor, has_stop: bool, t: float | None, gumbel_tau: float | None, full: bool):
+    """(child that runs, top-1 child, its gate value q, P) for one routing node's sub-batch.
+
+    Without a threshold: top-1 over all children (Alg. 1 line 5) or, in training with policy "gumbel" (`gumbel_tau`
+    set), a hard Gumbel-softmax sample. With a threshold t (the knob; 1/2 under the "half" stop rule): stop where
+    P_stop >= t (t = 1: never), else the best stage child; P_j = (1 - P_stop) softmax(stage)_j exactly. In
+    full-depth training (`full`) a stage child runs whatever the decision (`top1`) says."""
+    P = logits.float().softmax(-1)  # Eq. 1: (B_n, K)
+    n_stage = P.shape[1] - has_stop
+    staged = has_stop and t is not None  # stop-or-go, then a stage child
+    scope = logits[:, :n_stage] if (full or staged) else logits  # the choices that may run
+    if gumbel_tau is not None:
+        y = F.gumbel_softmax(scope.float(), tau=gumbel_tau)  # (B_n, K') relaxed sample
+    else:
+        y = scope.float().softmax(-1)
+    choice = y.argmax(-1)  # (B_n,)
+    q = y.gather(1, choice[:, None]).squeeze(1)
+    top1 = P.argmax(-1)  # what the decision is, whatever runs
+    if staged:
+        stop = stops(P[:, -1], None, t)
+        top1 = torch.where(stop, n_stage, choice)
+        if not full:  # routed: the decision runs, its gate its probability (P_stop, or (1 - P_stop) q)
+            choice, q = top1, torch.where(stop, P[:, -1], (1 - P[:, -1]) * q)
+    return choice, top1, q, P

@@ -38,7 +38,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 import measure
-from routers import IDENTITY, calibration_features
+from routers import IDENTITY, calibration_features, stops
 from trie import STOP_RULES
 
 # ----------------------------------------------------------------------------- one pass, every exit
@@ -55,20 +55,19 @@ def exit_table(net, loader, device, input_size=32, max_batches=None, quiet=False
     index = {nid: i for i, nid in enumerate(nodes)}
     flags = [(m, m.training) for m in net.modules()]
     net.eval()
-    net.record_exits = True
     try:
         for b, (x, y) in enumerate(tqdm(loader, desc="exits", leave=False, disable=quiet)):
             if max_batches is not None and b >= max_batches:
                 break
             x, y, B = x.to(device), y.to(device), len(y)
-            logits, paths = net(x, return_paths=True, stop_threshold=1.0)  # nobody stops: every exit runs
+            logits, paths, record = net(x, return_paths=True, stop_threshold=1.0, return_record=True)  # all exits
             t = {k: torch.full((B, D), v, dtype=dt) for k, v, dt in
                  (("p_stop", float("nan"), torch.float), ("p_stage", float("nan"), torch.float),
                   ("conf", float("nan"), torch.float), ("correct", False, torch.bool), ("node", -1, torch.long),
                   ("leaf", False, torch.bool))}
             t["features"] = torch.full((B, D, 5), float("nan"))  # the exit's calibration_features
             last = torch.full((B, logits.shape[1]), float("nan"), device=x.device)  # the path's last exit (pre-order)
-            for node, idx, exit_logits, P in net.exits:  # (B_n,), (B_n, classes), (B_n, K) with the stop child last
+            for node, idx, exit_logits, P in record.exits:  # (B_n,), (B_n, classes), (B_n, K) with the stop child last
                 conf, pred = exit_logits.float().softmax(-1).max(-1)  # the exit's prediction
                 i, d = idx.cpu(), node.depth
                 t["p_stop"][i, d], t["p_stage"][i, d] = P[:, -1].cpu(), P[:, :-1].max(-1).values.cpu()
@@ -85,7 +84,6 @@ def exit_table(net, loader, device, input_size=32, max_batches=None, quiet=False
                 rows[k].append(v)
             rows["label"].append(y.cpu())
     finally:
-        net.record_exits = False
         for m, flag in flags:
             m.training = flag
     table = {k: torch.cat(v) for k, v in rows.items()}
@@ -96,6 +94,13 @@ def exit_table(net, loader, device, input_size=32, max_batches=None, quiet=False
     table.update(nodes=nodes, stop_rule=net.options.get("stop_rule", "argmax"),
                  stop_threshold=net.options.get("stop_threshold"), **costs(net, nodes, input_size))
     return table
+
+
+@torch.no_grad()
+def full_depth_top1(net, loader, device) -> float:
+    """Top-1 (%) with nobody stopping: the trie's deepest exits (what the kept checkpoint is chosen on)."""
+    hits = [net(x.to(device), stop_threshold=1.0).argmax(1).cpu() == y for x, y in loader]  # (B,) each
+    return 100 * float(torch.cat(hits).float().mean())
 
 
 def costs(net, nodes, input_size=32) -> dict:
@@ -137,9 +142,7 @@ def juliet_exits(table: dict, t: float | None) -> torch.Tensor:
     if t is None:
         t = table.get("stop_threshold")
         t = STOP_RULES[table.get("stop_rule", "argmax")] if t is None else t
-    p = table["p_stop"].nan_to_num(-1.0)
-    stop = p > table["p_stage"].nan_to_num(2.0) if t is None else (p >= t) & bool(t < 1)
-    return first(stop, table)
+    return first(stops(table["p_stop"].nan_to_num(-1.0), table["p_stage"].nan_to_num(2.0), t), table)
 
 
 def knob(values: torch.Tensor, most: int = 2000) -> list[float]:

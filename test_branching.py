@@ -57,13 +57,13 @@ def trained_two_domain_trie(r18, steps, cfg, seed=0, split_weight=1.0, lr=1e-3, 
     for step in range(1, steps + 1):
         net.train()
         x = two_domains(16, gen)
-        logits = net(x)
-        loss = torch.nn.functional.cross_entropy(logits, torch.arange(16) % 4) + split_weight * split_loss(net)
+        logits, record = net(x, return_record=True)
+        loss = torch.nn.functional.cross_entropy(logits, torch.arange(16) % 4) + split_weight * split_loss(record)
         opt.zero_grad()
         loss.backward()
         opt.step()
         if grow_until is None or step <= grow_until:
-            events += grow(net, cfg, step, opt)
+            events += grow(net, cfg, step, record.leaf_counts, opt)
     return net, events, gen
 
 

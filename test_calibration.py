@@ -63,14 +63,12 @@ def train_toy():
     net.train()
     for step in range(40):
         i = torch.arange(32) + 32 * (step % 8)
-        logits = net(x[i])
-        loss = juliet_loss(net, logits, y[i]) + 0.3 * spread_loss(net)
+        logits, record = net(x[i], return_record=True)
+        loss = juliet_loss(net, record, logits, y[i]) + 0.3 * spread_loss(record)
         opt.zero_grad()
         loss.backward()
         opt.step()
-    with torch.no_grad():  # drop the last training step's graph (net.exits): deep copies of the net work
-        net.eval()(x[:2])
-    return net
+    return net.eval()
 
 
 def test_tiny_backbone_trie_is_a_usable_exit_table(trained):
@@ -371,7 +369,7 @@ def test_training_ignores_the_operating_point(trained):
     with torch.no_grad():
         _, half = rule(x, return_paths=True)
         rule.train()
-        want = rule(x)
+        want, want_record = rule(x, return_record=True)
     assert len(set(half)) > 1 and any(p.endswith(STOP) for p in half)  # at inference the rule stops some only
     for s in (0.0, 1.0):  # everyone stops at the root; nobody stops
         net = copy.deepcopy(trained)
@@ -380,8 +378,8 @@ def test_training_ignores_the_operating_point(trained):
             _, paths = net(x, return_paths=True)
             assert paths != half
             net.train()
-            logits = net(x)
-        assert net.last_leaf_counts == rule.last_leaf_counts and torch.equal(logits, want), s
+            logits, record = net(x, return_record=True)
+        assert record.leaf_counts == want_record.leaf_counts and torch.equal(logits, want), s
 
 
 def test_a_calibrated_trie_survives_structure_and_state_dict(trained):
@@ -437,14 +435,14 @@ def stage_grads(stage_grad, x, y, state, loss):
     net = toy_trie(stage_grad=stage_grad)
     net.load_state_dict(state)
     net.train()
-    logits = net(x)
+    logits, record = net(x, return_record=True)
     net.zero_grad()
-    loss(net, logits, y).backward()
+    loss(net, record, logits, y).backward()
     grads = {n: (torch.zeros_like(p) if p.grad is None else p.grad.clone()) for n, p in net.named_parameters()}
     return logits.detach(), grads
 
 
-@pytest.mark.parametrize("loss, reader", [(lambda net, logits, y: exit_loss(net, y), "head."),  # the exits
+@pytest.mark.parametrize("loss, reader", [(lambda net, record, logits, y: exit_loss(record, y), "head."),  # the exits
                                           (route_loss, "root.selector.")])  # the selectors
 def test_stage_grad_scales_the_exits_and_selectors_gradient_into_the_stages_only(loss, reader):
     x, y = colour_data(32, seed=6)

@@ -103,15 +103,15 @@ def test_full_depth_training_teaches_siblings_by_the_task_and_stops_by_route_los
     decision of every node that has an exit from route_loss, and every sample runs to a stage leaf."""
     net = grown_trie(r18, selector=selector).train()
     x, y = torch.randn(16, 3, 32, 32), torch.randint(0, 10, (16,))
-    logits = net(x)
-    assert all(not net.node(leaf).is_stop for leaf in net.ran_leaf_counts)
-    assert sum(net.ran_leaf_counts.values()) == 16 == sum(net.last_leaf_counts.values())
+    logits, record = net(x, return_record=True)
+    assert all(not net.node(leaf).is_stop for leaf in record.ran_leaf_counts)
+    assert sum(record.ran_leaf_counts.values()) == 16 == sum(record.leaf_counts.values())
     F.cross_entropy(logits, y).backward(retain_graph=True)
     sibling_grad = [p.grad for p in net.root.selector.parameters()]  # the root chooses between 0/0 and 0/1
     assert any(g is not None and g.abs().sum() > 0 for g in sibling_grad)
     net.zero_grad()
-    route_loss(net, logits, y).backward()
-    for node, *_ in net.exits:
+    route_loss(net, record, logits, y).backward()
+    for node, *_ in record.exits:
         grads = [p.grad for p in node.selector.parameters()]
         assert any(g is not None and g.abs().sum() > 0 for g in grads), node.node_id
 
@@ -170,8 +170,8 @@ def test_lone_sample_in_training_mode(r18):
 def test_auxiliary_losses(r18):
     net = grown_trie(r18).train()
     x = torch.randn(16, 3, 32, 32)
-    net(x)
-    cost, balance = expected_cost_loss(net), balance_loss(net)
+    _, record = net(x, return_record=True)
+    cost, balance = expected_cost_loss(net, record), balance_loss(record)
     assert 0 < float(cost) <= 1 and float(balance) >= 0
     (cost + balance).backward()
     assert net.root.selector.sig_proj[1].weight.grad.abs().sum() > 0
@@ -182,10 +182,10 @@ def test_auxiliary_losses(r18):
 def test_exit_loss_trains_every_exit_on_every_sample_that_reached_it(r18):
     net = grown_trie(r18).train()
     x, y = torch.randn(16, 3, 32, 32), torch.randint(0, 10, (16,))
-    net(x)
-    exits = {len(idx) for _, idx, _, _ in net.exits}
+    _, record = net(x, return_record=True)
+    exits = {len(idx) for _, idx, _, _ in record.exits}
     assert 16 in exits  # the root's exit sees the whole batch, whatever the root chose
-    loss = exit_loss(net, y)
+    loss = exit_loss(record, y)
     loss.backward()
     assert float(loss) > 0 and net.adapters["64"].weight.grad.abs().sum() > 0
     assert net.root.sub[0].weight.grad.abs().sum() > 0  # deep supervision reaches the stem
@@ -199,14 +199,14 @@ def test_route_loss_is_the_gain_of_stopping_under_the_current_policy(r18):
     net = JulietNet(r18).train()  # a chain: stem + 4 stages, a stop child at every internal node
     x, y = varied_batch(12, torch.Generator().manual_seed(1)), torch.randint(0, 10, (12,))
     price = 0.3
-    logits = net(x)
-    for _, _, _, P in net.exits:
+    logits, record = net(x, return_record=True)
+    for _, _, _, P in record.exits:
         P.retain_grad()
-    route_loss(net, logits, y, cost_weight=price).backward()
+    route_loss(net, record, logits, y, cost_weight=price).backward()
     macs = stage_macs(net, (32, 32))
     cost = [price * sum(macs[:d + 1]) / sum(macs) for d in range(len(macs))]
     with torch.no_grad():
-        exits = sorted(net.exits, key=lambda e: e[0].depth)  # one per depth 0..3, every sample in each
+        exits = sorted(record.exits, key=lambda e: e[0].depth)  # one per depth 0..3, every sample in each
         err = [(exit_logits.argmax(-1) != y).float() for _, _, exit_logits, _ in exits]
         p_stop = [P[:, -1] for *_, P in exits]
         for n in range(len(y)):
@@ -246,13 +246,14 @@ def test_growth_fires_above_theta_grow_only(r18):
     opt = torch.optim.Adam(net.parameters(), 1e-3)
     cfg = GrowPruneConfig(theta_grow=0.4, grow_every=1)
     x, y = torch.randn(8, 3, 32, 32), torch.randint(0, 10, (8,))
-    train_step(net, opt, x, y)
+    net.train()
+    _, record = net(x, return_record=True)
     leaf = net.node("0/0")
-    assert net.last_leaf_counts == {"0/0": 8}
+    assert record.leaf_counts == {"0/0": 8}
     leaf.sigma2.fill_(0.39)
-    assert grow(net, cfg, step=1, optimizer=opt) == []
+    assert grow(net, cfg, 1, record.leaf_counts, opt) == []
     leaf.sigma2.fill_(0.41)
-    events = grow(net, cfg, step=2, optimizer=opt)
+    events = grow(net, cfg, 2, record.leaf_counts, opt)
     assert [(e["kind"], e["node"], e["statistic"], e["threshold"]) for e in events] == \
         [("grow", "0/0/0", "sigma2", 0.4)]
     new = net.node("0/0/0")
@@ -260,7 +261,7 @@ def test_growth_fires_above_theta_grow_only(r18):
     w0 = [p.detach().clone() for p in new.parameters()]
     train_step(net, opt, x, y)  # the new child is the only route on: it must learn from this step
     assert any(not torch.equal(a, b) for a, b in zip(w0, new.parameters()))
-    assert grow(net, GrowPruneConfig(mode="prune-only", grow_every=1), 3, opt) == []  # mode gates growth
+    assert grow(net, GrowPruneConfig(mode="prune-only", grow_every=1), 3, {"0/0/0": 8}, opt) == []  # mode gates
 
 
 def test_growth_respects_m_max_and_max_depth(r18):
@@ -272,19 +273,18 @@ def test_growth_respects_m_max_and_max_depth(r18):
     for step in range(1, 12):
         for n in net.nodes():
             n.sigma2.fill_(1.0)
-        net.last_leaf_counts = {"0/0": 8}
-        events += grow(net, cfg, step)
+        events += grow(net, cfg, step, {"0/0": 8})
     assert [e["node"] for e in events] == ["0/0/0", "0/0/1"]  # M_max = 2 stage children
-    net.last_leaf_counts = {"0/0/0": 8}  # depth 2 is max_depth: it grows a sibling, but 0/0 is full
-    assert grow(net, cfg, 12) == []
-    net.last_leaf_counts = {"0/stop": 8}  # a stop leaf grows at its parent
-    assert [e["node"] for e in grow(net, cfg, 13)] == ["0/1"]
+    counts = {"0/0/0": 8}  # depth 2 is max_depth: it grows a sibling, but 0/0 is full
+    assert grow(net, cfg, 12, counts) == []
+    counts = {"0/stop": 8}  # a stop leaf grows at its parent
+    assert [e["node"] for e in grow(net, cfg, 13, counts)] == ["0/1"]
     net.node("0/1").sigma2.fill_(1.0)
-    net.last_leaf_counts = {"0/1": 8}  # 0/1 can deepen
-    assert [e["node"] for e in grow(net, cfg, 14)] == ["0/1/0"]
+    counts = {"0/1": 8}  # 0/1 can deepen
+    assert [e["node"] for e in grow(net, cfg, 14, counts)] == ["0/1/0"]
     net.node("0/1/0").sigma2.fill_(1.0)
-    net.last_leaf_counts = {"0/1/0": 8}  # at max_depth: a sibling of its own stage
-    assert [e["node"] for e in grow(net, cfg, 15)] == ["0/1/1"]
+    counts = {"0/1/0": 8}  # at max_depth: a sibling of its own stage
+    assert [e["node"] for e in grow(net, cfg, 15, counts)] == ["0/1/1"]
     assert net.node("0/1/1").depth == 2
 
 
@@ -295,15 +295,15 @@ def test_warm_siblings_start_as_a_perturbed_copy_of_the_busiest_sibling(r18):
     net.node("0/0").alpha.fill_(0.2), net.node("0/1").alpha.fill_(0.7)  # 0/1: the busiest of the root's children
     cfg = GrowPruneConfig(theta_grow=0.0, grow_every=1, sibling="warm")
     net.root.sigma2.fill_(1.0)
-    net.last_leaf_counts = {"0/stop": 8}  # grows at the root, beside 0/0 and 0/1
-    assert [e["node"] for e in grow(net, cfg, 1)] == ["0/2"]
+    counts = {"0/stop": 8}  # grows at the root, beside 0/0 and 0/1
+    assert [e["node"] for e in grow(net, cfg, 1, counts)] == ["0/2"]
     src, new = dict(net.node("0/1").sub.named_parameters()), dict(net.node("0/2").sub.named_parameters())
     for name, p in ((n, p) for n, p in new.items() if p.dim() > 1):  # convs (zero biases stay zero)
         rel = (p - src[name]) / src[name].abs().clamp_min(1e-12)
         assert not torch.equal(p, src[name]) and 0.02 < float(rel.std()) < 0.5, name
     cold = GrowPruneConfig(theta_grow=0.0, grow_every=1, m_max=4)
-    net.last_leaf_counts = {"0/stop": 8}
-    grow(net, cold, 2)  # 0/3: fresh torchvision init, nothing like its siblings
+    counts = {"0/stop": 8}
+    grow(net, cold, 2, counts)  # 0/3: fresh torchvision init, nothing like its siblings
     w3, w1 = net.node("0/3").sub.get_submodule(r18.stages[1].sig_name).weight, \
         net.node("0/1").sub.get_submodule(r18.stages[1].sig_name).weight
     assert float(torch.nn.functional.cosine_similarity(w3.flatten(), w1.flatten(), 0)).__abs__() < 0.2

@@ -11,8 +11,8 @@ import data
 import routing
 from conftest import grown_trie, routed_trie, varied_batch
 from losses import route_loss
-from routers import confidence_features, make_selector
-from trie import STOP, JulietNet, choose, decide
+from routers import choose, confidence_features, decide, make_selector
+from trie import STOP, JulietNet
 
 
 def loader_of(x, y, batch=16):
@@ -149,9 +149,9 @@ def test_exit_confidence_starts_as_the_papers_selector_and_learns_from_route_los
     net.zero_grad()
     x, y = varied_batch(16, gen), torch.randint(0, 10, (16,), generator=gen)
     net.train()
-    logits = net(x)
-    route_loss(net, logits, y).backward()
-    assert all(n.selector.confidence.weight.grad.abs().sum() > 0 for n, *_ in net.exits)
+    logits, record = net(x, return_record=True)
+    route_loss(net, record, logits, y).backward()
+    assert all(n.selector.confidence.weight.grad.abs().sum() > 0 for n, *_ in record.exits)
     paper = JulietNet(r18, exit_confidence=False)
     assert paper.root.selector is None or paper.root.selector.confidence is None
     assert grown_trie(r18, exit_confidence=False).root.selector.confidence is None

@@ -49,6 +49,8 @@ RECIPES = {
                   split_weight=0.0),
 }
 
+LOSS_WEIGHTS = ("exit_weight", "route_weight", "cost_weight", "expected_cost_weight", "balance_weight", "split_weight")
+
 # ----------------------------------------------------------------------------- model
 
 
@@ -106,32 +108,35 @@ def train_one_epoch(model, loader, opt, scaler, args, progress: dict) -> dict:
     cfg, costs, meter = grow_prune_config(args), measure.PathCosts(model, args.input_size), runs.Meter()
     events = []
     model.train()
+    ddp = distributed.wrap(model)  # torchrun: DistributedDataParallel over today's trie; else the model itself
     for x, y in tqdm(loader, desc=f"epoch {progress['epoch']} train", leave=False, disable=args.quiet):
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
         with torch.autocast(device.type, enabled=args.amp):
-            logits = model(x)
-            loss = juliet_loss(model, logits, y, exit_weight=args.exit_weight, route_weight=args.route_weight,
-                               cost_weight=args.cost_weight, expected_cost_weight=args.expected_cost_weight,
-                               balance_weight=args.balance_weight, split_weight=args.split_weight) \
-                if juliet else F.cross_entropy(logits, y)
+            if juliet:  # the forward pass returns what it did; the losses read it
+                logits, record = ddp(x, return_record=True)
+                loss = juliet_loss(model, record, logits, y, **{k: getattr(args, k) for k in LOSS_WEIGHTS})
+            else:
+                logits = ddp(x)
+                loss = F.cross_entropy(logits, y)
         if not torch.isfinite(loss):
             raise NonFiniteLoss(f"loss is {loss.item()} at epoch {progress['epoch']}, step {progress['step'] + 1}")
         opt.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
-        distributed.sync_step(model)  # torchrun: gradients, alpha/sigma^2/BatchNorm statistics, leaf counts
+        scaler.scale(loss).backward()  # torchrun: DDP averages the gradients, overlapped with backward
+        counts = distributed.sync_step(model, record.leaf_counts if juliet else {})  # alpha, sigma^2, BN; counts
         scaler.step(opt)
         scaler.update()
         progress["step"] += 1
         meter.add(logits, y, loss)
         if juliet:
-            costs.add(model.ran_leaf_counts)  # what ran: in full-depth training, every path to its leaf
-            new = grow(model, cfg, progress["step"], opt)
+            costs.add(record.ran_leaf_counts)  # what ran: in full-depth training, every path to its leaf
+            new = grow(model, cfg, progress["step"], counts, opt)
             if new:
                 distributed.broadcast_model(model)  # the new child: rank 0's weights on every rank
                 events += [dict(e, epoch=progress["epoch"]) for e in new]
                 costs.changed()
                 freeze_selectors(model, progress["epoch"] <= args.route_warmup)
                 maybe_compile(model, args)
+                ddp = distributed.wrap(model)  # a new parameter list: DDP is rebuilt over it
         if args.limit_batches and meter.batches >= args.limit_batches:
             break
     out = meter.result("train")
@@ -155,8 +160,10 @@ def evaluate(model, loader, args, split: str) -> dict:
                 logits, paths = model(x, return_paths=True) if juliet else (model(x), None)
             meter.add(logits, y, F.cross_entropy(logits.float(), y))
             if juliet:  # executed nodes and per-class traversal depth (§5.2 "Metrics")
-                leaves.update(model.last_leaf_counts)
-                depth = {leaf: model.node(leaf).depth for leaf in model.last_leaf_counts}
+                n = Counter(paths)
+                counts = {leaf.node_id: n[leaf.node_id] for leaf in model.leaves() if leaf.node_id in n}  # pre-order
+                leaves.update(counts)
+                depth = {leaf: model.node(leaf).depth for leaf in counts}
                 for c, leaf in zip(y.tolist(), paths):
                     depth_sum[c] += depth[leaf]
                     class_n[c] += 1
@@ -172,13 +179,6 @@ def evaluate(model, loader, args, split: str) -> dict:
         macs = measure.expected_macs(model, dict(leaves), args.input_size)
         out[f"{split}_executed_macs_per_sample"] = macs["expected_macs_per_sample"]
     return out
-
-
-@torch.no_grad()
-def full_depth_top1(model, loader, args) -> float:
-    """Validation top-1 with nobody stopping: the trie's deepest exits."""
-    hits = [model(x.to(args.device), stop_threshold=1.0).argmax(1).cpu() == y for x, y in loader]  # (B,) each
-    return 100 * float(torch.cat(hits).float().mean())
 
 
 def fit(model, loaders, args, progress: dict, state: dict, on_epoch=None) -> None:
@@ -199,7 +199,7 @@ def fit(model, loaders, args, progress: dict, state: dict, on_epoch=None) -> Non
         with measure.EnergyMeter(gpu) as e_val:
             log |= evaluate(model, val_loader, args, "val")
         if juliet:  # what the kept checkpoint is chosen on: routing is fitted afterwards (keep_and_calibrate)
-            log["val_full_depth_top1"] = full_depth_top1(model, val_loader, args)
+            log["val_full_depth_top1"] = routing.full_depth_top1(model, val_loader, args.device)
         log = distributed.reduce_log(log)  # torchrun: each rank saw its own part of the data
         if juliet:
             warning = routing.collapse_message(log["val_leaf_counts"], len(model.leaves()))

@@ -23,23 +23,25 @@ decision learns from the true counterfactual ("routed": the paper).
 
 Training-mode bookkeeping for grow_prune.py: EMA usage alpha per child (Alg. 1 line 6, lambda = 1 - beta),
 EMA sigma^2 per node on L2-normalised GAP features (§4.2, in [0, 1]), and the split share of each node's
-inputs (ours, `update_split`). A training forward records what losses.py reads: each decision's P
-(`decisions`), each exit's logits and P (`exits`), each leaf's depth (`leaf_depth`), the split priors of
-grown specialists (`splits`).
+inputs (ours, `update_split`). The forward pass returns what it did, with `return_record`: a `Record` of each
+decision's P, each exit's logits, each leaf's depth and where the decisions sent the batch, which the losses
+(losses.py), growth (grow_prune.py) and the exit tables (routing.py) take as an argument.
 
     net = JulietNet(make_backbone("resnet18"), selector="transformer", policy="top1")
+    logits, record = net(x, return_record=True)    # training: juliet_loss(net, record, logits, y)
     logits, paths = net(x, return_paths=True)      # paths[i]: leaf id reached by sample i, e.g. "0/0/stop"
     logits = net(x, stop_threshold=0.8)             # the compute knob: stop where P_stop >= 0.8
 """
 
 import collections
 import copy
+from typing import NamedTuple
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from routers import SELECTORS, make_selector
+from routers import SELECTORS, choose, decide, make_selector
 
 POLICIES = ("top1", "gumbel")
 TRAIN_DEPTHS = ("full", "routed")
@@ -116,10 +118,25 @@ class TrieNode(nn.Module):
         return f"id={self.node_id!r}, depth={self.depth}" + (", stop" if self.is_stop else "")
 
 
+class Record(NamedTuple):
+    """What one forward pass did (`net(x, return_record=True)`): the input of the losses, of growth and of the exit
+    tables. Nodes ride along as objects; DistributedDataParallel finds the tensors (all of them, nested)."""
+    decisions: list  # (node, P (B_n, K)) at each routing node, in training
+    exits: list  # (node, sample indices (B_n,), exit logits (B_n, classes), P (B_n, K), the stop child last)
+    splits: list  # (node, P, per stage child: 1 for the samples its split prior sends it (B_n,), or None)
+    input_shape: tuple  # (B, (H, W))
+    leaf_depth: torch.Tensor | None = None  # (B,) depth of the leaf each sample's path ran to, in training
+    leaf_counts: dict | None = None  # leaf id -> samples the decisions sent there (Alg. 2 grows at the busiest)
+    ran_leaf_counts: dict | None = None  # leaf id -> samples whose path ran there (full-depth training runs on)
+
+
 class JulietNet(nn.Module):
     """A backbone grafted onto a trie of routed nodes.
 
-    backbone  a `backbones.Backbone` (stages, their channels, factories for fresh copies, the head)
+    backbone  any object with `name`, `num_classes`, `in_channels`, `head_width` (what the head reads), `stages` (the
+              stem first; each with `make()` -> a fresh module, `channels` out, `sig_name`, the conv whose mean
+              weights sign a child (§4.1), and `sig_dim`, its channels) and `initial(init_from=None)` -> (stage
+              modules, head); `backbones.make_backbone` builds one from torchvision
     selector  selector architecture: "transformer" (§4.1), "mlp" or "conv" (§5.3)
     policy    "top1" (paper default, §4.1) or "gumbel" (hard Gumbel-softmax in training, §5.3)
     prebuild  nodes in the initial chain (§5.3 "Initialisation": 5 for ResNet-18, 10 for ResNet-101; default)
@@ -154,14 +171,6 @@ class JulietNet(nn.Module):
             node = self.add_child(node, sub=stages[d])
             node.alpha.fill_(1.0)  # a prebuilt chain child starts as the parent's only choice
         self.visits = collections.Counter()  # samples whose path ran through each node (train and eval)
-        self.last_leaf_counts: dict[str, int] = {}  # leaves the top-1 policy sent the last batch to (Alg. 2)
-        self.ran_leaf_counts: dict[str, int] = {}  # leaves whose paths actually ran (differ in full-depth training)
-        self.leaf_depth = torch.zeros(0, dtype=torch.long)  # (B,) depth of each sample's leaf that ran
-        self.decisions = []  # (node, P) of the last training forward, for the auxiliary losses
-        self.splits = []  # (node, P, per stage child: which samples its split prior sends it, or None)
-        self.exits = []  # (node, sample indices, exit logits, P) at nodes with a stop child
-        self.record_exits = False  # record exits in eval too (routing.exit_table)
-        self.last_input = (0, (32, 32))  # (batch size, (H, W)) of the last forward
         self.stage_macs_cache, self.signature_cache = {}, {}  # {(H, W): stage MACs}, {node id: (versions, sigs)}
 
     def nodes(self, node: TrieNode | None = None):
@@ -268,8 +277,10 @@ class JulietNet(nn.Module):
         rec(net.root, s["root"])
         return net
 
-    def forward(self, x: torch.Tensor, return_paths: bool = False, stop_threshold: float | None = None):
-        """Logits (B, num_classes), and with `return_paths` each sample's leaf id. `stop_threshold` t in [0, 1] replaces
+    def forward(self, x: torch.Tensor, return_paths: bool = False, stop_threshold: float | None = None,
+                return_record: bool = False):
+        """Logits (B, num_classes); with `return_paths` also each sample's leaf id, with `return_record` also the
+        `Record` of the pass (in eval it holds every exit on the sample's path). `stop_threshold` t in [0, 1] replaces
         the operating point at inference: stop where P_stop >= t (t = 1: never; the "half" rule is t = 1/2)."""
         if x.ndim != 4 or x.shape[1] != self.backbone.in_channels:
             raise ValueError(f"input x must be (B, in_channels={self.backbone.in_channels}, H, W); "
@@ -277,34 +288,40 @@ class JulietNet(nn.Module):
         if stop_threshold is not None and not 0.0 <= stop_threshold <= 1.0:
             raise ValueError(f"stop_threshold must be in [0, 1], got {stop_threshold}")
         B = x.shape[0]
-        self.decisions, self.exits, self.splits, self.last_input = [], [], [], (B, tuple(x.shape[-2:]))
+        rec = Record([], [], [], (B, tuple(x.shape[-2:]))) if self.training or return_record else None
         leaves, stopped = [], []  # (leaf id, sample indices (B_l,), pooled gated features (B_l, W), alive (B_l,))
         held_out = None if self.training else self.options["stop_threshold"]  # the operating point, at inference
         t = next((v for v in (stop_threshold, held_out) if v is not None), STOP_RULES[self.options["stop_rule"]])
         ones = torch.ones(B, device=x.device)  # product of straight-through gates along each path
         todo = [(self.root, x, torch.arange(B, device=x.device), ones, ones.bool(), None)]  # _route's arguments
         while todo:  # Alg. 1 line 7, pre-order from a stack: recursive frames held features (CPU inference +8%)
-            todo += reversed(self._route(*todo.pop(), leaves, stopped, t))
+            todo += reversed(self._route(*todo.pop(), leaves, stopped, t, rec))
         idx = torch.cat([i for _, i, _, _ in leaves])  # (B,) sample index of each row
         z = torch.cat([z for _, _, z, _ in leaves])  # (B, W) in leaf order
         z = z.new_empty(z.shape).index_copy(0, idx, z)  # (B, W) scattered back to batch order
         logits = self.head(z)  # (B, num_classes)
-        self.ran_leaf_counts = self.last_leaf_counts = {leaf: i.shape[0] for leaf, i, _, _ in leaves}
+        out = [logits]
+        if return_paths:
+            leaf_of = torch.cat([torch.full_like(i, k) for k, (_, i, _, _) in enumerate(leaves)])  # (B,) leaf number
+            order = leaf_of.new_empty(B).index_copy(0, idx, leaf_of).tolist()
+            out.append([leaves[k][0] for k in order])
+        ran = {leaf: i.shape[0] for leaf, i, _, _ in leaves}  # outside training, also where the decisions went
+        rec = None if rec is None else rec._replace(leaf_counts=ran, ran_leaf_counts=ran)
         if self.training:  # where top-1 sent each sample (one host sync), and the depth of the leaf that ran
             ids = [leaf for leaf, *_ in leaves] + [leaf for leaf, _ in stopped]
             counts = torch.stack([a.sum() for *_, a in leaves] + [m.sum() for _, m in stopped]).tolist()
-            self.last_leaf_counts = {leaf: c for leaf, c in zip(ids, counts) if c}
             depth = torch.cat([torch.full_like(i, self.node(leaf).depth) for leaf, i, _, _ in leaves])  # (B,)
-            self.leaf_depth = depth.new_empty(B).index_copy(0, idx, depth)
-        if not return_paths:
-            return logits
-        leaf_of = torch.cat([torch.full_like(i, k) for k, (_, i, _, _) in enumerate(leaves)])  # (B,) leaf number
-        order = leaf_of.new_empty(B).index_copy(0, idx, leaf_of).tolist()
-        return logits, [leaves[k][0] for k in order]
+            rec = rec._replace(leaf_counts={leaf: c for leaf, c in zip(ids, counts) if c},
+                               leaf_depth=depth.new_empty(B).index_copy(0, idx, depth))
+        if return_record:
+            out.append(rec)
+        return out[0] if len(out) == 1 else tuple(out)
 
-    def _route(self, node: TrieNode, x, idx, gate, alive, prev, leaves: list, stopped: list, t: float | None):
+    def _route(self, node: TrieNode, x, idx, gate, alive, prev, leaves: list, stopped: list, t: float | None,
+               rec: Record | None):
         """Alg. 1 at one node, on the sub-batch `x` of samples `idx` (`alive`: those top-1 sends here, the others run
-        on in full-depth training; `prev`: the logits of the path's last exit) -> its children's sub-batches."""
+        on in full-depth training; `prev`: the logits of the path's last exit; `rec`: what the pass records, None
+        at plain inference) -> its children's sub-batches."""
         f = run_sub(node.sub, x, self.training)  # Alg. 1 line 2: (B_n, C, H, W)
         n = f.shape[0]
         self.visits[node.node_id] += n
@@ -316,13 +333,13 @@ class JulietNet(nn.Module):
             z = self.adapt(f.mean((2, 3)))  # (B_n, W)
             leaves.append((node.node_id, idx, z * gate[:, None].to(z.dtype), alive))
             return []
-        record = has_stop and (self.training or self.record_exits)  # this node's exit, for the losses and tables
+        record = has_stop and rec is not None  # this node's exit, for the losses and tables
         fr = grad_scale(f, self.options["stage_grad"]) if self.training else f  # what the exit and selector read
         exit_logits = self.head(self.adapt(fr.mean((2, 3)))) if record or self.reads_exit(node) else None  # (B_n, cls)
         read = None if exit_logits is None else exit_logits.detach()  # routing must not bend the exit's answer
         if len(choices) == 1:
             choice = None
-        elif not (self.training or torch.is_grad_enabled() or self.record_exits):  # inference: the decision only
+        elif rec is None and not torch.is_grad_enabled():  # inference: the decision only
             choice = decide(node.selector(f, self.signatures(node), has_stop, read, prev), has_stop, t)  # (B_n,)
         else:
             logits = node.selector(fr, self.signatures(node), has_stop, read, prev)  # (B_n, K)
@@ -331,11 +348,11 @@ class JulietNet(nn.Module):
             choice, top1, q, P = choose(logits, has_stop, t, tau, full)  # (B_n,) x 3, (B_n, K)
             gate = gate * (1.0 + (q - q.detach()))  # straight-through: exactly 1 forward, dP_i* backward
             if record:
-                self.exits.append((node, idx, exit_logits, P))  # (B_n,), (B_n, classes), (B_n, K): stop last
+                rec.exits.append((node, idx, exit_logits, P))  # (B_n,), (B_n, classes), (B_n, K): stop last
             if self.training:
-                self.decisions.append((node, P))
+                rec.decisions.append((node, P))
                 if any(k.prior.any() for k in choices):  # grown specialists: the sides of their split priors
-                    self.splits.append((node, P, split_sides(node, fr)))
+                    rec.splits.append((node, P, split_sides(node, fr)))
                 update_alpha(choices, top1, alive, self.options["beta"])
                 if has_stop:  # where top-1 would have stopped; they run on only in full-depth training
                     stop_here = alive & (top1 == len(choices) - 1)
@@ -376,43 +393,6 @@ class JulietNet(nn.Module):
 def grad_scale(x: torch.Tensor, g: float) -> torch.Tensor:
     """x in the forward pass (exactly), g times its gradient in the backward pass."""
     return x if g == 1.0 else x.detach() if g == 0.0 else x.detach() + g * (x - x.detach())
-
-
-def decide(logits: torch.Tensor, has_stop: bool, t: float | None) -> torch.Tensor:
-    """The child each sample runs at inference: `choose`'s first output outside training, in fewer ops."""
-    if not has_stop or t is None:
-        return logits.argmax(-1)  # Alg. 1 line 5
-    best = logits[:, :-1].argmax(-1)  # the best stage child, given "go"
-    if t >= 1:
-        return best
-    stop = logits.float().softmax(-1)[:, -1] >= t
-    return torch.where(stop, logits.shape[1] - 1, best)
-
-
-def choose(logits: torch.Tensor, has_stop: bool, t: float | None, gumbel_tau: float | None, full: bool):
-    """(child that runs, top-1 child, its gate value q, P) for one routing node's sub-batch.
-
-    Without a threshold: top-1 over all children (Alg. 1 line 5) or, in training with policy "gumbel" (`gumbel_tau`
-    set), a hard Gumbel-softmax sample. With a threshold t (the knob; 1/2 under the "half" stop rule): stop where
-    P_stop >= t (t = 1: never), else the best stage child; P_j = (1 - P_stop) softmax(stage)_j exactly. In
-    full-depth training (`full`) a stage child runs whatever the decision (`top1`) says."""
-    P = logits.float().softmax(-1)  # Eq. 1: (B_n, K)
-    n_stage = P.shape[1] - has_stop
-    staged = has_stop and t is not None  # stop-or-go, then a stage child
-    scope = logits[:, :n_stage] if (full or staged) else logits  # the choices that may run
-    if gumbel_tau is not None:
-        y = F.gumbel_softmax(scope.float(), tau=gumbel_tau)  # (B_n, K') relaxed sample
-    else:
-        y = scope.float().softmax(-1)
-    choice = y.argmax(-1)  # (B_n,)
-    q = y.gather(1, choice[:, None]).squeeze(1)
-    top1 = P.argmax(-1)  # what the decision is, whatever runs
-    if staged:
-        stop = (P[:, -1] >= t) & (t < 1)
-        top1 = torch.where(stop, n_stage, choice)
-        if not full:  # routed: the decision runs, its gate its probability (P_stop, or (1 - P_stop) q)
-            choice, q = top1, torch.where(stop, P[:, -1], (1 - P[:, -1]) * q)
-    return choice, top1, q, P
 
 
 @torch.no_grad()
