@@ -92,7 +92,7 @@ def oracle_step(net, x, train):
     y = labels_for(net, x)
     parts = [(net.path(leaf.removesuffix("/" + STOP)) if leaf.endswith(STOP) else net.path(leaf),
               x[i].contiguous(), y[i]) for leaf, i in groups.items()]
-    head = lambda h: net.head(net.adapt(h.mean((2, 3))))  # (B_g, C, H, W) -> (B_g, classes)
+    head = net.exit  # (B_g, C, H, W) -> (B_g, classes)
 
     def infer():  # -> {leaf: logits of its samples}, for the equivalence test
         net.eval()

@@ -116,7 +116,7 @@ def _on_sigterm(signum, frame):
 def _one_line_for_stopped(default):
     def hook(kind, value, tb):
         if issubclass(kind, Stopped):
-            print(f"error: {value}", file=sys.stderr, flush=True)
+            print(runs.error_line(str(value)), file=sys.stderr, flush=True)
         else:
             default(kind, value, tb)
 

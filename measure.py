@@ -26,7 +26,7 @@ import time
 
 import torch
 
-from trie import JulietNet
+from trie import STOP, JulietNet
 
 PAPER_NOTE = ("THOP MACs on one dummy input 1x3xSxS: what the paper calls 'inference FLOPs' (§5.1). For a Juliet "
               "trie it follows the single path the dummy takes, so it is only a proxy of the executed cost; the "
@@ -132,21 +132,18 @@ def _path_module(net, leaf_id):
     path = net.path(leaf_id)
 
     class Path(nn.Module):
+        adapt, exit = JulietNet.adapt, JulietNet.exit  # the net's own exit code, on this module's adapters and head
+
         def __init__(self):
             super().__init__()
             self.subs = nn.ModuleList(n.sub for n in path)
             routed = {str(i): n for i, n in enumerate(path) if len(n.choices) > 1}
             self.selectors = nn.ModuleDict({i: n.selector for i, n in routed.items()})
-            self.routing = {i: (net.signatures(n), "stop" in n.child) for i, n in routed.items()}
+            self.routing = {i: (net.signatures(n), STOP in n.child) for i, n in routed.items()}
             self.reads_exit = {i for i, n in routed.items() if net.reads_exit(n)}
             self.adapters, self.head = net.adapters, net.head  # by channel count, as JulietNet.adapt picks them
 
-        def exit(self, x):  # GAP, adapter, head: (B, C, H, W) -> (B, num_classes); own modules: THOP counts a copy
-            pooled = x.mean((2, 3))  # (B, C)
-            key = str(pooled.shape[1])
-            return self.head(self.adapters[key](pooled) if key in self.adapters else pooled)
-
-        def forward(self, x):
+        def forward(self, x):  # its own modules throughout: THOP counts a copy of this module
             for i, sub in enumerate(self.subs):
                 x = sub(x)  # (B, C_i, H_i, W_i)
                 if str(i) in self.selectors:
@@ -183,8 +180,8 @@ def node_macs(net, input_size=32) -> dict[str, dict[str, float]]:
         selector = 0.0
         if node.selector is not None:
             reads = net.reads_exit(node)
-            read = net.head(net.adapt(pooled)) if reads else None
-            selector = _thop(node.selector, f, net.signatures(node), "stop" in node.child, read)[0]
+            read = net.exit(f) if reads else None
+            selector = _thop(node.selector, f, net.signatures(node), STOP in node.child, read)[0]
             selector += exit_macs if reads else 0.0
         out[node.node_id] = {"stage": _thop(node.sub, x)[0], "selector": selector, "exit": exit_macs}
         for kid in node.stage_children:

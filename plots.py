@@ -5,8 +5,12 @@
     plot_routing(out, table, dataset)         routing.png (class / group x leaf), leaf_samples.png
     plot_curve(path, curve_report)            curve.png: top-1 vs executed MACs, the knob and its baselines
     plot_selector_curves(out, grid)           selector_curves.png: the §5.3 ablation grid's Fig. 3
+    plot_top1_per_gflop(path, groups)         top1_per_gflop.png: Fig. 4/5 (profile.py --table, train_imagenet.py)
+    plot_energy(path, logs)                   energy.png: Fig. 6 (train_imagenet.py)
+    plot_pareto, plot_importances             pareto.png, importances.png: the §6.2 sweep (sweep.py)
 """
 
+import itertools
 import os
 
 import numpy as np
@@ -14,7 +18,18 @@ import numpy as np
 import routing
 import runs
 from routers import SELECTORS
-from trie import JulietNet
+from trie import STOP, JulietNet
+
+
+def save(fig, path: str) -> str:
+    """Lay out, write atomically (a temporary file renamed into place: sweep workers that end together each publish
+    a whole PNG), close."""
+    fig.tight_layout()
+    tmp = f"{path}.{os.getpid()}.tmp"
+    fig.savefig(tmp, dpi=120, format="png")
+    os.replace(tmp, path)
+    pyplot().close(fig)
+    return path
 
 
 def pyplot():
@@ -36,7 +51,7 @@ def plot_run(out: str, history: list, model, final: dict) -> None:
         ax.plot(ep, [h["train_top1"] for h in history], "o-", label="train")
         ax.plot(ep, [h["val_top1"] for h in history], "s-", label="val")
         ax.set(xlabel="epoch", ylabel="top-1 (%)", title=os.path.basename(os.path.abspath(out)))
-        ax.legend(), fig.tight_layout(), fig.savefig(os.path.join(out, "accuracy.png"), dpi=120), plt.close(fig)
+        ax.legend(), save(fig, os.path.join(out, "accuracy.png"))
     if not isinstance(model, JulietNet):
         return
     visits, n = final["test_node_visits"], max(1, final["test_samples"])
@@ -44,10 +59,10 @@ def plot_run(out: str, history: list, model, final: dict) -> None:
     fig, ax = plt.subplots(figsize=(6, 0.25 * len(ids) + 1))
     ax.barh(ids[::-1], [100 * visits.get(i, 0) / n for i in ids[::-1]])
     ax.set(xlabel="test samples entering the node (%)", title="node usage")
-    fig.tight_layout(), fig.savefig(os.path.join(out, "node_usage.png"), dpi=120), plt.close(fig)
+    save(fig, os.path.join(out, "node_usage.png"))
     fig, ax = plt.subplots(figsize=(max(4, 0.9 * len(model.leaves())), 4))
     draw_trie(ax, model, {k: v / n for k, v in visits.items()})
-    fig.tight_layout(), fig.savefig(os.path.join(out, "trie.png"), dpi=120), plt.close(fig)
+    save(fig, os.path.join(out, "trie.png"))
 
 
 def draw_trie(ax, model, share: dict) -> None:
@@ -69,7 +84,7 @@ def draw_trie(ax, model, share: dict) -> None:
     ax.scatter([pos[n.node_id][0] for n in nodes], [pos[n.node_id][1] for n in nodes], s=[60 + 600 * v for v in s],
                c=s, cmap="viridis", vmin=0, vmax=1, marker="o", edgecolors="k", zorder=2)
     for n, v in zip(nodes, s):
-        label = ("stop" if n.is_stop else n.node_id) + f"\n{100 * v:.0f}%"
+        label = (STOP if n.is_stop else n.node_id) + f"\n{100 * v:.0f}%"
         ax.annotate(label, pos[n.node_id], textcoords="offset points", xytext=(0, -22), ha="center", fontsize=7)
     ax.set_title("trie, share of test samples per node"), ax.axis("off")
 
@@ -97,7 +112,7 @@ def plot_routing(out_dir: str, table: dict, dataset, classes=None) -> None:
         for (i, j), v in np.ndenumerate(m):
             ax.text(j, i, f"{100 * v:.0f}", ha="center", va="center", fontsize=6, color="w" if v < 0.5 else "k")
         ax.set(title=f"test samples per leaf (% of each {what})", xlabel="leaf")
-    fig.tight_layout(), fig.savefig(os.path.join(out_dir, "routing.png"), dpi=120), plt.close(fig)
+    save(fig, os.path.join(out_dir, "routing.png"))
     per_leaf, k = {leaf: [i for i, x in enumerate(leaves) if x == leaf][:8] for leaf in names}, 8
     fig, axes = plt.subplots(len(names), k, figsize=(k * 0.9, len(names) * 1.0 + 0.3), squeeze=False)
     base, indices = getattr(dataset, "base", dataset), getattr(dataset, "indices", None)
@@ -109,7 +124,7 @@ def plot_routing(out_dir: str, table: dict, dataset, classes=None) -> None:
                 i = per_leaf[leaf][c]
                 ax.imshow(base[indices[i] if indices is not None else i][0])
         axes[r][0].set_title(f"{leaf} ({leaves.count(leaf)})", fontsize=7, loc="left")
-    fig.tight_layout(), fig.savefig(os.path.join(out_dir, "leaf_samples.png"), dpi=120), plt.close(fig)
+    save(fig, os.path.join(out_dir, "leaf_samples.png"))
 
 
 def plot_curve(path: str, rep: dict) -> None:
@@ -131,7 +146,7 @@ def plot_curve(path: str, rep: dict) -> None:
     ax.set(xlabel="executed MACs per sample (M)", ylabel="test top-1 (%)", title="accuracy vs compute")
     lo = min(p["top1"] for p in rep["fixed_depth"])
     ax.set_ylim(max(0, lo - 5), 100.5), ax.grid(alpha=0.3), ax.legend(fontsize=7, loc="lower right")
-    fig.tight_layout(), fig.savefig(path, dpi=120), plt.close(fig)
+    save(fig, path)
 
 
 def selector_curve(out: str, grid: list, sel: str):
@@ -163,4 +178,68 @@ def plot_selector_curves(out: str, grid: list) -> None:
             ax.plot(sorted(curve), [curve[e] for e in sorted(curve)], "o-", label=label)
     ax.set(xlabel="epoch", ylabel="val top-1 (%)", title="selector architectures (Fig. 3)")
     ax.legend(fontsize=7), fig.tight_layout()
-    fig.savefig(os.path.join(out, "selector_curves.png"), dpi=120), plt.close(fig)
+    save(fig, os.path.join(out, "selector_curves.png"))
+
+
+def plot_top1_per_gflop(path: str, groups: dict, title: str = "") -> str:
+    """Fig. 4/5 bars: test top-1 (%) per GFLOP (THOP MACs), one group per model and one bar per FLOP convention:
+    groups = {model: {convention: (top-1 %, GMACs)}} (profile.py --table; train_imagenet.py against Fig. 5's)."""
+    plt = pyplot()
+    series = list(dict.fromkeys(s for bars in groups.values() for s in bars))  # conventions, first seen first
+    width = 0.8 / max(1, len(series))
+    fig, ax = plt.subplots(figsize=(max(4, 1.4 * len(groups)), 3.5))
+    for k, s in enumerate(series):
+        at = [(i, bars[s]) for i, bars in enumerate(groups.values()) if s in bars]
+        ax.bar([i + (k - (len(series) - 1) / 2) * width for i, _ in at], [t / g for _, (t, g) in at], width, label=s)
+    ax.set_xticks(range(len(groups)), list(groups), rotation=20, fontsize=7)
+    ax.set(ylabel="test top-1 (%) per GFLOP", title=title)
+    ax.legend(fontsize=7)
+    save(fig, path)
+    return path
+
+
+def plot_energy(path: str, logs: list[dict]) -> None:
+    """Fig. 6: NVML energy per epoch, train and val, in joules and joules per image."""
+    plt = pyplot()
+    ep = [h["epoch"] for h in logs]
+    fig, (a, b) = plt.subplots(1, 2, figsize=(9, 3.5))
+    a.plot(ep, [h["energy_train_j"] for h in logs], "o-", label="train")
+    a.plot(ep, [h["energy_val_j"] for h in logs], "s-", label="val")
+    b.plot(ep, [h["energy_train_j_per_image"] for h in logs], "o-")
+    a.set(xlabel="epoch", ylabel="energy (J)", title="NVML energy per epoch"), a.legend()
+    b.set(xlabel="epoch", ylabel="J / image", title=f"train ({logs[-1]['energy_train_status'] or 'NVML'})")
+    save(fig, path)
+
+
+def pareto_front(points: list) -> list:
+    """Indices of the (MACs, accuracy) points that no other point beats on both: fewer MACs, higher accuracy."""
+    order = sorted(range(len(points)), key=lambda i: (points[i][0], -points[i][1]))
+    best = list(itertools.accumulate((points[i][1] for i in order), max, initial=-float("inf")))  # best before k
+    return [i for k, i in enumerate(order) if points[i][1] > best[k]]
+
+
+def plot_pareto(path: str, points: list, numbers: list, states: list, static_macs: float | None) -> None:
+    """pareto.png (§6.2 sweep): each finished trial's (executed MMACs, val top-1 %), the Pareto front numbered."""
+    plt = pyplot()
+    front = pareto_front(points)
+    fig, ax = plt.subplots(figsize=(5.5, 4))
+    for state, marker in (("COMPLETE", "o"), ("PRUNED", "x")):
+        xy = [p for p, s in zip(points, states) if s == state]
+        ax.scatter([x for x, _ in xy], [y for _, y in xy], marker=marker, c="0.55", label=state.lower())
+    ax.plot([points[i][0] for i in front], [points[i][1] for i in front], "o-", c="C3", label="Pareto front")
+    for i in front:
+        ax.annotate(str(numbers[i]), points[i], textcoords="offset points", xytext=(4, 4), fontsize=7)
+    if static_macs is not None:
+        ax.axvline(static_macs, ls="--", c="0.3", lw=0.8, label="static backbone")
+    ax.set(xlabel="expected executed MACs per sample (M, val)", ylabel="val top-1 (%)",
+           title=f"§6.2 sweep: {len(points)} finished trials")
+    ax.legend(fontsize=7)
+    save(fig, path)
+
+
+def plot_importances(path: str, importances: dict, n_complete: int) -> None:
+    """importances.png (§6.2 sweep): each hyperparameter's importance for L."""
+    fig, ax = pyplot().subplots(figsize=(5, 3))
+    ax.barh(list(importances)[::-1], list(importances.values())[::-1])
+    ax.set(xlabel="importance for L (PED-ANOVA, Optuna default)", title=f"{n_complete} completed trials")
+    save(fig, path)

@@ -26,7 +26,6 @@ so the file is loaded once. Top-level imports stay plain `import x`, and the sib
 inside the functions that use them: this module may run while torch itself is still importing.
 """
 
-import argparse
 import importlib.util
 import json
 import os
@@ -180,25 +179,6 @@ def format_table(rows) -> str:
     return "\n".join(out)
 
 
-def plot_top1_per_gflop(rows, path):
-    """Fig. 4/5 style bars: test top-1 per GFLOP (GMAC), paper convention beside expected executed MACs."""
-    from plots import pyplot
-
-    plt = pyplot()
-    rows = [r for r in rows if r["top1"] is not None]
-    xs = range(len(rows))
-    fig, ax = plt.subplots(figsize=(max(4, 1.6 * len(rows)), 3.5))
-    for dx, key, label in ((-0.2, "paper_macs_m", "paper convention"), (0.2, "expected_macs_m", "executed")):
-        ax.bar([i + dx for i in xs], [r["top1"] / (r[key] / 1e3) for r in rows], 0.4, label=label)
-    ax.set_xticks(list(xs), [r["variant"] for r in rows], rotation=20)
-    ax.set_ylabel("test top-1 (%) per GFLOP")
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
-
-
 def profile_fresh(backbone, static=False, input_size=32, num_classes=10, selector="transformer", batch=128,
                   device="cpu") -> dict:
     """A freshly built model: params, paper-convention MACs, per-path THOP vs FlopCounterMode/2, peak memory."""
@@ -251,15 +231,10 @@ def _summary(p) -> str:
 # ----------------------------------------------------------------------------- CLI
 
 
-def _fail(message):
-    print(f"profile.py: error: {message}", file=sys.stderr)
-    sys.exit(2)
-
-
 def main(argv=None):
     import runs
 
-    parser = argparse.ArgumentParser(prog="profile.py", description=__doc__.split("\n\n")[0])
+    parser = runs.Parser(prog="profile.py", description=__doc__.split("\n\n")[0])  # bad flags: one line, exit 2
     parser.add_argument("run_dir", nargs="?", metavar="RUN",
                         help="a finished run directory (runs/<name>), profiled on its test set")
     parser.add_argument("--backbone", help="profile a fresh model: resnet18, resnet101, densenet121, efficientnet_b0")
@@ -289,12 +264,11 @@ def main(argv=None):
                         help="--calibrate: the operating point is the cheapest within this many points of val "
                              "top-1 at full depth")
     parser.add_argument("--json", action="store_true", help="print one JSON object, nothing else, on stdout")
-    parser.error = _fail  # one line and exit 2, like every other bad input
     args = parser.parse_args(argv)
     try:
         out, text = _dispatch(args)
     except runs.UsageError as e:
-        _fail(str(e))
+        runs.fail(str(e), "profile.py", 2)
     print(json.dumps(out, indent=2) if args.json else text)
     return out
 
@@ -307,7 +281,11 @@ def _dispatch(args):
         raise UsageError(f"unknown backbone {args.backbone!r}; choose one of: {', '.join(BACKBONES)}")
     if args.table:
         rows = table_rows(args.table)
-        png = plot_top1_per_gflop(rows, args.out or os.path.join(args.table[0], "top1_per_gflop.png"))
+        from plots import plot_top1_per_gflop
+
+        groups = {r["variant"]: {"paper convention": (r["top1"], r["paper_macs_m"] / 1e3),
+                                 "executed": (r["top1"], r["expected_macs_m"] / 1e3)} for r in rows if r["top1"]}
+        png = plot_top1_per_gflop(args.out or os.path.join(args.table[0], "top1_per_gflop.png"), groups)
         return {"rows": rows, "plot": png}, f"{format_table(rows)}\n\nplot: {png}"
     if args.bench:
         if args.backbone is None and args.bench_run is None:

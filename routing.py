@@ -39,7 +39,7 @@ from tqdm import tqdm
 
 import measure
 from routers import IDENTITY, calibration_features, stops
-from trie import STOP_RULES
+from trie import STOP, STOP_RULES
 
 # ----------------------------------------------------------------------------- one pass, every exit
 
@@ -53,9 +53,7 @@ def exit_table(net, loader, device, input_size=32, max_batches=None, quiet=False
     D, rows = len(net.backbone.stages), collections.defaultdict(list)
     nodes = [n.node_id for n in net.nodes() if not n.is_stop]
     index = {nid: i for i, nid in enumerate(nodes)}
-    flags = [(m, m.training) for m in net.modules()]
-    net.eval()
-    try:
+    with measure.evaluating(net):
         for b, (x, y) in enumerate(tqdm(loader, desc="exits", leave=False, disable=quiet)):
             if max_batches is not None and b >= max_batches:
                 break
@@ -83,9 +81,6 @@ def exit_table(net, loader, device, input_size=32, max_batches=None, quiet=False
             for k, v in t.items():
                 rows[k].append(v)
             rows["label"].append(y.cpu())
-    finally:
-        for m, flag in flags:
-            m.training = flag
     table = {k: torch.cat(v) for k, v in rows.items()}
     base = getattr(loader.dataset, "base", loader.dataset)
     groups = getattr(base, "group", None)
@@ -112,7 +107,7 @@ def costs(net, nodes, input_size=32) -> dict:
         path = net.path(nid)
         sib = sum(parts[n.node_id]["selector"] for n in path[:-1] if len(n.stage_children) > 1)
         stages = sum(parts[n.node_id]["stage"] for n in path)
-        out["cost_juliet"][i] = table[nid + "/stop" if nid + "/stop" in table else nid]
+        out["cost_juliet"][i] = table[f"{nid}/{STOP}" if f"{nid}/{STOP}" in table else nid]
         out["cost_fixed"][i] = stages + sib + parts[nid]["exit"]
         out["cost_conf"][i] = stages + sib + sum(parts[n.node_id]["exit"] for n in path)
     return out
@@ -367,7 +362,7 @@ def leaf_ids(table: dict, exit_depth: torch.Tensor) -> list[str]:
     """The leaf each sample ends at when it exits at exit_depth: a node's stop child, or the stage leaf."""
     n = torch.arange(len(exit_depth))
     node, leaf = table["node"][n, exit_depth].tolist(), table["leaf"][n, exit_depth].tolist()
-    return [table["nodes"][i] + ("" if is_leaf else "/stop") for i, is_leaf in zip(node, leaf)]
+    return [table["nodes"][i] + ("" if is_leaf else f"/{STOP}") for i, is_leaf in zip(node, leaf)]
 
 
 def report(table: dict) -> dict:

@@ -13,7 +13,7 @@ Nothing is lost: a new run needs a new or empty directory, one process at a time
 holds DIR/.lock), files are written atomically (write, then rename). Nothing read can run code: checkpoints
 hold tensors and plain containers and load with `weights_only=True`; JSON is checked when read. `--resume DIR`
 rebuilds the trie from its structure first, then the weights; `load_run(DIR)` does the same for measurement.
-Bad input is a `UsageError`: `cli` prints it as one line on stderr and exits 1, before any work or file.
+Bad input is a `UsageError`: `cli` ends with it as one line on stderr (`fail`) and exit 1, before any work or file.
 """
 
 import argparse
@@ -52,9 +52,21 @@ class NonFiniteLoss(Exception):
 # ----------------------------------------------------------------------------- command line
 
 
+def error_line(message: str, prog: str | None = None) -> str:
+    """`PROG: error: MESSAGE`, the one shape of every error a command here prints (PROG: the script run)."""
+    return f"{prog or os.path.basename(sys.argv[0])}: error: {message}"
+
+
+def fail(message: str, prog: str | None = None, code: int = 1):
+    """The one way a command ends on bad input: one line on stderr, then exit `code` (2: a flag, as argparse does;
+    1: what the flags point at). Printed here, not by sys.exit, so that in-process callers see it too."""
+    print(error_line(message, prog), file=sys.stderr, flush=True)
+    sys.exit(code)
+
+
 class Parser(argparse.ArgumentParser):
     def error(self, message):  # one clear line, no usage dump
-        self.exit(2, f"{self.prog}: error: {message}\n")
+        fail(message, self.prog, 2)
 
 
 def _ranged(kind, ok, what: str):
@@ -130,8 +142,7 @@ def cli(main, parse_args) -> None:
         message = f"{e}; stopped, the last good checkpoint (if any) is in {args.resume or args.out}"
     except KeyboardInterrupt:
         message = f"interrupted; continue with: --resume {args.resume or args.out}"
-    print(f"error: {message}", file=sys.stderr)  # printed here, not by sys.exit: in-process callers see it too
-    sys.exit(1)
+    fail(message)
 
 
 # ----------------------------------------------------------------------------- opening a run

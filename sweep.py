@@ -266,33 +266,11 @@ def report_sweep(study: optuna.Study, args) -> None:
         publish(os.path.join(args.out, "best.json"), json.dumps({"trial": best.number, "objective_L": best.value,
                 "lam": args.lam, "params": best.params, "metrics": best.user_attrs}, indent=1))
         print(f"best: trial {best.number} L={best.value:.4f} {best.params}")
-    plot_pareto(finished, os.path.join(args.out, "pareto.png"))
+    points = [(t.user_attrs["val_executed_macs"] / 1e6, 100 * t.user_attrs["accuracy"]) for t in finished]
+    static = finished[0].user_attrs["static_macs"] / 1e6 if finished else None
+    plots.plot_pareto(os.path.join(args.out, "pareto.png"), points, [t.number for t in finished],
+                      [t.state.name for t in finished], static)
     plot_importances(study, len(complete), os.path.join(args.out, "importances.png"))
-
-
-def pareto_front(points: list) -> list:
-    """Indices of the (MACs, accuracy) points that no other point beats on both: fewer MACs, higher accuracy."""
-    order = sorted(range(len(points)), key=lambda i: (points[i][0], -points[i][1]))
-    best = list(itertools.accumulate((points[i][1] for i in order), max, initial=-float("inf")))  # best before k
-    return [i for k, i in enumerate(order) if points[i][1] > best[k]]
-
-
-def plot_pareto(trials: list, path: str) -> None:
-    plt = plots.pyplot()
-    pts = [(t.user_attrs["val_executed_macs"] / 1e6, 100 * t.user_attrs["accuracy"]) for t in trials]
-    front = pareto_front(pts)
-    fig, ax = plt.subplots(figsize=(5.5, 4))
-    for state, marker in (("COMPLETE", "o"), ("PRUNED", "x")):
-        xy = [p for p, t in zip(pts, trials) if t.state.name == state]
-        ax.scatter([x for x, _ in xy], [y for _, y in xy], marker=marker, c="0.55", label=state.lower())
-    ax.plot([pts[i][0] for i in front], [pts[i][1] for i in front], "o-", c="C3", label="Pareto front")
-    for i in front:
-        ax.annotate(str(trials[i].number), pts[i], textcoords="offset points", xytext=(4, 4), fontsize=7)
-    if trials:
-        ax.axvline(trials[0].user_attrs["static_macs"] / 1e6, ls="--", c="0.3", lw=0.8, label="static backbone")
-    ax.set(xlabel="expected executed MACs per sample (M, val)", ylabel="val top-1 (%)",
-           title=f"§6.2 sweep: {len(trials)} finished trials")
-    ax.legend(fontsize=7), fig.tight_layout(), publish(path, fig=fig), plt.close(fig)
 
 
 def plot_importances(study: optuna.Study, n_complete: int, path: str) -> None:
@@ -304,11 +282,7 @@ def plot_importances(study: optuna.Study, n_complete: int, path: str) -> None:
         imp = optuna.importance.get_param_importances(study)
     if note := " ".join(str(w.message) for w in caught):
         print(f"importances.png: Optuna says: {note}", file=sys.stderr)
-    plt = plots.pyplot()
-    fig, ax = plt.subplots(figsize=(5, 3))
-    ax.barh(list(imp)[::-1], list(imp.values())[::-1])
-    ax.set(xlabel="importance for L (PED-ANOVA, Optuna default)", title=f"{n_complete} completed trials")
-    fig.tight_layout(), publish(path, fig=fig), plt.close(fig)
+    plots.plot_importances(path, imp, n_complete)
 
 
 # ----------------------------------------------------------------------------- §5.3 ablation grid
@@ -413,9 +387,9 @@ def guarded(run, args, prog: str = "sweep.py") -> None:
     try:
         run()
     except (runs.UsageError, sqlalchemy.exc.SQLAlchemyError) as e:  # bad input; a storage that cannot be opened
-        sys.exit(f"{prog}: error: {str(e).splitlines()[0]}")
+        runs.fail(str(e).splitlines()[0], prog)
     except KeyboardInterrupt:
-        sys.exit(f"interrupted; the same command continues in {args.out}")
+        runs.fail(f"interrupted; the same command continues in {args.out}", prog)
 
 
 def main(argv=None) -> None:

@@ -101,7 +101,7 @@ def test_a_dead_rank_stops_the_job_with_one_line_and_one_process_resumes(tmp_pat
     assert proc.returncode != 0
     lines = [line for line in logs[0].strip().splitlines()  # torch's own one-time C++ notice, not ours
              if "find_unused_parameters=True was specified" not in line]
-    assert len(lines) == 1 and lines[0].startswith("error: rank 0: "), logs[0]
+    assert len(lines) == 1 and lines[0].startswith("runner.py: error: rank 0: "), logs[0]
     assert f"--resume {out}" in lines[0]
     assert (out / "epoch_1.json").exists() and not (out / "epoch_2.json").exists()
     final = train_cifar.main(train_cifar.parse_args(["--resume", str(out), "--quiet", "--workers", "0"]))

@@ -110,8 +110,10 @@ def test_a_trial_whose_heartbeat_stopped_is_failed_not_counted_and_retried(tmp_p
     assert not (out / "trial_2").exists()
     err = capsys.readouterr().err
     assert "waiting for trial(s) [2], running in other workers" in err and "trial 2 lost its worker" in err
-    with pytest.raises(SystemExit, match=r"other settings \(lam: 0.1 -> 0.5\)"):
+    with pytest.raises(SystemExit) as e:
         sweep.main(["--trials", "4", "--lam", "0.5", *flags])
+    err = capsys.readouterr().err
+    assert e.value.code == 1 and err.startswith("sweep.py: error: ") and "other settings (lam: 0.1 -> 0.5)" in err
     assert len(load_study(out).trials) == 4
 
 
@@ -230,4 +232,4 @@ def test_fig3_line_per_selector_is_its_top1_both_run_else_the_mean(tmp_path):
 @pytest.mark.usefixtures("one_thread")
 def test_pareto_front_keeps_points_nobody_beats_on_both_axes():
     pts = [(10, 80), (5, 70), (20, 90), (12, 75), (5, 60), (30, 90)]  # (MACs, accuracy)
-    assert sweep.pareto_front(pts) == [1, 0, 2]
+    assert plots.pareto_front(pts) == [1, 0, 2]

@@ -38,27 +38,15 @@ PUBLISHED = {"SkipNet-101": (77.37, 5.32), "ConvNet-AIG-101": (77.22, 4.31), "Bl
 
 
 def plot_imagenet(out: str, final: dict) -> None:
-    """energy.png (Fig. 6: train/val joules per epoch and J/image) and top1_per_gflop.png (Fig. 4/5)."""
-    plt = plots.pyplot()
+    """energy.png (Fig. 6) and top1_per_gflop.png (Fig. 4/5: this run beside the published dynamic ResNet-101s)."""
     logs = sorted((runs.read_json(p) for p in glob.glob(os.path.join(out, "epoch_*.json"))), key=lambda h: h["epoch"])
     if logs:
-        ep = [h["epoch"] for h in logs]
-        fig, (a, b) = plt.subplots(1, 2, figsize=(9, 3.5))
-        a.plot(ep, [h["energy_train_j"] for h in logs], "o-", label="train")
-        a.plot(ep, [h["energy_val_j"] for h in logs], "s-", label="val")
-        b.plot(ep, [h["energy_train_j_per_image"] for h in logs], "o-")
-        a.set(xlabel="epoch", ylabel="energy (J)", title="NVML energy per epoch"), a.legend()
-        b.set(xlabel="epoch", ylabel="J / image", title=f"train ({logs[-1]['energy_train_status'] or 'NVML'})")
-        fig.tight_layout(), fig.savefig(os.path.join(out, "energy.png"), dpi=120), plt.close(fig)
-    points = dict(PUBLISHED)
-    points["this run, executed"] = (final["test_top1"], final["test_executed_macs_per_sample"] / 1e9)
-    points["this run, paper conv."] = (final["test_top1"], final["flops_paper_convention_macs"] / 1e9)
-    names = list(points)
-    fig, ax = plt.subplots(figsize=(7, 3.5))
-    ax.bar(names, [t / g for t, g in points.values()], color=["0.6"] * len(PUBLISHED) + ["C0", "C1"])
-    ax.set(ylabel="top-1 (%) per GFLOP (MACs)", title="efficiency vs. published dynamic ResNet-101s (§6.3)")
-    ax.tick_params(axis="x", rotation=30, labelsize=7)
-    fig.tight_layout(), fig.savefig(os.path.join(out, "top1_per_gflop.png"), dpi=120), plt.close(fig)
+        plots.plot_energy(os.path.join(out, "energy.png"), logs)
+    groups = {name: {"published": point} for name, point in PUBLISHED.items()}
+    groups["this run"] = {"paper convention": (final["test_top1"], final["flops_paper_convention_macs"] / 1e9),
+                          "executed": (final["test_top1"], final["test_executed_macs_per_sample"] / 1e9)}
+    plots.plot_top1_per_gflop(os.path.join(out, "top1_per_gflop.png"), groups,
+                              "efficiency vs. published dynamic ResNet-101s (§6.3)")
 
 
 def parse_args(argv=None):

@@ -35,6 +35,7 @@ decision's P, each exit's logits, each leaf's depth and where the decisions sent
 
 import collections
 import copy
+import functools
 from typing import NamedTuple
 
 import torch
@@ -181,13 +182,10 @@ class JulietNet(nn.Module):
             yield from self.nodes(k)
 
     def node(self, node_id: str) -> TrieNode:
-        parts = node_id.split("/")
-        if parts[0] != self.root.node_id:
+        root, *parts = node_id.split("/")  # "0/1/stop": the root, then a local child id per level
+        if root != self.root.node_id:
             raise KeyError(node_id)
-        node = self.root
-        for p in parts[1:]:
-            node = node.child[p]
-        return node
+        return functools.reduce(lambda node, p: node.child[p], parts, self.root)
 
     def parent(self, node: TrieNode) -> TrieNode | None:
         return None if node is self.root else self.node(node.node_id.rsplit("/", 1)[0])
@@ -207,10 +205,8 @@ class JulietNet(nn.Module):
             self.adapters[str(channels)] = linear.to(self.root.alpha.device)
 
     def add_child(self, parent: TrieNode, sub: nn.Module | None = None, local_id: str | None = None) -> TrieNode:
-        """Attach a stage-(d+1) child to `parent` (fresh torchvision init unless `sub` is given).
-
-        A leaf that gets its first child becomes internal: it gains a stop child and a selector.
-        """
+        """Attach a stage-(d+1) child to `parent` (fresh torchvision init unless `sub` is given). A leaf that gets its
+        first child becomes internal: it gains a stop child and a selector."""
         d = parent.depth + 1
         if d >= len(self.backbone.stages):
             raise ValueError(f"node {parent.node_id} is at the last stage; it cannot have children")
@@ -335,7 +331,7 @@ class JulietNet(nn.Module):
             return []
         record = has_stop and rec is not None  # this node's exit, for the losses and tables
         fr = grad_scale(f, self.options["stage_grad"]) if self.training else f  # what the exit and selector read
-        exit_logits = self.head(self.adapt(fr.mean((2, 3)))) if record or self.reads_exit(node) else None  # (B_n, cls)
+        exit_logits = self.exit(fr) if record or self.reads_exit(node) else None  # (B_n, classes)
         read = None if exit_logits is None else exit_logits.detach()  # routing must not bend the exit's answer
         if len(choices) == 1:
             choice = None
@@ -372,6 +368,10 @@ class JulietNet(nn.Module):
         """The §4.1 1x1 channel adapter after GAP (they commute: HW-times fewer MACs). (B, C) -> (B, head width)."""
         key = str(pooled.shape[1])
         return self.adapters[key](pooled) if key in self.adapters else pooled
+
+    def exit(self, f: torch.Tensor) -> torch.Tensor:
+        """An exit, the one home of pool -> adapter -> head: (B, C, H, W) -> (B, num_classes)."""
+        return self.head(self.adapt(f.mean((2, 3))))
 
     def reads_exit(self, node: TrieNode) -> bool:
         """Whether `node`'s selector reads its exit: a stop child, a choice, exit_confidence or a calibration."""
