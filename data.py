@@ -33,7 +33,7 @@ from torch.utils.data import DataLoader, Dataset
 from torchvision import transforms as T
 from tqdm import tqdm
 
-from runs import UsageError
+from runs import UsageError, fail
 
 
 class UnreadableImage(UsageError):
@@ -371,5 +371,4 @@ if __name__ == "__main__":
     try:
         main()
     except UsageError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(1)
+        fail(str(e))
