@@ -102,7 +102,7 @@ def one_line_error(proc, code=2):
 
 
 def tiny_backbone(num_classes=4) -> Backbone:
-    """A real `Backbone` (what measure.py and routing.costs read) of four small conv stages."""
+    """A real `Backbone` (what measure.py and exits.costs read) of four small conv stages."""
     widths = (8, 12, 16, 24)
 
     def build():

@@ -15,7 +15,7 @@ import os
 
 import numpy as np
 
-import routing
+import exits
 import runs
 from routers import SELECTORS
 from trie import STOP, JulietNet
@@ -93,7 +93,7 @@ def plot_routing(out_dir: str, table: dict, dataset, classes=None) -> None:
     """routing.png: share of each class's (and each group's) test samples per leaf; leaf_samples.png: test
     images that ended at each leaf."""
     plt = pyplot()
-    leaves = routing.leaf_ids(table, routing.juliet_exits(table, None))
+    leaves = exits.leaf_ids(table, exits.juliet_exits(table, None))
     names = sorted(set(leaves), key=lambda s: (s.count("/"), s))
     rows = [("class", [str(c) for c in table["label"].tolist()])]
     if "group" in table:

@@ -87,9 +87,9 @@ def curve_run(run_dir, baseline=None, budget=None, device="cpu", max_batches=Non
     backbone (`baseline`: its run directory, for its test top-1). With `budget` (MACs per sample), the
     threshold is calibrated on the validation split and its test point reported. Writes curve.json, curve.png."""
     import data
+    import exits
     import measure
     import plots
-    import routing
     import runs
     from backbones import static_model
 
@@ -100,17 +100,17 @@ def curve_run(run_dir, baseline=None, budget=None, device="cpu", max_batches=Non
     static = {"macs": measure.paper_macs(static_model(config["backbone"], config["num_classes"]), size)[0],
               "top1": runs.read_json(os.path.join(baseline, "final.json"), need=("test_top1",))["test_top1"]
               if baseline else None}
-    table = routing.exit_table(model, data.run_test_loader(config), device, size, max_batches)
-    rep = routing.curve_report(table, static)
+    table = exits.exit_table(model, data.run_test_loader(config), device, size, max_batches)
+    rep = exits.curve_report(table, static)
     if budget is not None:
         splits = (data.imagenet_datasets if config["dataset"] == "imagenet" else data.cifar_datasets)(config)
-        val = routing.exit_table(model, data.make_loader(splits[1], config, shuffle=False), device, size, max_batches)
+        val = exits.exit_table(model, data.make_loader(splits[1], config, shuffle=False), device, size, max_batches)
         try:
-            t = routing.threshold_for_budget(val, budget)
+            t = exits.threshold_for_budget(val, budget)
         except ValueError as e:
             raise runs.UsageError(str(e)) from None
-        rep["budget"] = {"budget_macs": budget, "t": t, "val": routing.score(val, routing.juliet_exits(val, t)),
-                         "test": routing.score(table, routing.juliet_exits(table, t))}
+        rep["budget"] = {"budget_macs": budget, "t": t, "val": exits.score(val, exits.juliet_exits(val, t)),
+                         "test": exits.score(table, exits.juliet_exits(table, t))}
     rep["run_dir"] = run_dir
     with runs.claim_run_dir(run_dir, new=False):  # one writer: not while a training run holds the directory
         runs.write_json(os.path.join(run_dir, "curve.json"), rep)
@@ -119,17 +119,17 @@ def curve_run(run_dir, baseline=None, budget=None, device="cpu", max_batches=Non
 
 
 def calibrate_run(run_dir, tolerance, device="cpu") -> dict:
-    """Refit a trained trie's stop decisions and operating point on its validation split (routing.calibrate_net),
+    """Refit a trained trie's stop decisions and operating point on its validation split (exits.calibrate_net),
     e.g. for another accuracy tolerance, and rewrite its model.pt (the kept model) with them."""
     import data
-    import routing
+    import exits
     import runs
 
     config, model = runs.load_run(run_dir, device)
     if not hasattr(model, "root"):
         raise runs.UsageError(f"{run_dir} is a static run: it has no stop decisions to calibrate")
     splits = (data.imagenet_datasets if config["dataset"] == "imagenet" else data.cifar_datasets)(config)
-    out = routing.calibrate_net(model, data.make_loader(splits[1], config, shuffle=False), device, tolerance,
+    out = exits.calibrate_net(model, data.make_loader(splits[1], config, shuffle=False), device, tolerance,
                                 config.get("input_size", 32))
     with runs.claim_run_dir(run_dir, new=False):
         kept = runs.read_json(os.path.join(run_dir, "final.json"), {}).get("evaluated_checkpoint", {})
@@ -310,11 +310,11 @@ def _dispatch(args):
     if args.curve:
         if args.run_dir is None:
             raise UsageError("--curve needs a run directory: python profile.py runs/<name> --curve")
-        import routing
+        import exits
 
         rep = curve_run(args.run_dir, args.baseline, None if args.budget is None else args.budget * 1e6,
                         args.device, args.max_batches)
-        text = routing.format_curve(rep)
+        text = exits.format_curve(rep)
         if "budget" in rep:
             b = rep["budget"]
             text += (f"\nbudget {b['budget_macs'] / 1e6:.2f} M MACs: t = {b['t']} on val "

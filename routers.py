@@ -33,7 +33,7 @@ step without resizing anything. The three selectors differ only in how they read
 
 The decision from a selector's logits (Eq. 1, Alg. 1 line 5): `choose` in training (top-1 or Gumbel, the gate
 value, what full-depth training runs), `decide` at inference (the same choice in fewer ops), and `stops`, the
-stop rule itself, which the exit tables (routing.py) apply too.
+stop rule itself, which the exit tables (exits.py) apply too.
 """
 
 import math
@@ -81,7 +81,7 @@ class Selector(nn.Module):
         self.confidence = nn.Linear(3, 1) if exit_confidence else None
         if self.confidence is not None:  # zero: a new selector is the paper's
             nn.init.zeros_(self.confidence.weight), nn.init.zeros_(self.confidence.bias)
-        # Held-out calibration of the stop decision (ours; routing.calibrate fits it on the validation split):
+        # Held-out calibration of the stop decision (ours; exits.calibrate fits it on the validation split):
         # stop log-odds d' = a d + w . calibration_features + b, as [a, w_1, ..., w_5, b]. Not learned by SGD.
         self.register_buffer("calibration", IDENTITY.clone())
         self.calibrated = False  # whether `calibration` is not the identity (a flag: no device sync per call)

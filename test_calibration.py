@@ -1,4 +1,4 @@
-"""Held-out stop decisions and the knob's curve (routing.calibrate_net and friends), stage_grad, model.pt-style
+"""Held-out stop decisions and the knob's curve (exits.calibrate_net and friends), stage_grad, model.pt-style
 round trips of a calibrated trie, and the real-digits ImageFolder (data.make_digits).
 
 Fast: a 4-stage toy backbone of a few thousand weights stands in for the torchvision ones.
@@ -12,7 +12,7 @@ import torch
 from torch.utils.data import DataLoader, TensorDataset
 
 import data
-import routing
+import exits
 import runs
 from conftest import spread_loss, tiny_backbone
 from losses import exit_loss, juliet_loss, route_loss
@@ -47,7 +47,7 @@ def loader(seed, n=96):
 
 
 def table_of(net, seed, n=96):
-    return routing.exit_table(net, loader(seed, n), "cpu", input_size=SIZE, quiet=True)
+    return exits.exit_table(net, loader(seed, n), "cpu", input_size=SIZE, quiet=True)
 
 
 @pytest.fixture(scope="module")
@@ -117,7 +117,7 @@ def hand_table(stop_threshold=None):
 def test_operating_point_is_the_cheapest_threshold_within_the_tolerance_of_full_depth():
     """Within the tolerance both as counted (top-1) and as expected from P_stop (expected_drop)."""
     table = hand_table()
-    point = lambda tol: routing.operating_point(table, tol)  # noqa: E731
+    point = lambda tol: exits.operating_point(table, tol)  # noqa: E731
     assert point(0.0) == {"t": 1.0, "macs": 3e6, "top1": 100.0, "expected_drop": 0.0}  # nobody may stop
     assert point(20.0) == {"t": 0.625, "macs": 1.75e6, "top1": 100.0, "expected_drop": pytest.approx(18.75)}
     assert point(25.0) == {"t": 0.5, "macs": 1.5e6, "top1": 75.0, "expected_drop": pytest.approx(21.875)}
@@ -127,38 +127,38 @@ def test_operating_point_is_the_cheapest_threshold_within_the_tolerance_of_full_
     macs = [point(tol)["macs"] for tol in (50.0, 25.0, 20.0, 10.0, 5.0, 0.0)]
     assert macs == sorted(macs) and len(set(macs)) == len(macs)  # stricter: more expensive
     # the point lies on the knob: the same threshold scores the same
-    assert routing.score(table, routing.juliet_exits(table, 0.625)) == {"macs": 1.75e6, "top1": 100.0}
+    assert exits.score(table, exits.juliet_exits(table, 0.625)) == {"macs": 1.75e6, "top1": 100.0}
 
 
 def test_juliet_exits_default_is_the_tables_operating_point_else_its_stop_rule():
     held = hand_table(stop_threshold=0.625)
-    assert torch.equal(routing.juliet_exits(held, None), routing.juliet_exits(held, 0.625))
-    assert routing.juliet_exits(held, None).tolist() == [0, 0, 1, 2]
-    assert torch.equal(routing.juliet_exits(hand_table(), None), routing.juliet_exits(hand_table(), 0.5))
-    assert routing.juliet_exits(hand_table(), None).tolist() == [0, 0, 0, 2]
+    assert torch.equal(exits.juliet_exits(held, None), exits.juliet_exits(held, 0.625))
+    assert exits.juliet_exits(held, None).tolist() == [0, 0, 1, 2]
+    assert torch.equal(exits.juliet_exits(hand_table(), None), exits.juliet_exits(hand_table(), 0.5))
+    assert exits.juliet_exits(hand_table(), None).tolist() == [0, 0, 0, 2]
 
 
 def test_knob_and_thin():
     v = torch.tensor([[0.3, float("nan")], [0.7, 0.3], [1.5, -0.2]])
-    assert routing.knob(v) == [0.0, pytest.approx(0.3), pytest.approx(0.7), 1.0]  # clamped, deduplicated, ends
+    assert exits.knob(v) == [0.0, pytest.approx(0.3), pytest.approx(0.7), 1.0]  # clamped, deduplicated, ends
     pts = [{"t": i, "macs": m} for i, m in enumerate([0.0, 0.001, 0.002, 0.5, 0.503, 0.9, 0.9999, 1.0])]
-    assert [p["t"] for p in routing.thin(pts)] == [0, 3, 5, 6, 7]  # within 0.5% of the span of the last kept: gone
-    assert routing.thin(pts[:2]) == pts[:2]
-    curve = routing.juliet_curve(hand_table())
+    assert [p["t"] for p in exits.thin(pts)] == [0, 3, 5, 6, 7]  # within 0.5% of the span of the last kept: gone
+    assert exits.thin(pts[:2]) == pts[:2]
+    curve = exits.juliet_curve(hand_table())
     assert [p["t"] for p in curve][0] == 0.0 and curve[-1]["t"] == 1.0
-    assert [p["macs"] for p in routing.juliet_curve(hand_table(), thresholds=(0.0, 0.5, 1.0))] == [1e6, 1.5e6, 3e6]
+    assert [p["macs"] for p in exits.juliet_curve(hand_table(), thresholds=(0.0, 0.5, 1.0))] == [1e6, 1.5e6, 3e6]
 
 
 def test_stop_targets_one_where_the_exit_is_right_or_the_leaf_is_wrong_too():
     table = hand_table()
-    assert torch.equal(routing.stop_targets(table), table["correct"].float())  # every leaf right
+    assert torch.equal(exits.stop_targets(table), table["correct"].float())  # every leaf right
     table["correct"][3, 2] = False  # sample 3's leaf is wrong: stopping anywhere loses nothing
     table["correct"][2, 2] = False  # so is sample 2's
     want = torch.tensor([[1, 1, 1], [1, 1, 1], [1, 1, 1], [1, 1, 1]]).float()
-    assert torch.equal(routing.stop_targets(table), want)
+    assert torch.equal(exits.stop_targets(table), want)
     table["correct"][1, 2] = True
     table["correct"][1, 0] = False  # leaf right, first exit wrong
-    assert routing.stop_targets(table)[1].tolist() == [0.0, 1.0, 1.0]
+    assert exits.stop_targets(table)[1].tolist() == [0.0, 1.0, 1.0]
 
 
 # ----------------------------------------------------------------------------- the logistic fit
@@ -172,13 +172,13 @@ def test_fit_logistic_recovers_known_coefficients_of_raw_features():
         + torch.tensor([5.0, -3.0, 0.0], dtype=torch.float64)
     w, b = torch.tensor([0.2, 15.0, -1.0], dtype=torch.float64), 44.5  # logits: mean ~0.5, sd ~2.7
     y = torch.bernoulli(torch.sigmoid(x @ w + b), generator=g)
-    fit = routing.fit_logistic(x, y, l2=1e-6, steps=200)
+    fit = exits.fit_logistic(x, y, l2=1e-6, steps=200)
     assert fit.shape == (4,) and fit.dtype == torch.float64
     assert torch.allclose(fit[:3], w, rtol=0.1), fit
     assert abs(float(fit[3]) - b) < 0.1 * b, fit
     # shifting a feature moves only the intercept, by -w . shift: the coefficients are of the raw features
     shift = torch.tensor([100.0, 1.0, -7.0], dtype=torch.float64)
-    moved = routing.fit_logistic(x + shift, y, l2=1e-6, steps=200)
+    moved = exits.fit_logistic(x + shift, y, l2=1e-6, steps=200)
     assert torch.allclose(moved[:3], fit[:3], rtol=1e-4, atol=1e-6)
     assert abs(float(moved[3]) - (float(fit[3]) - float(fit[:3] @ shift))) < 1e-2
 
@@ -194,9 +194,9 @@ def selector_case():
         for p in sel.parameters():
             p.normal_(0.0, 0.5)
     g = torch.Generator().manual_seed(1)
-    exits = 3 * torch.randn(32, 10, generator=g)
-    prev = torch.where(torch.rand(32, 1, generator=g) < 0.5, exits, 3 * torch.randn(32, 10, generator=g))  # agree?
-    return sel, torch.randn(32, 16, 4, 4, generator=g), torch.randn(3, 12, generator=g), exits, prev
+    exit_logits = 3 * torch.randn(32, 10, generator=g)
+    prev = torch.where(torch.rand(32, 1, generator=g) < 0.5, exit_logits, 3 * torch.randn(32, 10, generator=g))
+    return sel, torch.randn(32, 16, 4, 4, generator=g), torch.randn(3, 12, generator=g), exit_logits, prev
 
 
 def stop_log_odds(logits):
@@ -297,11 +297,11 @@ def test_a_calibration_makes_the_paper_selector_read_its_exit():
     net.root.selector.set_calibration(torch.tensor([1.0, 3.0, 0.0, 0.0, 0.0, 0.0, -1.0]))
     assert net.reads_exit(net.root) and not net.reads_exit(net.node("0/0/0"))  # a leaf decides nothing
     x, y = colour_data(48, seed=9)
-    table = routing.exit_table(net, DataLoader(TensorDataset(x, y), batch_size=48), "cpu", SIZE, quiet=True)
+    table = exits.exit_table(net, DataLoader(TensorDataset(x, y), batch_size=48), "cpu", SIZE, quiet=True)
     for t in (0.3, 0.5):
         with torch.no_grad():
             _, paths = net(x, return_paths=True, stop_threshold=t)
-        assert routing.leaf_ids(table, routing.juliet_exits(table, t)) == paths, t
+        assert exits.leaf_ids(table, exits.juliet_exits(table, t)) == paths, t
 
 
 # ----------------------------------------------------------------------------- calibrate_net: held out
@@ -314,7 +314,7 @@ def calibration_of(net):
 
 def test_calibrate_net_fits_on_the_loader_it_is_given_and_sets_the_operating_point(trained):
     net = copy.deepcopy(trained)
-    out = routing.calibrate_net(net, loader(seed=1), "cpu", tolerance=2.0, input_size=SIZE, quiet=True)
+    out = exits.calibrate_net(net, loader(seed=1), "cpu", tolerance=2.0, input_size=SIZE, quiet=True)
     fit_a, t = calibration_of(net), net.options["stop_threshold"]
     assert set(fit_a) == set(out["calibration"]) and len(fit_a) >= 3 and out["stop_tolerance"] == 2.0
     for nid, c in fit_a.items():
@@ -323,39 +323,39 @@ def test_calibrate_net_fits_on_the_loader_it_is_given_and_sets_the_operating_poi
     # the same fit by hand: the exit table of that loader with the calibration at identity
     ref = copy.deepcopy(trained)
     assert not calibration_of(ref) and ref.options["stop_threshold"] is None
-    want = routing.calibrate(table_of(ref, seed=1))
+    want = exits.calibrate(table_of(ref, seed=1))
     assert set(want) == set(fit_a)
     for nid in want:
         assert torch.allclose(fit_a[nid], want[nid], atol=1e-6), nid
     # ... and the operating point is the one of the calibrated table, within the tolerance of full depth
     table = table_of(net, seed=1)
     assert table["stop_threshold"] == t
-    assert routing.operating_point(table, 2.0) == out["val_operating_point"]
-    full = routing.score(table, routing.juliet_exits(table, 1.0))["top1"]
+    assert exits.operating_point(table, 2.0) == out["val_operating_point"]
+    full = exits.score(table, exits.juliet_exits(table, 1.0))["top1"]
     assert out["val_operating_point"]["top1"] >= full - 2.0 - 1e-9
     # another loader (other samples): other coefficients; calibrating again starts from identity
-    routing.calibrate_net(net, loader(seed=2), "cpu", tolerance=2.0, input_size=SIZE, quiet=True)
+    exits.calibrate_net(net, loader(seed=2), "cpu", tolerance=2.0, input_size=SIZE, quiet=True)
     fit_b = calibration_of(net)
     assert any(not torch.allclose(fit_a[k], fit_b[k], atol=1e-3) for k in fit_a)
-    want_b = routing.calibrate(table_of(ref, seed=2))
+    want_b = exits.calibrate(table_of(ref, seed=2))
     assert all(torch.allclose(fit_b[k], want_b[k], atol=1e-6) for k in want_b)
 
 
 def test_the_operating_point_drives_eval_forward_only(trained):
     net = copy.deepcopy(trained)
-    routing.calibrate_net(net, loader(seed=1), "cpu", tolerance=1.0, input_size=SIZE, quiet=True)
+    exits.calibrate_net(net, loader(seed=1), "cpu", tolerance=1.0, input_size=SIZE, quiet=True)
     t = net.options["stop_threshold"]
     x, y = colour_data(96, seed=3)
-    table = routing.exit_table(net, DataLoader(TensorDataset(x, y), batch_size=32), "cpu", SIZE, quiet=True)
+    table = exits.exit_table(net, DataLoader(TensorDataset(x, y), batch_size=32), "cpu", SIZE, quiet=True)
     with torch.no_grad():
         logits, default = net(x, return_paths=True)
         logits_t, explicit = net(x, return_paths=True, stop_threshold=t)
     assert default == explicit and torch.equal(logits, logits_t)
-    assert routing.leaf_ids(table, routing.juliet_exits(table, None)) == default  # the table knows it too
+    assert exits.leaf_ids(table, exits.juliet_exits(table, None)) == default  # the table knows it too
     for s in (0.0, 0.3, 0.7, 1.0):  # calibrated selectors: forward and table still agree at every threshold
         with torch.no_grad():
             _, paths = net(x, return_paths=True, stop_threshold=s)
-        assert routing.leaf_ids(table, routing.juliet_exits(table, s)) == paths, s
+        assert exits.leaf_ids(table, exits.juliet_exits(table, s)) == paths, s
     net.options["stop_threshold"] = 0.0  # an operating point that stops everyone at the root
     with torch.no_grad():
         _, everyone = net(x, return_paths=True)
@@ -385,7 +385,7 @@ def test_training_ignores_the_operating_point(trained):
 def test_a_calibrated_trie_survives_structure_and_state_dict(trained):
     """What model.pt holds: the structure (with the operating point in its options) and the state dict."""
     net = copy.deepcopy(trained)
-    routing.calibrate_net(net, loader(seed=1), "cpu", tolerance=1.0, input_size=SIZE, quiet=True)
+    exits.calibrate_net(net, loader(seed=1), "cpu", tolerance=1.0, input_size=SIZE, quiet=True)
     net.options["stop_threshold"] = 0.4  # not the stop rule's 1/2, so that losing it would show
     again = JulietNet.from_structure(net.structure(), net.backbone)
     again.load_state_dict(net.state_dict())
@@ -410,20 +410,20 @@ def test_a_calibrated_trie_survives_structure_and_state_dict(trained):
 
 def test_the_curve_has_a_point_in_every_tenth_of_its_span_and_is_monotone(trained):
     table = table_of(trained, seed=5, n=128)
-    curve = routing.juliet_curve(table)
+    curve = exits.juliet_curve(table)
     ts, macs = [p["t"] for p in curve], [p["macs"] for p in curve]
     assert ts == sorted(ts) and ts[0] == 0.0 and ts[-1] == 1.0
     assert all(a <= b + 1e-6 for a, b in zip(macs, macs[1:])), macs
-    assert macs[0] == routing.score(table, routing.juliet_exits(table, 0.0))["macs"]
-    assert macs[-1] == routing.score(table, routing.juliet_exits(table, 1.0))["macs"]
+    assert macs[0] == exits.score(table, exits.juliet_exits(table, 0.0))["macs"]
+    assert macs[-1] == exits.score(table, exits.juliet_exits(table, 1.0))["macs"]
     lo, hi = min(macs), max(macs)
     assert hi > 1.5 * lo  # the toy trie's knob spans a range
     for k in range(10):
         assert any(lo + k * (hi - lo) / 10 <= m <= lo + (k + 1) * (hi - lo) / 10 for m in macs), k
-    assert len(curve) < len(routing.knob(table["p_stop"]))  # thinned
-    conf = [p["macs"] for p in routing.confidence_curve(table)]
+    assert len(curve) < len(exits.knob(table["p_stop"]))  # thinned
+    conf = [p["macs"] for p in exits.confidence_curve(table)]
     assert all(a <= b + 1e-6 for a, b in zip(conf, conf[1:]))
-    rep = routing.curve_report(table, {"macs": hi, "top1": 50.0})
+    rep = exits.curve_report(table, {"macs": hi, "top1": 50.0})
     assert rep["juliet_curve"] == curve
 
 

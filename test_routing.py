@@ -1,6 +1,6 @@
 """Routing claims: the compute knob, the exit table and its baselines, the collapse warning, the demo set.
 
-No script and no optuna: trie.py, routers.py, losses.py, routing.py and data.py only.
+No script and no optuna: trie.py, routers.py, losses.py, exits.py and data.py only.
 """
 
 import pytest
@@ -8,7 +8,7 @@ import torch
 from torch.utils.data import DataLoader, TensorDataset
 
 import data
-import routing
+import exits
 from conftest import grown_trie, routed_trie, varied_batch
 from losses import route_loss
 from routers import choose, confidence_features, decide, make_selector
@@ -30,7 +30,7 @@ def table(routed):
     """Its exit table on 64 varied images with random labels."""
     gen = torch.Generator().manual_seed(3)
     x, y = varied_batch(64, gen), torch.randint(0, 10, (64,), generator=gen)
-    return routing.exit_table(routed, loader_of(x, y), "cpu", quiet=True)
+    return exits.exit_table(routed, loader_of(x, y), "cpu", quiet=True)
 
 
 def test_stop_threshold_zero_stops_everyone_at_the_first_exit_and_one_stops_nobody(routed):
@@ -51,43 +51,43 @@ def test_the_knob_in_the_forward_pass_equals_the_exit_table(routed):
     net = routed
     gen = torch.Generator().manual_seed(7)
     x, y = varied_batch(48, gen), torch.randint(0, 10, (48,), generator=gen)
-    table = routing.exit_table(net, loader_of(x, y), "cpu", quiet=True)
+    table = exits.exit_table(net, loader_of(x, y), "cpu", quiet=True)
     for t in (None, 0.0, 0.3, 0.5, 0.7, 1.0):
-        depth = routing.juliet_exits(table, t)
+        depth = exits.juliet_exits(table, t)
         with torch.no_grad():
             logits, paths = net(x, return_paths=True, stop_threshold=t)
-        assert routing.leaf_ids(table, depth) == paths, t
+        assert exits.leaf_ids(table, depth) == paths, t
         want = 100 * float((logits.argmax(-1) == y).float().mean())
-        assert abs(routing.score(table, depth)["top1"] - want) < 1e-3, t
+        assert abs(exits.score(table, depth)["top1"] - want) < 1e-3, t
 
 
 def test_curves_are_monotone_in_macs_and_span_the_exits(r18, table):
-    curve = routing.juliet_curve(table)
+    curve = exits.juliet_curve(table)
     macs = [p["macs"] for p in curve]
     assert macs == sorted(macs) and macs[-1] > 3 * macs[0]  # t: 0 -> everyone at the stem, 1 -> full depth
-    conf = [p["macs"] for p in routing.confidence_curve(table)]
+    conf = [p["macs"] for p in exits.confidence_curve(table)]
     assert conf == sorted(conf)
-    fixed = routing.fixed_depth_points(table)
+    fixed = exits.fixed_depth_points(table)
     assert [p["depth"] for p in fixed] == list(range(len(r18.stages)))
-    hull = routing.upper_hull(fixed)
+    hull = exits.upper_hull(fixed)
     for p in fixed:  # every fixed exit lies on or under its hull, which is flat beyond its best point
-        assert routing.hull_top1(fixed, p["macs"]) >= p["top1"] - 1e-9
-    assert routing.hull_top1(fixed, 1e12) == max(p["top1"] for p in fixed)
-    assert routing.hull_top1(fixed, fixed[0]["macs"] / 2) is None
+        assert exits.hull_top1(fixed, p["macs"]) >= p["top1"] - 1e-9
+    assert exits.hull_top1(fixed, 1e12) == max(p["top1"] for p in fixed)
+    assert exits.hull_top1(fixed, fixed[0]["macs"] / 2) is None
     assert {hull[0]["depth"], hull[-1]["depth"]} <= {p["depth"] for p in fixed}
-    rep = routing.curve_report(table, {"macs": 37.2e6, "top1": 50.0})
+    rep = exits.curve_report(table, {"macs": 37.2e6, "top1": 50.0})
     assert rep["macs_span"] > 3 and len(rep["matched"]) == len(curve)
     assert all(r["fixed_hull_top1"] is not None and r["confidence_top1"] is not None for r in rep["matched"])
 
 
 def test_budget_calibration_picks_the_largest_threshold_within_budget(table):
-    lo, hi = (routing.score(table, routing.juliet_exits(table, t))["macs"] for t in (0.0, 1.0))
+    lo, hi = (exits.score(table, exits.juliet_exits(table, t))["macs"] for t in (0.0, 1.0))
     budget = (lo + hi) / 2
-    t = routing.threshold_for_budget(table, budget)
-    assert routing.score(table, routing.juliet_exits(table, t))["macs"] <= budget
-    assert routing.score(table, routing.juliet_exits(table, min(1.0, t + 0.01)))["macs"] > budget
+    t = exits.threshold_for_budget(table, budget)
+    assert exits.score(table, exits.juliet_exits(table, t))["macs"] <= budget
+    assert exits.score(table, exits.juliet_exits(table, min(1.0, t + 0.01)))["macs"] > budget
     try:
-        routing.threshold_for_budget(table, lo / 2)
+        exits.threshold_for_budget(table, lo / 2)
         raise AssertionError("a budget below the cheapest exit must be refused")
     except ValueError as e:
         assert "below the cheapest exit" in str(e)
@@ -100,18 +100,18 @@ def test_collapse_warning_fires_on_a_collapsed_trie_only(r18, routed):
         collapsed.root.selector.stop_bias.fill_(50.0)  # everyone stops at the stem
         _, paths = collapsed(x, return_paths=True)
     counts = {p: paths.count(p) for p in set(paths)}
-    message = routing.collapse_message(counts, len(collapsed.leaves()))
+    message = exits.collapse_message(counts, len(collapsed.leaves()))
     assert message is not None and f"0/{STOP}" in message and "100.0%" in message
     with torch.no_grad():
         _, paths = routed(x, return_paths=True)
-    assert routing.collapse_message({p: paths.count(p) for p in set(paths)}, len(routed.leaves())) is None
+    assert exits.collapse_message({p: paths.count(p) for p in set(paths)}, len(routed.leaves())) is None
     chain = JulietNet(r18, stop=False)  # one leaf: nothing to collapse
-    assert routing.collapse_message({"0/0/0/0/0": 32}, len(chain.leaves())) is None
+    assert exits.collapse_message({"0/0/0/0/0": 32}, len(chain.leaves())) is None
 
 
 def test_report_gives_every_exit_per_group_and_the_depth_of_each_group(r18, table):
     table = dict(table, group=["easy" if i % 2 else "hard" for i in range(64)])
-    rep = routing.report(table)
+    rep = exits.report(table)
     assert len(rep["test_exits_all_samples"]) == len(r18.stages)
     for g in ("easy", "hard"):
         grp = rep["test_groups"][g]
@@ -163,7 +163,7 @@ def test_stop_rule_half_is_the_knob_at_one_half_and_argmax_the_papers_top1(route
     net = routed
     gen = torch.Generator().manual_seed(11)
     x, y = varied_batch(64, gen), torch.randint(0, 10, (64,), generator=gen)
-    table = routing.exit_table(net, loader_of(x, y), "cpu", quiet=True)
+    table = exits.exit_table(net, loader_of(x, y), "cpu", quiet=True)
     p_stop, p_stage = table["p_stop"][:, 0], table["p_stage"][:, 0]  # the root's decision
     assert len(net.root.stage_children) > 1 and net.options["stop_rule"] == "half"
     with torch.no_grad():

@@ -28,9 +28,9 @@ from tqdm import tqdm
 
 import data
 import distributed
+import exits
 import measure
 import plots
-import routing
 import runs
 from backbones import BACKBONES, make_backbone, static_model
 from grow_prune import MODES, SIBLINGS, STATISTICS, GrowPruneConfig, end_epoch, grow
@@ -199,10 +199,10 @@ def fit(model, loaders, args, progress: dict, state: dict, on_epoch=None) -> Non
         with measure.EnergyMeter(gpu) as e_val:
             log |= evaluate(model, val_loader, args, "val")
         if juliet:  # what the kept checkpoint is chosen on: routing is fitted afterwards (keep_and_calibrate)
-            log["val_full_depth_top1"] = routing.full_depth_top1(model, val_loader, args.device)
+            log["val_full_depth_top1"] = exits.full_depth_top1(model, val_loader, args.device)
         log = distributed.reduce_log(log)  # torchrun: each rank saw its own part of the data
         if juliet:
-            warning = routing.collapse_message(log["val_leaf_counts"], len(model.leaves()))
+            warning = exits.collapse_message(log["val_leaf_counts"], len(model.leaves()))
             log["routing_collapsed"] = warning is not None
             if warning:
                 tqdm.write(f"warning: epoch {epoch}: {warning}")
@@ -268,9 +268,9 @@ def final_eval(model, test_loader, args, progress: dict) -> dict:
         final |= {"test_paths": exp["paths"],
                   "executed_params": measure.executed_params(model, res["test_leaf_counts"])}
         # Every exit on every test sample, the fixed-depth hull and per-group depths (one more pass)
-        table = routing.exit_table(model, test_loader, measure.device_of(model), args.input_size,
+        table = exits.exit_table(model, test_loader, measure.device_of(model), args.input_size,
                                    max_batches=args.limit_batches or None, quiet=args.quiet)
-        final |= routing.report(table)
+        final |= exits.report(table)
         plots.plot_routing(args.out, table, test_loader.dataset, getattr(test_loader.dataset.base, "classes", None))
     else:  # a static model executes everything for every sample
         final["test_executed_macs_per_sample"] = macs
@@ -279,13 +279,13 @@ def final_eval(model, test_loader, args, progress: dict) -> dict:
 
 def keep_and_calibrate(model, val_loader, args, progress: dict):
     """The model final.json describes: the best-validation weights (--keep best) or the last ones, and for Juliet
-    its stop decisions fitted and its operating point chosen on the validation split (--calibrate; routing.py)."""
+    its stop decisions fitted and its operating point chosen on the validation split (--calibrate; exits.py)."""
     kept = {"keep": args.keep, "epoch": progress["epoch"]}
     if args.keep == "best" and os.path.exists(os.path.join(args.out, "model.pt")):
         model = runs.load_model(args.out, args.device)
         kept["epoch"] = progress.get("best_epoch", kept["epoch"])
     if isinstance(model, JulietNet) and args.calibrate:
-        kept |= routing.calibrate_net(model, val_loader, args.device, args.stop_tolerance, args.input_size, args.quiet)
+        kept |= exits.calibrate_net(model, val_loader, args.device, args.stop_tolerance, args.input_size, args.quiet)
     runs.save_model(args.out, model, kept["epoch"])
     return model, {"evaluated_checkpoint": kept}
 
@@ -402,7 +402,7 @@ def build_parser(description: str) -> argparse.ArgumentParser:
     g.add_argument("--stop-bias", type=float, default=0.0, help="initial stop-logit offset (negative: full depth)")
     g.add_argument("--route-warmup", type=runs.nonneg, default=0, help="epochs with frozen selectors (ours)")
     g.add_argument("--calibrate", action=argparse.BooleanOptionalAction, default=True, help="fit the stop decisions "
-                   "and the operating point on the validation split after training (ours; routing.calibrate_net)")
+                   "and the operating point on the validation split after training (ours; exits.calibrate_net)")
     g.add_argument("--stop-tolerance", type=runs.nonneg_float, default=0.5, help="operating point: val points lost")
     g.add_argument("--expected-cost-weight", type=runs.nonneg_float, default=0.0, help="of losses.expected_cost_loss")
     g.add_argument("--balance-weight", type=runs.nonneg_float, default=0.0, help="of §2.2's losses.balance_loss")

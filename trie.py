@@ -25,7 +25,7 @@ Training-mode bookkeeping for grow_prune.py: EMA usage alpha per child (Alg. 1 l
 EMA sigma^2 per node on L2-normalised GAP features (§4.2, in [0, 1]), and the split share of each node's
 inputs (ours, `update_split`). The forward pass returns what it did, with `return_record`: a `Record` of each
 decision's P, each exit's logits, each leaf's depth and where the decisions sent the batch, which the losses
-(losses.py), growth (grow_prune.py) and the exit tables (routing.py) take as an argument.
+(losses.py), growth (grow_prune.py) and the exit tables (exits.py) take as an argument.
 
     net = JulietNet(make_backbone("resnet18"), selector="transformer", policy="top1")
     logits, record = net(x, return_record=True)    # training: juliet_loss(net, record, logits, y)
@@ -148,7 +148,7 @@ class JulietNet(nn.Module):
     exit_confidence  stop decisions also read the exit's confidence (ours; routers.py); False: the paper's
     stop_rule "half" (ours: stop where P_stop >= 1/2, else the best stage child) or "argmax" (the paper)
     stage_grad share of the exits' and selectors' gradient that reaches the stages (ours; 0: the task loss alone)
-    stop_threshold  operating point at inference, stop where P_stop >= it (routing.calibrate_net); None: stop_rule
+    stop_threshold  operating point at inference, stop where P_stop >= it (exits.calibrate_net); None: stop_rule
     init_from a static model of the same backbone whose weights seed the prebuilt chain
     """
 

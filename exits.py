@@ -1,4 +1,5 @@
-"""What routing does with data, and the baselines that keep it honest (paper §2.1, §5.2 "Metrics").
+"""The exits: every exit of every sample, the policies that choose among them, and their baselines (paper
+§2.1, §5.2 "Metrics"); what routing does with data.
 
 One pass over a test set with nobody stopping (`exit_table`) records, for every sample and every depth of
 its path, the exit's prediction and confidence and the selector's P_stop. Every policy on that trie is then
