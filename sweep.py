@@ -128,7 +128,8 @@ def objective(trial, args) -> float:
     trial.set_user_attr("worker", f"{socket.gethostname()}:{os.getpid()}")  # a retry inherits the failed
     trial.set_user_attr("run_dir", run_dir)  # trial's attributes: overwrite them
     on_epoch, last = reporter(trial, args.lam, args.epochs, run_dir)
-    final = train_cifar.main(train_cifar.parse_args(train_argv(args, run_dir, **params)), on_epoch=on_epoch)
+    argv = train_argv(args, run_dir, grow_prune="both", **params)  # §6.2 sweeps growth and pruning: on
+    final = train_cifar.main(train_cifar.parse_args(argv), on_epoch=on_epoch)
     for k in ("test_top1", "test_executed_macs_per_sample", "flops_paper_convention_macs", "wall_time_s"):
         trial.set_user_attr(k, final[k])
     return last["L"]  # the final epoch's objective: the model the run keeps

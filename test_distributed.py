@@ -41,8 +41,9 @@ def sync_or_die(model, *rest):
 train_cifar.fit, distributed.sync_step, distributed.wrap = fit_and_dump, sync_or_die, wrap_and_note
 train_cifar.main(train_cifar.parse_args(sys.argv[1:]))
 """
-ARGS = ["--dataset", "synthetic", "--synthetic-size", "200", "--batch-size", "16", "--workers", "0", "--quiet",
-        "--threads", "1", "--selector", "mlp", "--grow-every", "2", "--grow-threshold", "0", "--prune-every", "2",
+ARGS = ["--grow-prune", "both", "--dataset", "synthetic", "--synthetic-size", "200", "--batch-size", "16",
+        "--workers", "0", "--quiet", "--threads", "1", "--selector", "mlp", "--grow-every", "2", "--grow-threshold",
+        "0", "--prune-every", "2",
         "--grow-statistic", "sigma2", "--sibling", "fresh", "--t-min", "1", "--seed", "3",
         "--limit-batches", "4"]  # 4 steps an epoch; grow at even steps
 

@@ -87,7 +87,8 @@ def test_one_epoch_of_each_backbone_writes_the_run_directory(tmp_path, backbone)
     data = write_image_folder(tmp_path / "imgs")
     out = tmp_path / "run"
     final = train_cifar.main(cifar_args(out, "--dataset", "imagefolder", "--data-dir", str(data),
-                                        "--backbone", backbone, "--grow-every", "1", "--grow-threshold", "0",
+                                        "--backbone", backbone, "--grow-prune", "both", "--grow-every", "1",
+                                        "--grow-threshold", "0",
                                         "--grow-statistic", "sigma2", "--sibling", "fresh"))  # cheap growth
     for name in [*RUN_FILES, "node_usage.png", "trie.png"]:
         assert (out / name).exists(), name
@@ -115,7 +116,7 @@ def test_one_epoch_of_each_backbone_writes_the_run_directory(tmp_path, backbone)
 def test_resume_is_exact(tmp_path):
     common = ["--dataset", "synthetic", "--synthetic-size", "160", "--batch-size", "16", "--selector", "mlp",
               "--grow-every", "2", "--grow-threshold", "0", "--prune-every", "1", "--t-min", "1", "--seed", "3",
-              "--route-warmup", "1"]
+              "--route-warmup", "1", "--grow-prune", "both"]
     a, b = tmp_path / "a", tmp_path / "b"
     train_cifar.main(train_cifar.parse_args(["--out", str(a), "--epochs", "2", "--workers", "0", "--quiet", *common]))
     train_cifar.main(train_cifar.parse_args(["--out", str(b), "--epochs", "1", "--workers", "0", "--quiet", *common]))

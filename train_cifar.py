@@ -41,12 +41,12 @@ from trie import POLICIES, STOP_RULES, TRAIN_DEPTHS, JulietNet
 
 # Named recipes (DiT's `DiT_models`): `--recipe NAME` sets these flags' defaults; explicit flags still win. "ours" is
 # the parser's defaults (README "Paper notes and deviations"); "paper" turns every deviation off: routed training on
-# the task loss alone, Alg. 1's argmax, sigma^2 growth of fresh siblings (Alg. 2), the last epoch, nothing fitted.
+# the task loss alone, Alg. 1's argmax, sigma^2 growth of fresh siblings and pruning (Alg. 2-3), the last epoch.
 RECIPES = {
     "ours": {},
     "paper": dict(train_depth="routed", exit_weight=0.0, route_weight=0.0, stage_grad=1.0, no_exit_confidence=True,
-                  stop_rule="argmax", calibrate=False, keep="last", grow_statistic="sigma2", sibling="fresh",
-                  split_weight=0.0),
+                  stop_rule="argmax", calibrate=False, keep="last", grow_prune="both", grow_statistic="sigma2",
+                  sibling="fresh", split_weight=0.0),
 }
 
 LOSS_WEIGHTS = ("exit_weight", "route_weight", "cost_weight", "expected_cost_weight", "balance_weight", "split_weight")
@@ -407,7 +407,7 @@ def build_parser(description: str) -> argparse.ArgumentParser:
     g.add_argument("--expected-cost-weight", type=runs.nonneg_float, default=0.0, help="of losses.expected_cost_loss")
     g.add_argument("--balance-weight", type=runs.nonneg_float, default=0.0, help="of §2.2's losses.balance_loss")
     g = p.add_argument_group("growth and pruning (§3.1.1, Alg. 2-3)")
-    g.add_argument("--grow-prune", default="both", choices=MODES, help="§5.3 ablation modes")
+    g.add_argument("--grow-prune", default="off", choices=MODES, help="§5.3 modes; off by default (README)")
     g.add_argument("--grow-threshold", type=runs.unit_interval, default=0.4, help="theta_grow (Table 2; Table 3: 0.5)")
     g.add_argument("--prune-threshold", type=runs.unit_interval, default=0.1, help="theta_prune (Tables 2 and 3)")
     g.add_argument("--grow-every", type=runs.positive, default=10, help="mini-batches between growth tries (Table 3)")

@@ -53,8 +53,8 @@ def parse_args(argv=None):
     p = train_cifar.build_parser(__doc__.split("\n")[0])
     p.set_defaults(backbone="resnet101", dataset="imagenet", input_size=224, epochs=120, batch_size=256,
                    workers=8, optimizer="sgd", lr=0.1, momentum=0.9, wd=1e-4, scheduler="cosine", t_max=40,
-                   grow_threshold=0.5, grow_every=10, prune_every=5, prune_threshold=0.1, prebuild=10,
-                   calibrate=False, keep="last")  # §6.3 tests on val: nothing may be chosen or fitted on it
+                   grow_prune="both", grow_threshold=0.5, grow_every=10, prune_every=5, prune_threshold=0.1,
+                   prebuild=10, calibrate=False, keep="last")  # §6.3 tests on val: nothing may be fitted on it
     return runs.finish_args(p, argv)
 
 
