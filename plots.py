@@ -22,12 +22,9 @@ from trie import STOP, JulietNet
 
 
 def save(fig, path: str) -> str:
-    """Lay out, write atomically (a temporary file renamed into place: sweep workers that end together each publish
-    a whole PNG), close."""
+    """Lay out, write atomically (runs.atomic_write: sweep workers ending together each publish a whole PNG), close."""
     fig.tight_layout()
-    tmp = f"{path}.{os.getpid()}.tmp"
-    fig.savefig(tmp, dpi=120, format="png")
-    os.replace(tmp, path)
+    runs.atomic_write(path, lambda f: fig.savefig(f, dpi=120, format="png"))
     pyplot().close(fig)
     return path
 

@@ -275,12 +275,13 @@ def seed_epoch(seed: int, epoch: int, loader) -> None:
 
 
 def atomic_write(path: str, write) -> None:
-    """write(f) into path.tmp, flush it to disk, then rename: a crash leaves the old file or the new one."""
-    with open(path + ".tmp", "wb") as f:
+    """write(f) to this process's temporary file, fsync, rename: a crash or a concurrent writer leaves a whole file."""
+    tmp = f"{path}.{os.getpid()}.tmp"
+    with open(tmp, "wb") as f:
         write(f)
         f.flush()
         os.fsync(f.fileno())
-    os.replace(path + ".tmp", path)
+    os.replace(tmp, path)
 
 
 def write_json(path: str, obj) -> None:

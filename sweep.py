@@ -27,7 +27,6 @@ import itertools
 import json
 import multiprocessing
 import os
-import pathlib
 import shlex
 import socket
 import sys
@@ -234,11 +233,9 @@ def cell(v, fmt: str, scale: float = 1.0) -> str:
     return "-" if v is None else format(v * scale, fmt)
 
 
-def publish(path: str, text: str | None = None, fig=None) -> None:
-    """Workers that end together all report: each writes its own temporary file, then renames it into place."""
-    tmp = f"{path}.{os.getpid()}.tmp"
-    fig.savefig(tmp, dpi=120, format="png") if fig else pathlib.Path(tmp).write_text(text)
-    os.replace(tmp, path)
+def publish(path: str, text: str) -> None:
+    """Workers that end together all report: runs.atomic_write gives each its own temporary file."""
+    runs.atomic_write(path, lambda f: f.write(text.encode()))
 
 
 def report_sweep(study: optuna.Study, args) -> None:

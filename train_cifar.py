@@ -380,7 +380,7 @@ def build_parser(description: str) -> argparse.ArgumentParser:
     g.add_argument("--policy", default="top1", choices=POLICIES, help="routing policy (§4.1 top-1; §5.3 gumbel)")
     g.add_argument("--tau0", type=runs.positive_float, default=1.0, help="gumbel: initial temperature (§3.1.3)")
     g.add_argument("--tau-min", type=runs.positive_float, default=0.1, help="gumbel: final temperature")
-    g.add_argument("--prebuild", type=runs.positive, default=None, help="initial chain (§5.3; default: every stage)")
+    g.add_argument("--prebuild", type=runs.positive, default=None, help="chain nodes (§5.3: 5; 10 for ResNet-101)")
     g.add_argument("--no-stop", action="store_true", help="no stop children: every path runs every stage")
     g.add_argument("--d-model", type=runs.positive, default=64, help="selector width d_model (§4.1)")
     g.add_argument("--n-head", type=runs.positive, default=4, help="selector heads n_head (§4.1)")
