@@ -139,7 +139,7 @@ def test_kept_model_is_what_final_json_and_eval_only_describe(tmp_path):
     a = tmp_path / "a"
     final = train_cifar.main(train_cifar.parse_args(["--out", str(a), "--epochs", "2", *common]))
     kept = final["evaluated_checkpoint"]
-    best = max((1, 2), key=lambda e: (read_json(a / f"epoch_{e}.json")["val_full_depth_top1"], -e))
+    best = max((1, 2), key=lambda e: (read_json(a / f"epoch_{e}.json")["val_full_depth_top1"], e))  # ties: later
     assert kept["keep"] == "best" and kept["epoch"] == best == torch.load(a / "model.pt")["epoch"]
     again = train_cifar.main(train_cifar.parse_args(["--resume", str(a), "--eval-only", "--limit-batches", "2",
                                                      "--quiet"]))

@@ -215,8 +215,8 @@ def fit(model, loaders, args, progress: dict, state: dict, on_epoch=None) -> Non
         log |= distributed.reduce_log(epoch_record(model, args, progress, opt, log, e_train, e_val,
                                                    time.perf_counter() - t0))
         score = log.get("val_full_depth_top1", log["val_top1"])
-        best = score > progress.get("best_score", -1.0)
-        if best:  # the checkpoint a user would keep (pytorch/examples' model_best): model.pt
+        best = score >= progress.get("best_score", -1.0)  # pytorch/examples' model_best; ties: the later epoch
+        if best:
             progress["best_score"], progress["best_epoch"] = score, epoch
         progress["best_val_top1"] = max(progress["best_val_top1"], log["val_top1"])
         progress["history"].append(log)
@@ -442,7 +442,7 @@ def build_parser(description: str) -> argparse.ArgumentParser:
     g.add_argument("--lr-patience", type=runs.nonneg, default=3, help="plateau patience (Table 2)")
     g.add_argument("--t-max", type=runs.positive, default=40, help="cosine T_max (Table 3)")
     g.add_argument("--keep", default="best", choices=("best", "last"), help="the weights tested and kept in "
-                   "model.pt: best validation top-1 (Juliet: at full depth; pytorch/examples) or last")
+                   "model.pt: best validation top-1, ties to the later epoch (Juliet: at full depth; pytorch/examples), or last")
     runs.add_run_args(p)
     return p
 
