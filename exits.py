@@ -359,8 +359,10 @@ def calibrate_net(net, val_loader, device, tolerance: float, input_size=32, quie
 # ----------------------------------------------------------------------------- reports
 
 
-def leaf_ids(table: dict, exit_depth: torch.Tensor) -> list[str]:
-    """The leaf each sample ends at when it exits at exit_depth: a node's stop child, or the stage leaf."""
+def leaf_ids(table: dict, exit_depth: torch.Tensor | None = None) -> list[str]:
+    """The leaf each sample ends at when it exits at exit_depth (default: the table's operating point): a node's
+    stop child, or the stage leaf."""
+    exit_depth = juliet_exits(table, None) if exit_depth is None else exit_depth
     n = torch.arange(len(exit_depth))
     node, leaf = table["node"][n, exit_depth].tolist(), table["leaf"][n, exit_depth].tolist()
     return [table["nodes"][i] + ("" if is_leaf else f"/{STOP}") for i, is_leaf in zip(node, leaf)]

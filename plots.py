@@ -2,7 +2,7 @@
 "Profiling outputs", Fig. 2; docs/results.md "Per-sample routing"). matplotlib on the Agg backend, PNG files.
 
     plot_run(out, history, model, final)      accuracy.png; node_usage.png, trie.png for a Juliet run
-    plot_routing(out, table, dataset)         routing.png (class / group x leaf), leaf_samples.png
+    plot_routing(out, table, leaves, dataset) routing.png (class / group x leaf), leaf_samples.png
     plot_curve(path, curve_report)            curve.png: top-1 vs executed MACs, the knob and its baselines
     plot_selector_curves(out, grid)           selector_curves.png: the §5.3 ablation grid's Fig. 3
     plot_top1_per_gflop(path, groups)         top1_per_gflop.png: Fig. 4/5 (profile.py --table, train_imagenet.py)
@@ -15,7 +15,6 @@ import os
 
 import numpy as np
 
-import exits
 import runs
 from routers import SELECTORS
 from trie import STOP, JulietNet
@@ -86,11 +85,13 @@ def draw_trie(ax, model, share: dict) -> None:
     ax.set_title("trie, share of test samples per node"), ax.axis("off")
 
 
-def plot_routing(out_dir: str, table: dict, dataset, classes=None) -> None:
+def plot_routing(out_dir: str, table: dict, leaves: list[str], dataset) -> None:
     """routing.png: share of each class's (and each group's) test samples per leaf; leaf_samples.png: test
-    images that ended at each leaf."""
+    images that ended at each leaf. `table`: exits.exit_table's labels and groups; `leaves`: each sample's
+    leaf (exits.leaf_ids); `dataset`: the test set (a Subset's base names the classes)."""
     plt = pyplot()
-    leaves = exits.leaf_ids(table, exits.juliet_exits(table, None))
+    base, indices = getattr(dataset, "base", dataset), getattr(dataset, "indices", None)
+    classes = getattr(base, "classes", None)
     names = sorted(set(leaves), key=lambda s: (s.count("/"), s))
     rows = [("class", [str(c) for c in table["label"].tolist()])]
     if "group" in table:
@@ -112,7 +113,6 @@ def plot_routing(out_dir: str, table: dict, dataset, classes=None) -> None:
     save(fig, os.path.join(out_dir, "routing.png"))
     per_leaf, k = {leaf: [i for i, x in enumerate(leaves) if x == leaf][:8] for leaf in names}, 8
     fig, axes = plt.subplots(len(names), k, figsize=(k * 0.9, len(names) * 1.0 + 0.3), squeeze=False)
-    base, indices = getattr(dataset, "base", dataset), getattr(dataset, "indices", None)
     for r, leaf in enumerate(names):
         for c in range(k):
             ax = axes[r][c]

@@ -271,7 +271,7 @@ def final_eval(model, test_loader, args, progress: dict) -> dict:
         table = exits.exit_table(model, test_loader, measure.device_of(model), args.input_size,
                                    max_batches=args.limit_batches or None, quiet=args.quiet)
         final |= exits.report(table)
-        plots.plot_routing(args.out, table, test_loader.dataset, getattr(test_loader.dataset.base, "classes", None))
+        plots.plot_routing(args.out, table, exits.leaf_ids(table), test_loader.dataset)
     else:  # a static model executes everything for every sample
         final["test_executed_macs_per_sample"] = macs
     return final
