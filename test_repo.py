@@ -57,6 +57,10 @@ def test_layout_one_way_imports_short_files_and_a_repo_that_stands_alone():
 
     for m in sorted(graph):
         visit(m, [])
+    level = {}
+    for m in order:  # dependencies first: a module's level is one above its deepest import
+        level[m] = 1 + max((level[d] for d in graph[m]), default=0)
+    assert max(level.values()) <= 6, f"{max(level.values())} import levels: {level}"
     sizes = {f: len(open(os.path.join(REPO, f)).read().splitlines()) for f in os.listdir(REPO)
              if f.endswith(".py") and not f.startswith(("test_", "conftest"))}
     assert max(sizes.values()) <= 460, sizes
