@@ -290,8 +290,10 @@ def calibrate(table: dict, l2: float = 1e-3, steps: int = 200) -> dict[str, torc
     """Fit each stop decision on held-out samples (EENet-style; ours): per node, a logistic regression of
     `stop_targets` on [d, calibration_features], d the selector's stop log-odds, on an exit table of the
     validation split taken with the calibration at identity: data neither the exits nor the selectors were
-    trained on. Returns
-    {node id: [a, w_1, ..., w_5, b]} for routers.Selector.set_calibration."""
+    trained on. Where a node's targets are all one class (every validation sample there was safe to stop) no
+    maximum-likelihood fit exists: its intercept runs off and gives every sample one saturated P_stop, a jump
+    in the knob. There the fit is MAP under a prior centred on the identity, so P_stop keeps the trained
+    selector's ranking. Returns {node id: [a, w_1, ..., w_5, b]} for routers.Selector.set_calibration."""
     out, y = {}, stop_targets(table)
     routed = ~table["leaf"] & torch.isfinite(table["p_stop"])  # (N, D): a decision was taken there
     for i, nid in enumerate(table["nodes"]):
@@ -300,21 +302,28 @@ def calibrate(table: dict, l2: float = 1e-3, steps: int = 200) -> dict[str, torc
             continue
         p = table["p_stop"][at].double().clamp(1e-6, 1 - 1e-6)  # (M,)
         x = torch.cat([(p.log() - (-p).log1p())[:, None], table["features"][at].double()], 1)  # (M, 6)
-        out[nid] = fit_logistic(x, y[at].double(), l2, steps).float()
+        one_class = bool((y[at] == y[at][0]).all())
+        out[nid] = fit_logistic(x, y[at].double(), l2, steps, IDENTITY.double() if one_class else None).float()
     return out
 
 
-def fit_logistic(x: torch.Tensor, y: torch.Tensor, l2: float, steps: int) -> torch.Tensor:
+def fit_logistic(x: torch.Tensor, y: torch.Tensor, l2: float, steps: int, prior=None) -> torch.Tensor:
     """argmin over (w, b) of mean BCE(sigmoid(x w + b), y) + l2 |w|^2, on standardised features (a near-constant
-    feature is scaled as if its spread were 0.1), by L-BFGS; returns [w..., b] for the raw features."""
+    feature is scaled as if its spread were 0.1), by L-BFGS; returns [w..., b] for the raw features. With a
+    `prior` [w..., b] (raw), the penalty is l2 |theta - prior|^2 over weights and intercept alike (MAP)."""
     mean, std = x.mean(0), x.std(0).nan_to_num(0.0).clamp(min=0.1)  # (F,); a floor: no huge raw weights
     z = (x - mean) / std  # (M, F)
-    theta = torch.zeros(x.shape[1] + 1, dtype=x.dtype, requires_grad=True)
+    centre = torch.zeros(x.shape[1] + 1, dtype=x.dtype)  # theta's prior mean, in the standardised coordinates
+    if prior is not None:
+        centre = torch.cat([prior[:-1] * std, prior[-1:] + (mean * prior[:-1]).sum()[None]])
+    theta = centre.clone().requires_grad_(True)
     opt = torch.optim.LBFGS([theta], max_iter=steps, line_search_fn="strong_wolfe")
+    pull = slice(None) if prior is not None else slice(0, -1)  # without a prior the intercept is free
 
     def loss():
         opt.zero_grad()
-        value = F.binary_cross_entropy_with_logits(z @ theta[:-1] + theta[-1], y) + l2 * theta[:-1].pow(2).sum()
+        value = (F.binary_cross_entropy_with_logits(z @ theta[:-1] + theta[-1], y)
+                 + l2 * (theta - centre)[pull].pow(2).sum())
         value.backward()
         return value
 

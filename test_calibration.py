@@ -183,6 +183,26 @@ def test_fit_logistic_recovers_known_coefficients_of_raw_features():
     assert abs(float(moved[3]) - (float(fit[3]) - float(fit[:3] @ shift))) < 1e-2
 
 
+def test_a_node_whose_samples_are_all_safe_to_stop_keeps_the_selectors_ranking(trained):
+    """No maximum-likelihood fit exists where every target is one: there the plain fit gives all samples one
+    P_stop (the knob jumps over them at once); the calibration's MAP fit keeps the trained selector's order."""
+    table = table_of(trained, seed=3)
+    table["correct"][:] = True  # every exit right: every stop target is one
+    fits = exits.calibrate(table)
+    for i, nid in enumerate(table["nodes"]):
+        at = ~table["leaf"] & torch.isfinite(table["p_stop"]) & (table["node"] == i)
+        if at.sum() < 5:
+            continue
+        p = table["p_stop"][at].double().clamp(1e-6, 1 - 1e-6)
+        x = torch.cat([(p.log() - (-p).log1p())[:, None], table["features"][at].double()], 1)
+        plain = exits.fit_logistic(x, torch.ones(len(x), dtype=torch.float64), 1e-3, 200)
+        assert len(torch.sigmoid((x @ plain[:-1] + plain[-1]).float()).unique()) == 1  # one P_stop for all
+        z = x @ fits[nid][:-1].double() + fits[nid][-1].double()
+        q = torch.sigmoid(z.float())
+        assert (q > 0.5).all() and (q < 1).all() and len(q.unique()) > len(q) // 2, q  # safe, yet distinct
+        assert torch.corrcoef(torch.stack([z, x[:, 0]]))[0, 1] > 0.7  # ranked mostly by the selector's own odds
+
+
 # ----------------------------------------------------------------------------- the selector's calibration
 
 
