@@ -41,12 +41,12 @@ from trie import POLICIES, STOP_RULES, TRAIN_DEPTHS, JulietNet
 
 # Named recipes (DiT's `DiT_models`): `--recipe NAME` sets these flags' defaults; explicit flags still win. "ours" is
 # the parser's defaults (README "Paper notes and deviations"); "paper" turns every deviation off: routed training on
-# the task loss alone, Alg. 1's argmax, sigma^2 growth of fresh siblings and pruning (Alg. 2-3), the last epoch.
+# the task loss alone, Alg. 1's argmax, sigma^2 growth and pruning (Alg. 2-3) with no split prior, the last epoch.
 RECIPES = {
     "ours": {},
     "paper": dict(train_depth="routed", exit_weight=0.0, route_weight=0.0, stage_grad=1.0, no_exit_confidence=True,
                   stop_rule="argmax", calibrate=False, keep="last", grow_prune="both", grow_statistic="sigma2",
-                  sibling="fresh", split_weight=0.0),
+                  split_weight=0.0),
 }
 
 LOSS_WEIGHTS = ("exit_weight", "route_weight", "cost_weight", "expected_cost_weight", "balance_weight", "split_weight")
@@ -416,8 +416,8 @@ def build_parser(description: str) -> argparse.ArgumentParser:
     g.add_argument("--m-max", type=runs.positive, default=3, help="M_max stage children per node (Alg. 2)")
     g.add_argument("--max-depth", type=runs.nonneg, default=None, help="deepest node depth (default: last stage)")
     g.add_argument("--grow-statistic", default="split", choices=STATISTICS, help="growth trigger (ours; §4.2)")
-    g.add_argument("--sibling", default="subtree", choices=SIBLINGS, help="a grown sibling: a perturbed copy of "
-                   "the subtree beside it (ours), of its stage only (warm), or a fresh stage (Alg. 2)")
+    g.add_argument("--sibling", default="fresh", choices=SIBLINGS, help="a grown sibling: a fresh stage (Alg. 2), "
+                   "or a perturbed copy of the stage beside it (warm, ours) or of its whole subtree (subtree, ours)")
     g.add_argument("--sibling-noise", type=runs.unit_interval, default=0.01, help="relative weight noise of a copy")
     g.add_argument("--split-weight", type=runs.nonneg_float, default=1.0, help="weight of losses.split_loss (ours)")
     g = p.add_argument_group("data (§5.1, Table 2)")
