@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from conftest import tiny_backbone
-from grow_prune import GrowPruneConfig, add_sibling, end_epoch, grow, sync_optimizer
+from grow_prune import GrowPruneConfig, add_sibling, end_epoch, grow, prune_unvisited, sync_optimizer
 from losses import split_loss
 from trie import JulietNet, TrieNode, update_split
 
@@ -145,3 +145,26 @@ def test_a_split_trie_saves_loads_and_an_unused_specialist_is_pruned(r18, tmp_pa
     assert [(e["kind"], e["node"]) for e in events] == [("prune", new.node_id)]
     with torch.no_grad():
         net(x)  # still runs, one stage child fewer
+
+
+def test_the_kept_trie_loses_the_siblings_validation_rarely_reaches_and_saves_loads_identically(r18, tmp_path):
+    torch.manual_seed(0)
+    net = JulietNet(r18, selector="mlp", d_model=16, n_head=2)
+    quiet, _ = add_sibling(net, net.root, None, "fresh")      # 0/1 beside the chain's 0/0
+    busy, _ = add_sibling(net, net.node("0/0"), None, "fresh")  # 0/0/1 beside 0/0/0
+    # the root sends 1 of 41 stage-bound samples to 0/1 (< theta_prune), 0/0 sends 20 of 40 to 0/0/1; at 0/0/0
+    # every sample stops but 1, which reaches the chain's lone last stage: a single stage child is never pruned
+    counts = {"0/stop": 9, "0/1": 1, "0/0/stop": 0, "0/0/1": 20, "0/0/0/stop": 19, "0/0/0/0": 1}
+    events = prune_unvisited(net, counts, theta_prune=0.1, step=7)
+    assert [(e["kind"], e["node"], e["statistic"]) for e in events] == [("prune", "0/1", "val_share")]
+    assert events[0]["value"] == round(1 / 41, 6)
+    assert [k.node_id for k in net.root.stage_children] == ["0/0"] and net.node(busy.node_id) is busy
+    assert quiet.node_id not in {n.node_id for n in net.nodes()}
+    assert prune_unvisited(net, {"0/stop": 5}, theta_prune=0.1, step=8) == []  # no sample below the root: no evidence
+    torch.save(net.state_dict(), tmp_path / "sd.pt")
+    twin = JulietNet.from_structure(net.structure(), r18)
+    twin.load_state_dict(torch.load(tmp_path / "sd.pt", weights_only=True))
+    x = torch.randn(16, 3, 16, 16)
+    net.eval(), twin.eval()
+    with torch.no_grad():
+        assert torch.equal(net(x), twin(x))

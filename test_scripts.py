@@ -111,6 +111,8 @@ def test_one_epoch_of_each_backbone_writes_the_run_directory(tmp_path, backbone)
     assert model.options["stop_threshold"] == kept["val_operating_point"]["t"] and model.options["stage_grad"] == 0.0
     assert {n.node_id for n in model.nodes() if n.selector is not None and n.selector.calibrated} == \
         set(kept["calibration"])
+    assert isinstance(kept["pruned"], list)  # --prune-kept: siblings validation rarely reaches, gone before calibration
+    assert not set(kept["pruned"]) & {n.node_id for n in model.nodes()}
 
 
 def test_resume_is_exact(tmp_path):

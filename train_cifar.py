@@ -33,7 +33,7 @@ import measure
 import plots
 import runs
 from backbones import BACKBONES, make_backbone, static_model
-from grow_prune import MODES, SIBLINGS, STATISTICS, GrowPruneConfig, end_epoch, grow
+from grow_prune import MODES, SIBLINGS, STATISTICS, GrowPruneConfig, end_epoch, grow, prune_unvisited
 from losses import freeze_selectors, gumbel_tau, juliet_loss
 from routers import SELECTORS
 from runs import NonFiniteLoss, UsageError
@@ -41,12 +41,12 @@ from trie import POLICIES, STOP_RULES, TRAIN_DEPTHS, JulietNet
 
 # Named recipes (DiT's `DiT_models`): `--recipe NAME` sets these flags' defaults; explicit flags still win. "ours" is
 # the parser's defaults (README "Paper notes and deviations"); "paper" turns every deviation off: routed training on
-# the task loss alone, Alg. 1's argmax, sigma^2 growth and pruning (Alg. 2-3) with no split prior, the last epoch.
+# the task loss alone, Alg. 1's argmax, sigma^2 growth and pruning (Alg. 2-3) alone, the last epoch as it was.
 RECIPES = {
     "ours": {},
     "paper": dict(train_depth="routed", exit_weight=0.0, route_weight=0.0, stage_grad=1.0, no_exit_confidence=True,
                   stop_rule="argmax", calibrate=False, keep="last", grow_prune="both", grow_statistic="sigma2",
-                  split_weight=0.0),
+                  split_weight=0.0, prune_kept=False),
 }
 
 LOSS_WEIGHTS = ("exit_weight", "route_weight", "cost_weight", "expected_cost_weight", "balance_weight", "split_weight")
@@ -68,18 +68,20 @@ def build_model(args, num_classes: int):
 
 
 def grow_prune_config(args) -> GrowPruneConfig:
-    return GrowPruneConfig(mode=args.grow_prune, theta_grow=args.grow_threshold, theta_prune=args.prune_threshold,
-                           grow_every=args.grow_every, prune_every=args.prune_every, t_min=args.t_min,
-                           m_max=args.m_max, max_depth=args.max_depth, statistic=args.grow_statistic,
-                           sibling=args.sibling, noise=args.sibling_noise)
+    try:  # a bad value fails with one line, before any file is made (train_and_test calls this first)
+        return GrowPruneConfig(mode=args.grow_prune, theta_grow=args.grow_threshold, theta_prune=args.prune_threshold,
+                               grow_every=args.grow_every, prune_every=args.prune_every, t_min=args.t_min,
+                               m_max=args.m_max, max_depth=args.max_depth, statistic=args.grow_statistic,
+                               sibling=args.sibling, noise=args.sibling_noise)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
 
 
 def maybe_compile(model, args) -> None:
     """torch.compile each stage in place (state_dict keys unchanged, no `_orig_mod.`), new nodes included."""
     if not args.compile:
         return
-    modules = [n.sub for n in model.nodes()] if isinstance(model, JulietNet) else [model]
-    for m in modules:
+    for m in [n.sub for n in model.nodes()] if isinstance(model, JulietNet) else [model]:
         if getattr(m, "_compiled_call_impl", None) is None:
             m.compile(dynamic=True)
 
@@ -87,15 +89,11 @@ def maybe_compile(model, args) -> None:
 def make_optim(args, model):
     """Table 2: Adam + ReduceLROnPlateau(min, 0.5, 3); Table 3: SGD + CosineAnnealingLR(T_max=40)."""
     params = model.parameters()  # one group: grown parameters join it (grow_prune.sync_optimizer)
-    if args.optimizer == "adam":
-        opt = torch.optim.Adam(params, lr=args.lr, weight_decay=args.wd)
-    else:
-        opt = torch.optim.SGD(params, lr=args.lr, momentum=args.momentum, weight_decay=args.wd)
-    if args.scheduler == "plateau":
-        sched = torch.optim.lr_scheduler.ReduceLROnPlateau(opt, mode="min", factor=args.lr_factor,
-                                                           patience=args.lr_patience)
-    else:
-        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=args.t_max)
+    opt = (torch.optim.Adam(params, lr=args.lr, weight_decay=args.wd) if args.optimizer == "adam" else
+           torch.optim.SGD(params, lr=args.lr, momentum=args.momentum, weight_decay=args.wd))
+    schedulers = torch.optim.lr_scheduler
+    sched = (schedulers.ReduceLROnPlateau(opt, mode="min", factor=args.lr_factor, patience=args.lr_patience)
+             if args.scheduler == "plateau" else schedulers.CosineAnnealingLR(opt, T_max=args.t_max))
     return opt, sched
 
 
@@ -278,12 +276,15 @@ def final_eval(model, test_loader, args, progress: dict) -> dict:
 
 
 def keep_and_calibrate(model, val_loader, args, progress: dict):
-    """The model final.json describes: the best-validation weights (--keep best) or the last ones, and for Juliet
-    its stop decisions fitted and its operating point chosen on the validation split (--calibrate; exits.py)."""
+    """The model final.json describes: the best-validation weights (--keep best) or the last ones; for Juliet, siblings
+    validation rarely reaches pruned (--prune-kept), stop decisions and operating point fitted there (--calibrate)."""
     kept = {"keep": args.keep, "epoch": progress["epoch"]}
     if args.keep == "best" and os.path.exists(os.path.join(args.out, "model.pt")):
         model = runs.load_model(args.out, args.device)
         kept["epoch"] = progress.get("best_epoch", kept["epoch"])
+    if isinstance(model, JulietNet) and args.prune_kept and args.grow_prune in ("both", "prune-only"):
+        counts = measure.count_leaves(model, val_loader, args.device)
+        kept["pruned"] = [e["node"] for e in prune_unvisited(model, counts, args.prune_threshold, progress["step"])]
     if isinstance(model, JulietNet) and args.calibrate:
         kept |= exits.calibrate_net(model, val_loader, args.device, args.stop_tolerance, args.input_size, args.quiet)
     runs.save_model(args.out, model, kept["epoch"])
@@ -300,10 +301,7 @@ def train_and_test(args, make_datasets, on_epoch=None) -> dict:
     args, ckpt = runs.open_run(args)
     runs.setup_device(args)
     distributed.setup(args)  # under torchrun: this rank's device and the process group
-    try:
-        grow_prune_config(args)
-    except ValueError as e:
-        raise UsageError(str(e)) from None
+    grow_prune_config(args)
     config = vars(args)
     train_ds, val_ds, test_ds, num_classes = make_datasets(config)
     if len(train_ds) < args.batch_size:
@@ -419,6 +417,8 @@ def build_parser(description: str) -> argparse.ArgumentParser:
     g.add_argument("--sibling", default="fresh", choices=SIBLINGS, help="a grown sibling: a fresh stage (Alg. 2), "
                    "or a perturbed copy of the stage beside it (warm, ours) or of its whole subtree (subtree, ours)")
     g.add_argument("--sibling-noise", type=runs.unit_interval, default=0.01, help="relative weight noise of a copy")
+    g.add_argument("--prune-kept", action=argparse.BooleanOptionalAction, default=True, help="prune kept siblings "
+                   "with < theta_prune of validation traffic (ours)")
     g.add_argument("--split-weight", type=runs.nonneg_float, default=1.0, help="weight of losses.split_loss (ours)")
     g = p.add_argument_group("data (§5.1, Table 2)")
     g.add_argument("--dataset", default="cifar10", choices=data.DATASETS)
@@ -441,8 +441,8 @@ def build_parser(description: str) -> argparse.ArgumentParser:
     g.add_argument("--lr-factor", type=runs.open_unit, default=0.5, help="plateau factor (Table 2)")
     g.add_argument("--lr-patience", type=runs.nonneg, default=3, help="plateau patience (Table 2)")
     g.add_argument("--t-max", type=runs.positive, default=40, help="cosine T_max (Table 3)")
-    g.add_argument("--keep", default="best", choices=("best", "last"), help="the weights tested and kept in "
-                   "model.pt: best validation top-1, ties to the later epoch (Juliet: at full depth; pytorch/examples), or last")
+    g.add_argument("--keep", default="best", choices=("best", "last"), help="the weights tested and kept in model.pt: "
+                   "best validation top-1, ties to the later epoch (Juliet: at full depth; pytorch/examples), or last")
     runs.add_run_args(p)
     return p
 
