@@ -29,9 +29,10 @@ import torch.nn.functional as F
 
 import measure
 from backbones import make_backbone, static_model
+from checkpoints import load_run
 from data import run_test_loader
 from losses import juliet_loss
-from runs import UsageError, load_run
+from runs import UsageError
 from trie import STOP, JulietNet, run_sub
 
 # ----------------------------------------------------------------------------- one step and its memory

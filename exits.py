@@ -39,8 +39,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 import measure
-from routers import IDENTITY, calibration_features, stops
-from trie import STOP, STOP_RULES
+from routers import IDENTITY, STOP, STOP_RULES, calibration_features, stops
 
 # ----------------------------------------------------------------------------- one pass, every exit
 

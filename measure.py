@@ -26,7 +26,7 @@ import time
 
 import torch
 
-from trie import STOP, JulietNet
+from routers import STOP
 
 PAPER_NOTE = ("THOP MACs on one dummy input 1x3xSxS: what the paper calls 'inference FLOPs' (§5.1). For a Juliet "
               "trie it follows the single path the dummy takes, so it is only a proxy of the executed cost; the "
@@ -132,7 +132,7 @@ def _path_module(net, leaf_id):
     path = net.path(leaf_id)
 
     class Path(nn.Module):
-        adapt, exit = JulietNet.adapt, JulietNet.exit  # the net's own exit code, on this module's adapters and head
+        adapt, exit = type(net).adapt, type(net).exit  # the net's own exit code, on this module's adapters and head
 
         def __init__(self):
             super().__init__()
@@ -438,7 +438,7 @@ class EnergyMeter:
 
 def model_profile(model, dataset, input_size, num_classes) -> dict:
     """The content of model_profile.json (§5.3 "Profiling outputs")."""
-    juliet = isinstance(model, JulietNet)
+    juliet = hasattr(model, "root")  # a trie.JulietNet, read through its own methods: measure.py imports no model file
     macs, thop_params = paper_macs(model, input_size)
     ok, status = nvml_status()
     out = {"dataset": dataset, "input_size": input_size, "num_classes": num_classes, "params": total_params(model),

@@ -59,11 +59,12 @@ _NAMES = {"resnet18": ("ResNet", "ResNet-{}18"), "resnet101": ("ResNet", "ResNet
 def profile_run(run_dir, device="cpu", max_batches=None) -> dict:
     """Paper-convention and expected executed MACs of a finished run on its test set; merged into
     runs/<name>/model_profile.json."""
+    import checkpoints
     import measure
     import runs
     from data import run_test_loader
 
-    config, model = runs.load_run(run_dir, device)  # checked (safe loader) before anything is written
+    config, model = checkpoints.load_run(run_dir, device)  # checked (safe loader) before anything is written
     size = config["input_size"]
     with runs.claim_run_dir(run_dir, new=False):  # one writer: not while a training run holds the directory
         path = os.path.join(run_dir, "model_profile.json")
@@ -86,6 +87,7 @@ def curve_run(run_dir, baseline=None, budget=None, device="cpu", max_batches=Non
     executed MACs over stop thresholds, against the fixed-depth exits, the confidence exit and the static
     backbone (`baseline`: its run directory, for its test top-1). With `budget` (MACs per sample), the
     threshold is calibrated on the validation split and its test point reported. Writes curve.json, curve.png."""
+    import checkpoints
     import data
     import exits
     import measure
@@ -93,7 +95,7 @@ def curve_run(run_dir, baseline=None, budget=None, device="cpu", max_batches=Non
     import runs
     from backbones import static_model
 
-    config, model = runs.load_run(run_dir, device)
+    config, model = checkpoints.load_run(run_dir, device)
     if not hasattr(model, "root"):
         raise runs.UsageError(f"{run_dir} is a static run: the curve needs a Juliet run")
     size = config.get("input_size", 32)
@@ -121,11 +123,12 @@ def curve_run(run_dir, baseline=None, budget=None, device="cpu", max_batches=Non
 def calibrate_run(run_dir, tolerance, device="cpu") -> dict:
     """Refit a trained trie's stop decisions and operating point on its validation split (exits.calibrate_net),
     e.g. for another accuracy tolerance, and rewrite its model.pt (the kept model) with them."""
+    import checkpoints
     import data
     import exits
     import runs
 
-    config, model = runs.load_run(run_dir, device)
+    config, model = checkpoints.load_run(run_dir, device)
     if not hasattr(model, "root"):
         raise runs.UsageError(f"{run_dir} is a static run: it has no stop decisions to calibrate")
     splits = (data.imagenet_datasets if config["dataset"] == "imagenet" else data.cifar_datasets)(config)
@@ -133,7 +136,7 @@ def calibrate_run(run_dir, tolerance, device="cpu") -> dict:
                                 config.get("input_size", 32))
     with runs.claim_run_dir(run_dir, new=False):
         kept = runs.read_json(os.path.join(run_dir, "final.json"), {}).get("evaluated_checkpoint", {})
-        runs.save_model(run_dir, model, kept.get("epoch"))
+        checkpoints.save_model(run_dir, model, kept.get("epoch"))
     return out
 
 

@@ -253,6 +253,9 @@ def make_selector(name: str, channels: int, sig_dim: int, d_model: int = 64, n_h
 
 # ----------------------------------------------------------------------------- the decision (Alg. 1 line 5)
 
+STOP_RULES = {"half": 0.5, "argmax": None}  # stop rule -> the stop threshold it is (None: Alg. 1 argmax)
+STOP = "stop"  # local id of a node's stop child (trie.py), the last of a node's choices
+
 
 def stops(p_stop: torch.Tensor, p_stage: torch.Tensor | None, t: float | None) -> torch.Tensor:
     """The stop rule, everywhere it is applied (routing, training, the exit tables): with a threshold t, stop where

@@ -11,8 +11,8 @@
 
 Nothing is lost: a new run needs a new or empty directory, one process at a time writes a run directory (it
 holds DIR/.lock), files are written atomically (write, then rename). Nothing read can run code: checkpoints
-hold tensors and plain containers and load with `weights_only=True`; JSON is checked when read. `--resume DIR`
-rebuilds the trie from its structure first, then the weights; `load_run(DIR)` does the same for measurement.
+hold tensors and plain containers and load with `weights_only=True` (`load_checkpoint`; checkpoints.py writes
+them and rebuilds their models); JSON is checked when read.
 Bad input is a `UsageError`: `cli` ends with it as one line on stderr (`fail`) and exit 1, before any work or file.
 """
 
@@ -32,8 +32,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from backbones import BACKBONES, make_backbone, static_model
-from trie import JulietNet
+from backbones import BACKBONES
 
 # MKL, torch's CPU BLAS, picks kernels by memory alignment unless asked for reproducible results: the same step
 # could differ in its last bits between two processes (or two runs in one), and --resume would not be exact.
@@ -363,32 +362,6 @@ class Meter:
                 f"{split}_samples": self.n, f"time_{split}_s": secs, f"throughput_{split}_img_s": self.n / secs}
 
 
-def save_checkpoint(out: str, model, state: dict, progress: dict, args) -> None:
-    """Model, optimizer, scheduler, GradScaler, progress, args, RNG state and the trie structure, atomically:
-    tensors and plain containers only, so that it loads with weights_only=True."""
-    ckpt = {"model": model.state_dict(), "structure": model.structure() if isinstance(model, JulietNet) else None,
-            "optimizer": state["optimizer"].state_dict(), "scheduler": state["scheduler"].state_dict(),
-            "scaler": state["scaler"].state_dict(), "run": progress, "args": vars(args), "rng": rng_state()}
-    atomic_write(os.path.join(out, "checkpoint.pt"), lambda f: torch.save(ckpt, f))
-
-
-def save_model(out: str, model, epoch: int) -> None:
-    """model.pt, atomically: the weights and trie structure that final.json describes (the checkpoint a user keeps;
-    checkpoint.pt is the resume state)."""
-    ckpt = {"model": model.state_dict(), "structure": model.structure() if isinstance(model, JulietNet) else None,
-            "epoch": epoch}
-    atomic_write(os.path.join(out, "model.pt"), lambda f: torch.save(ckpt, f))
-
-
-def load_model(run_dir: str, device="cpu"):
-    """The model of a run's model.pt (safe loader; its trie rebuilt first)."""
-    path = os.path.join(run_dir, "model.pt")
-    ckpt = load_checkpoint(path, device)
-    backbone = ckpt["structure"]["backbone"] if ckpt["structure"] else read_config(run_dir)["backbone"]
-    num_classes = ckpt["structure"]["num_classes"] if ckpt["structure"] else read_config(run_dir)["num_classes"]
-    return model_from_checkpoint(ckpt, backbone, num_classes).to(device)
-
-
 def file_signature(path: str):
     st = os.stat(path)
     return st.st_ino, st.st_size, st.st_mtime_ns
@@ -417,34 +390,6 @@ def load_checkpoint(path: str, device="cpu", need=("model", "structure")) -> dic
         raise UsageError(f"{path} is not a checkpoint of this code: it lacks {', '.join(missing) or 'its args'}")
     ckpt["loaded_from"] = (path, signature)  # claim_run_dir checks that nobody wrote it since
     return ckpt
-
-
-def model_from_checkpoint(ckpt: dict, backbone: str, num_classes: int):
-    """The checkpoint's model: the trie rebuilt from its structure first (or the static backbone), then weights."""
-    s = ckpt["structure"]
-    try:
-        if s is None:
-            model = static_model(backbone, num_classes)
-        else:
-            model = JulietNet.from_structure(s, make_backbone(s["backbone"], s["num_classes"]))
-        model.load_state_dict(ckpt["model"])
-    except (KeyError, TypeError, ValueError, RuntimeError, AttributeError) as e:
-        where = ckpt.get("loaded_from", ["the checkpoint"])[0]
-        raise UsageError(f"{where}: its structure and weights do not make a model ({type(e).__name__}: "
-                         f"{str(e).splitlines()[0][:120] if str(e) else ''})") from None
-    return model
-
-
-def load_run(run_dir: str, device="cpu"):
-    """(config, model in eval mode) of a run directory, for measurement: its model.pt, else its checkpoint.pt."""
-    if not os.path.isdir(run_dir):
-        raise UsageError(f"{run_dir}: no such run directory")
-    config = read_config(run_dir)
-    if os.path.exists(os.path.join(run_dir, "model.pt")):  # the kept (and calibrated) model final.json describes
-        return config, load_model(run_dir, device).eval()
-    ckpt = load_checkpoint(os.path.join(run_dir, "checkpoint.pt"), device)
-    model = model_from_checkpoint(ckpt, config["backbone"], config["num_classes"])
-    return config, model.to(device).eval()
 
 
 def write_epoch(out: str, log: dict, quiet: bool) -> None:

@@ -73,7 +73,7 @@ def evil_run(t, run, raw=False, name="checkpoint.pt"):
 
 
 def without_model(name):
-    """Files to leave out beside a damaged checkpoint.pt: model.pt, which runs.load_run prefers to it."""
+    """Files to leave out beside a damaged checkpoint.pt: model.pt, which checkpoints.load_run prefers to it."""
     return ("model.pt",) if name == "checkpoint.pt" else ()
 
 

@@ -15,8 +15,8 @@ import torch
 import torchvision
 from PIL import Image
 
+import checkpoints
 import data
-import runs
 import train_cifar
 import train_imagenet
 from backbones import make_backbone
@@ -107,7 +107,7 @@ def test_one_epoch_of_each_backbone_writes_the_run_directory(tmp_path, backbone)
     kept = final["evaluated_checkpoint"]
     assert kept["keep"] == "best" and kept["epoch"] == 1 and kept["stop_tolerance"] == 0.5 and kept["calibration"]
     assert {"train_flops_epoch_static_macs", "train_flops_epoch_executed_macs"} <= set(final)
-    _, model = runs.load_run(str(out))  # model.pt, not checkpoint.pt
+    _, model = checkpoints.load_run(str(out))  # model.pt, not checkpoint.pt
     assert model.options["stop_threshold"] == kept["val_operating_point"]["t"] and model.options["stage_grad"] == 0.0
     assert {n.node_id for n in model.nodes() if n.selector is not None and n.selector.calibrated} == \
         set(kept["calibration"])
@@ -151,7 +151,7 @@ def test_kept_model_is_what_final_json_and_eval_only_describe(tmp_path):
     final = train_cifar.main(train_cifar.parse_args(["--out", str(b), "--epochs", "2", "--keep", "last",
                                                      "--no-calibrate", "--stage-grad", "0.5", *common]))
     assert final["evaluated_checkpoint"] == {"keep": "last", "epoch": 2}
-    _, model = runs.load_run(str(b))
+    _, model = checkpoints.load_run(str(b))
     assert model.options["stop_threshold"] is None and model.options["stage_grad"] == 0.5
     assert not any(n.selector.calibrated for n in model.nodes() if n.selector is not None)
 

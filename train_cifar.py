@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+import checkpoints
 import data
 import distributed
 import exits
@@ -221,8 +222,8 @@ def fit(model, loaders, args, progress: dict, state: dict, on_epoch=None) -> Non
         if distributed.is_main():
             runs.write_epoch(args.out, log, args.quiet)
             if best:
-                runs.save_model(args.out, model, epoch)
-            runs.save_checkpoint(args.out, model, state, progress, args)
+                checkpoints.save_model(args.out, model, epoch)
+            checkpoints.save_checkpoint(args.out, model, state, progress, args)
         if on_epoch is not None:  # e.g. sweep.py's pruner; may raise to stop the run after a saved epoch
             on_epoch(log)
 
@@ -280,14 +281,14 @@ def keep_and_calibrate(model, val_loader, args, progress: dict):
     validation rarely reaches pruned (--prune-kept), stop decisions and operating point fitted there (--calibrate)."""
     kept = {"keep": args.keep, "epoch": progress["epoch"]}
     if args.keep == "best" and os.path.exists(os.path.join(args.out, "model.pt")):
-        model = runs.load_model(args.out, args.device)
+        model = checkpoints.load_model(args.out, args.device)
         kept["epoch"] = progress.get("best_epoch", kept["epoch"])
     if isinstance(model, JulietNet) and args.prune_kept and args.grow_prune in ("both", "prune-only"):
         counts = measure.count_leaves(model, val_loader, args.device)
         kept["pruned"] = [e["node"] for e in prune_unvisited(model, counts, args.prune_threshold, progress["step"])]
     if isinstance(model, JulietNet) and args.calibrate:
         kept |= exits.calibrate_net(model, val_loader, args.device, args.stop_tolerance, args.input_size, args.quiet)
-    runs.save_model(args.out, model, kept["epoch"])
+    checkpoints.save_model(args.out, model, kept["epoch"])
     return model, {"evaluated_checkpoint": kept}
 
 
@@ -312,9 +313,9 @@ def train_and_test(args, make_datasets, on_epoch=None) -> dict:
     if ckpt is None:
         model = build_model(args, num_classes)
     elif args.eval_only and os.path.exists(os.path.join(args.resume, "model.pt")):  # the model the run kept
-        model = runs.load_model(args.resume)
+        model = checkpoints.load_model(args.resume)
     else:  # resume: rebuild the grown trie first, then load the weights
-        model = runs.model_from_checkpoint(ckpt, args.backbone, num_classes)
+        model = checkpoints.model_from_checkpoint(ckpt, args.backbone, num_classes)
     try:  # dummy forwards, Juliet's through every stage: an input size the backbone's pooling cannot take fails here
         profile = measure.model_profile(model, args.dataset, args.input_size, num_classes)
         if isinstance(model, JulietNet):
@@ -345,15 +346,13 @@ def train_and_test(args, make_datasets, on_epoch=None) -> dict:
         tqdm.write(f"{args.out}: {variant}-{args.backbone} params={profile['params'] / 1e6:.2f}M "
                    f"paper-convention MACs (one dummy input)={profile['flops_paper_convention_macs'] / 1e6:.2f}M; "
                    f"expected executed MACs per sample are measured on val every epoch")
-        kept = {}
         if not args.eval_only:
             loaders = (data.make_loader(train_ds, config, shuffle=True),
                        data.make_loader(val_ds, config, shuffle=False))
             fit(model, [distributed.shard(loader, args.seed) for loader in loaders], args, progress, state, on_epoch)
         if not distributed.is_main():  # rank 0 alone runs the test set and writes final.json
             return {}
-        if not args.eval_only:
-            model, kept = keep_and_calibrate(model, loaders[1], args, progress)
+        model, kept = (model, {}) if args.eval_only else keep_and_calibrate(model, loaders[1], args, progress)
         final = final_eval(model, data.make_loader(test_ds, config, shuffle=False), args, progress) | kept
         final["wall_time_s"], final["run_dir"] = time.perf_counter() - t_start, args.out
         runs.write_json(os.path.join(args.out, "final.json"), final)

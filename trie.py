@@ -42,12 +42,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from routers import SELECTORS, choose, decide, make_selector
+from routers import SELECTORS, STOP, STOP_RULES, choose, decide, make_selector
 
 POLICIES = ("top1", "gumbel")
 TRAIN_DEPTHS = ("full", "routed")
-STOP_RULES = {"half": 0.5, "argmax": None}  # stop rule -> the stop threshold it is (None: Alg. 1 argmax)
-STOP = "stop"  # local id of a node's stop child
 
 
 def run_sub(sub: nn.Module, x: torch.Tensor, training: bool) -> torch.Tensor:
