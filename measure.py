@@ -203,13 +203,13 @@ def path_flops_counter(net, leaf_id, input_size=32) -> float:
     return float(counter.get_total_flops())
 
 
-def count_leaves(net, loader, device, max_batches=None) -> dict[str, int]:
+def count_leaves(net, loader, device, max_batches=None, quiet=False) -> dict[str, int]:
     """Samples per leaf over a loader of (x, y) batches, eval forward (Alg. 1 at inference)."""
     from tqdm import tqdm
 
     counts = collections.Counter()
     with evaluating(net), torch.no_grad():
-        for b, batch in enumerate(tqdm(loader, desc="paths", leave=False)):
+        for b, batch in enumerate(tqdm(loader, desc="paths", leave=False, disable=quiet)):
             if max_batches is not None and b >= max_batches:
                 break
             _, paths = net(batch[0].to(device), return_paths=True)
