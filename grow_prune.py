@@ -38,7 +38,6 @@ subtree below, perturbed likewise, so a specialist grown at layer 1 still has la
 fresh or warm sibling there ends the path early). A copy continues with its source's optimizer state.
 """
 
-import collections
 import copy
 import math
 from dataclasses import dataclass
@@ -206,24 +205,21 @@ def prune_sweep(net: "JulietNet", cfg: GrowPruneConfig, step: int, optimizer=Non
     return events
 
 
-def prune_unvisited(net: "JulietNet", leaf_counts: dict, theta_prune: float, step: int) -> list[dict]:
+def prune_unvisited(net: "JulietNet", reach: dict, theta_prune: float, step: int) -> list[dict]:
     """Alg. 3 once more, on held-out traffic (ours; README "Paper notes and deviations", `--prune-kept`).
 
     Alg. 3 prunes on the training EMA alpha after t_min low epochs, which a checkpoint kept for its validation
     score may not have had: on real data the best epoch can be the one a sibling grew in, before any sample
     went there. Here a sibling that gets less than theta_prune of what its parent sends to its stage children
-    on `leaf_counts` (a validation split's samples per leaf) is deleted with its subtree. A node none of these
-    samples passed is left alone (no evidence), and the last stage child is never deleted.
+    in `reach` (a validation split's samples through each node: measure.node_visits) goes with its subtree. A
+    node none of these samples passed is left alone (no evidence), and the last stage child is never deleted.
     """
-    reach = collections.Counter()
-    for leaf, count in leaf_counts.items():
-        reach.update({node.node_id: count for node in net.path(leaf)})
     events = []
 
     def sweep(node: "TrieNode") -> None:
-        total = sum(reach[kid.node_id] for kid in node.stage_children)
+        total = sum(reach.get(kid.node_id, 0) for kid in node.stage_children)
         for kid in node.stage_children:
-            share = reach[kid.node_id] / max(total, 1)
+            share = reach.get(kid.node_id, 0) / max(total, 1)
             if total and share < theta_prune and len(node.stage_children) > 1:
                 events.append(_event("prune", kid, step, "val_share", share, theta_prune))
                 net.remove_child(node, kid)

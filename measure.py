@@ -217,6 +217,14 @@ def count_leaves(net, loader, device, max_batches=None, quiet=False) -> dict[str
     return dict(counts)
 
 
+def node_visits(net, leaf_counts: dict[str, int]) -> collections.Counter:
+    """Samples through each node, from samples per leaf: a node is visited by every path through it."""
+    visits = collections.Counter()
+    for leaf, c in leaf_counts.items():
+        visits.update({node.node_id: c for node in net.path(leaf)})
+    return visits
+
+
 def expected_macs(net, leaf_counts: dict[str, int], input_size=32, table=None) -> dict:
     """E[C] = sum_leaf freq x path MACs (§2.1), with per-path and per-node breakdowns."""
     table = path_macs_table(net, input_size) if table is None else table
@@ -226,9 +234,7 @@ def expected_macs(net, leaf_counts: dict[str, int], input_size=32, table=None) -
         raise ValueError(f"leaf counts must be non-empty leaves of this trie; got {n} samples, unknown {unknown}")
     paths = {leaf: {"count": leaf_counts.get(leaf, 0), "freq": leaf_counts.get(leaf, 0) / n, "macs": macs}
              for leaf, macs in table.items()}
-    visits = collections.Counter()
-    for leaf, c in leaf_counts.items():
-        visits.update({node.node_id: c for node in net.path(leaf)})  # a node is visited by every path through it
+    visits = node_visits(net, leaf_counts)
     nodes = {nd.node_id: {"visits": visits[nd.node_id], "freq": visits[nd.node_id] / n} for nd in net.nodes()}
     return {"expected_macs_per_sample": sum(p["freq"] * p["macs"] for p in paths.values()), "samples": n,
             "paths": paths, "nodes": nodes}

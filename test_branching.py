@@ -9,6 +9,7 @@ import torch
 from conftest import tiny_backbone
 from grow_prune import GrowPruneConfig, add_sibling, end_epoch, grow, prune_unvisited, sync_optimizer
 from losses import split_loss
+from measure import node_visits
 from trie import JulietNet, TrieNode, update_split
 
 
@@ -155,12 +156,13 @@ def test_the_kept_trie_loses_the_siblings_validation_rarely_reaches_and_saves_lo
     # the root sends 1 of 41 stage-bound samples to 0/1 (< theta_prune), 0/0 sends 20 of 40 to 0/0/1; at 0/0/0
     # every sample stops but 1, which reaches the chain's lone last stage: a single stage child is never pruned
     counts = {"0/stop": 9, "0/1": 1, "0/0/stop": 0, "0/0/1": 20, "0/0/0/stop": 19, "0/0/0/0": 1}
-    events = prune_unvisited(net, counts, theta_prune=0.1, step=7)
+    events = prune_unvisited(net, node_visits(net, counts), theta_prune=0.1, step=7)
     assert [(e["kind"], e["node"], e["statistic"]) for e in events] == [("prune", "0/1", "val_share")]
     assert events[0]["value"] == round(1 / 41, 6)
     assert [k.node_id for k in net.root.stage_children] == ["0/0"] and net.node(busy.node_id) is busy
     assert quiet.node_id not in {n.node_id for n in net.nodes()}
-    assert prune_unvisited(net, {"0/stop": 5}, theta_prune=0.1, step=8) == []  # no sample below the root: no evidence
+    no_evidence = node_visits(net, {"0/stop": 5})  # no sample below the root
+    assert prune_unvisited(net, no_evidence, theta_prune=0.1, step=8) == []
     torch.save(net.state_dict(), tmp_path / "sd.pt")
     twin = JulietNet.from_structure(net.structure(), r18)
     twin.load_state_dict(torch.load(tmp_path / "sd.pt", weights_only=True))

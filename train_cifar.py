@@ -284,8 +284,8 @@ def keep_and_calibrate(model, val_loader, args, progress: dict):
         model = checkpoints.load_model(args.out, args.device)
         kept["epoch"] = progress.get("best_epoch", kept["epoch"])
     if isinstance(model, JulietNet) and args.prune_kept and args.grow_prune in ("both", "prune-only"):
-        counts = measure.count_leaves(model, val_loader, args.device, quiet=args.quiet)
-        kept["pruned"] = [e["node"] for e in prune_unvisited(model, counts, args.prune_threshold, progress["step"])]
+        reach = measure.node_visits(model, measure.count_leaves(model, val_loader, args.device, quiet=args.quiet))
+        kept["pruned"] = [e["node"] for e in prune_unvisited(model, reach, args.prune_threshold, progress["step"])]
     if isinstance(model, JulietNet) and args.calibrate:
         kept |= exits.calibrate_net(model, val_loader, args.device, args.stop_tolerance, args.input_size, args.quiet)
     checkpoints.save_model(args.out, model, kept["epoch"])
