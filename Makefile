@@ -13,8 +13,8 @@ $(VENV)/.installed: requirements.txt
 	$(VENV)/bin/pip install --quiet --disable-pip-version-check -r requirements.txt
 	touch $@
 
-test: $(VENV)/.installed
-	$(PY) -m pytest -q
+test: $(VENV)/.installed  # two worker processes (pytest-xdist), one thread each: CI has 2 cores
+	$(PY) -m pytest -q -n 2 --dist worksteal
 
 demo: $(VENV)/.installed
 	$(PY) train_cifar.py $(DEMO_FLAGS) --static --out $(DEMO)/static

@@ -17,7 +17,8 @@ from backbones import Backbone, Stage, make_backbone
 from trie import JulietNet
 
 REPO = os.path.dirname(os.path.abspath(__file__))
-torch.set_num_threads(min(2, torch.get_num_threads()))
+# `make test` runs two pytest-xdist workers on CI's 2 cores: one thread each, so that they do not oversubscribe
+torch.set_num_threads(1 if os.environ.get("PYTEST_XDIST_WORKER") else min(2, torch.get_num_threads()))
 
 
 @pytest.fixture(scope="module")

@@ -128,16 +128,18 @@ def locked(t, lock_holder):
     lock_holder.append(f)
 
 
-def imagenet(t, lacks=False, bad=False):
+def imagenet(t, lacks=False, bad=False, empty=False, no_val=False):
     rng = np.random.default_rng(0)
     for split, n in (("train", 4), ("val", 2)):
         for c in range(3 - (lacks and split == "val")):
             d = t / "inet" / split / f"n0{c}"
             os.makedirs(d)
-            for i in range(n):
+            for i in range(0 if (empty and split == "val" and c == 2) else n):
                 Image.fromarray(rng.integers(0, 255, (40, 40, 3), dtype=np.uint8)).save(d / f"{i}.JPEG")
     if bad:
         truncated(t / "inet" / "train" / "n01" / "0.JPEG")
+    if no_val:
+        shutil.rmtree(t / "inet" / "val")
 
 
 # ----------------------------------------------------------------------------- the table
@@ -174,6 +176,7 @@ CASES = [
     ("input-too-small", T, ["--backbone", "densenet121", "--input-size", "8", *SYN], 1, "--input-size 8", None, ""),
     ("val-split-leaves-none", T, [*SYN, "--synthetic-size", "20", "--val-split", "0.01"], 1, "--val-split", None, ""),
     ("batch-above-train", T, [*SYN, "--batch-size", "64"], 1, "--batch-size 64", None, ""),
+    ("loss-not-finite", T, [*SYN, "--lr", "1e30", "--out", "{t}/out"], 1, "loss is", None, "files"),  # in training
     ("cifar-absent-no-download", T, ["--data-dir", "{t}/nocifar", "--no-download", *TINY], 1, "--download", None,
      ""),
     ("folder-missing", T, ["--dataset", "imagefolder", "--data-dir", "{t}/nowhere", *TINY], 1, "does not exist",
@@ -194,6 +197,12 @@ CASES = [
      lambda t, r, h: edit(imgs(t) / "test" / "class2" / "0.png", b"<html>not an image</html>"), ""),
     ("imagenet-val-lacks-class", IN, ["--data-dir", "{t}/inet", "--input-size", "32", *TINY], 1, "val/ lacks n02",
      lambda t, r, h: imagenet(t, lacks=True), ""),
+    ("imagenet-val-class-empty", IN, ["--data-dir", "{t}/inet", "--input-size", "32", *TINY], 1, "n02",
+     lambda t, r, h: imagenet(t, empty=True), ""),
+    ("imagenet-val-missing", IN, ["--data-dir", "{t}/inet", "--input-size", "32", *TINY], 1, "val does not exist",
+     lambda t, r, h: imagenet(t, no_val=True), ""),
+    ("imagenet-missing", IN, ["--data-dir", "{t}/nothing", "--input-size", "32", *TINY], 1, "train does not exist",
+     None, ""),
     ("imagenet-jpeg-truncated-in-a-worker", IN, ["--data-dir", "{t}/inet", "--input-size", "32", "--backbone",
      "resnet18", "--static", "--out", "{t}/out", *TINY, "--batch-size", "2", "--workers", "1"], 1,
      "n01/0.JPEG",

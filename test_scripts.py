@@ -1,11 +1,10 @@
 """Script behaviour: train_cifar.py and train_imagenet.py end to end on tiny datasets written to disk in the
-real formats (CIFAR-10 pickles, ImageFolder PNG/JPEG), the run directory, resume, bad input."""
+real formats (CIFAR-10 pickles, ImageFolder PNG/JPEG), the run directory, resume (bad input: test_bad_input.py)."""
 
 import hashlib
 import math
 import os
 import pickle
-import shutil
 import subprocess
 import sys
 
@@ -116,7 +115,7 @@ def test_one_epoch_of_each_backbone_writes_the_run_directory(tmp_path, backbone)
 
 
 def test_resume_is_exact(tmp_path):
-    common = ["--dataset", "synthetic", "--synthetic-size", "160", "--batch-size", "16", "--selector", "mlp",
+    common = ["--dataset", "synthetic", "--synthetic-size", "96", "--batch-size", "16", "--selector", "mlp",
               "--grow-every", "2", "--grow-threshold", "0", "--prune-every", "1", "--t-min", "1", "--seed", "3",
               "--route-warmup", "1", "--grow-prune", "both"]
     a, b = tmp_path / "a", tmp_path / "b"
@@ -174,32 +173,6 @@ def run_cli(*argv, cwd=REPO):
     return subprocess.run([sys.executable, "train_cifar.py", *argv], cwd=cwd, capture_output=True, text=True)
 
 
-def test_bad_input_ends_with_one_line_and_keeps_existing_runs(tmp_path):
-    base = ["--epochs", "1", "--batch-size", "8", "--workers", "0", "--quiet"]
-    assert "resnet18" in one_line_error(run_cli("--backbone", "vgg16", *base))
-    assert "[0, 1]" in one_line_error(run_cli("--grow-threshold", "1.5", *base))
-    missing = tmp_path / "nowhere"
-    line = one_line_error(run_cli("--dataset", "imagefolder", "--data-dir", str(missing), *base), code=1)
-    assert "does not exist" in line
-    bad = write_image_folder(tmp_path / "bad", bad=28)
-    assert "28x28" in one_line_error(run_cli("--dataset", "imagefolder", "--data-dir", str(bad), *base), code=1)
-    (tmp_path / "afile").write_text("")
-    line = one_line_error(run_cli("--dataset", "synthetic", "--synthetic-size", "100", "--out",
-                                  str(tmp_path / "afile" / "run"), *base), code=1)
-    assert "cannot write" in line
-    line = one_line_error(run_cli("--dataset", "synthetic", "--synthetic-size", "100", "--lr", "1e30",
-                                  "--out", str(tmp_path / "nan"), *base), code=1)
-    assert "loss is nan" in line or "loss is inf" in line
-    # an existing run is never overwritten: its checkpoint stays byte-identical
-    run = tmp_path / "run"
-    train_cifar.main(cifar_args(run, "--dataset", "synthetic", "--synthetic-size", "100", "--static"))
-    digest = hashlib.md5((run / "checkpoint.pt").read_bytes()).hexdigest()
-    line = one_line_error(run_cli("--dataset", "synthetic", "--synthetic-size", "100", "--out", str(run), *base),
-                          code=1)
-    assert "--resume" in line
-    assert hashlib.md5((run / "checkpoint.pt").read_bytes()).hexdigest() == digest
-
-
 def test_cifar10_missing_says_how_to_download(tmp_path):
     # downloading is the default (offline, see test_bad_input.py); --no-download forbids it
     line = one_line_error(run_cli("--data-dir", str(tmp_path), "--epochs", "1", "--quiet", "--no-download"), code=1)
@@ -214,14 +187,14 @@ def test_help_names_the_paper_source_of_defaults():
 # ----------------------------------------------------------------------------- train_imagenet.py
 
 
-def write_imagenet(root, empty_class=False):
+def write_imagenet(root):
     """A tiny ImageNet in ImageFolder layout: train/<wnid>/*.JPEG and val/<wnid>/*.JPEG, odd image sizes."""
     rng = np.random.default_rng(0)
     for split, n in (("train", 6), ("val", 3)):
         for c in range(3):
             d = os.path.join(root, split, f"n0{c}")
             os.makedirs(d)
-            for i in range(0 if (empty_class and c == 2 and split == "val") else n):
+            for i in range(n):
                 Image.fromarray(rng.integers(0, 255, (48, 40, 3), dtype=np.uint8)).save(os.path.join(d, f"{i}.JPEG"))
     return root
 
@@ -243,19 +216,6 @@ def test_imagenet_one_epoch_writes_the_run_directory(tmp_path):
     assert "NVML" in epoch["energy_train_status"]
     assert set(epoch["val_class_depth"]) == {"0", "1", "2"}
     assert epoch["n_nodes"] >= 10 and final["test_samples"] == 9
-
-
-def test_imagenet_bad_input(tmp_path):
-    def run(*argv):
-        return subprocess.run([sys.executable, "train_imagenet.py", "--epochs", "1", "--workers", "0", "--quiet",
-                               "--input-size", "32", "--batch-size", "2", *argv],
-                              cwd=REPO, capture_output=True, text=True)
-
-    shutil.rmtree(write_imagenet(tmp_path / "noval") / "val")
-    assert "val does not exist" in one_line_error(run("--data-dir", str(tmp_path / "noval")), code=1)
-    assert "train does not exist" in one_line_error(run("--data-dir", str(tmp_path / "nothing")), code=1)
-    data = write_imagenet(tmp_path / "empty", empty_class=True)
-    assert "n02" in one_line_error(run("--data-dir", str(data)), code=1)
 
 
 def test_recipe_paper_turns_every_deviation_off_and_explicit_flags_still_win(tmp_path):
