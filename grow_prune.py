@@ -19,8 +19,10 @@ busiest leaf is the last stage, could never grow.
 
 Pruning (Alg. 3): each epoch, a child whose EMA usage alpha is below theta_prune has its age counter
 incremented (otherwise reset). Every E_prune epochs a sweep deletes each stage child whose counter
-reached t_min, with its subtree. The root is never pruned, nor is a stop child. After training,
-`prune_unvisited` (ours) applies the same rule once to the kept trie on validation traffic.
+reached t_min, with its subtree, if a sibling's did not. The root and stop children are never pruned.
+After training, `prune_unvisited` (ours) applies the same rule once to the kept trie on validation traffic.
+alpha's EMA decay is per step; train_cifar.py sets it so that alpha forgets within a quarter epoch
+(`--usage-horizon`), so that t_min and E_prune, in epochs, mean the same on a small data set as on CIFAR-10.
 
 Split growth (ours, `statistic="split"`; README "Paper notes and deviations"). sigma^2 on unit-norm features
 measures how spread a node's outputs are, which grows with depth whatever the data (0.06 at the stem to 0.6
@@ -188,12 +190,15 @@ def perturbed_copy(module: torch.nn.Module, noise: float = 0.1) -> torch.nn.Modu
 
 
 def prune_sweep(net: "JulietNet", cfg: GrowPruneConfig, step: int, optimizer=None) -> list[dict]:
-    """Algorithm 3: delete each stage child whose alpha stayed below theta_prune for t_min epochs."""
+    """Algorithm 3: delete each stage child whose alpha stayed below theta_prune for t_min epochs while a sibling
+    did not. Where every stage child is idle, the node's samples chose our stop child, which the paper's trie
+    has not (there a lone child takes every sample): deleting them would cut the depth of those that go on."""
     events = []
 
     def sweep(node: "TrieNode") -> None:
+        idle = [kid for kid in node.stage_children if int(kid.low_epochs) >= cfg.t_min]
         for kid in node.stage_children:
-            if int(kid.low_epochs) >= cfg.t_min:
+            if kid in idle and len(idle) < len(node.stage_children):
                 events.append(_event("prune", kid, step, "alpha", float(kid.alpha), cfg.theta_prune))
                 net.remove_child(node, kid)  # line 3, with its subtree
             else:

@@ -142,7 +142,7 @@ def test_gumbel_policy_is_top1_at_eval(r18):
 
 
 def test_statistics_update_in_training_only_and_sigma2_in_unit_interval(r18):
-    net = grown_trie(r18)
+    net = grown_trie(r18, usage_beta=0.5)  # alpha's own EMA decay (train_cifar's --usage-horizon), not beta's
     x = torch.randn(16, 3, 32, 32)
     before = copy.deepcopy(net.state_dict())
     with torch.no_grad():
@@ -153,7 +153,7 @@ def test_statistics_update_in_training_only_and_sigma2_in_unit_interval(r18):
     sig = torch.stack([n.sigma2 for n in net.nodes()])
     assert (sig >= 0).all() and (sig <= 1).all() and (sig > 0).any()
     # Alg. 1 line 6 on a batch: each child's alpha moves toward its share of the parent's samples
-    beta = net.options["beta"]
+    beta = net.options["usage_beta"]
     for node in net.nodes():  # (in full-depth training, nodes that top-1 sent samples to)
         if len(node.choices) > 1 and any(float(k.alpha) != alpha0[k.node_id] for k in node.choices):
             new = [float(k.alpha) for k in node.choices]
@@ -329,12 +329,14 @@ def test_pruning_after_t_min_low_epochs_never_root_or_stop(r18):
     assert "0/1" not in ids and "0/1/0" not in ids and "0/stop" in ids and "0" in ids
     assert not doomed & set(opt.param_groups[0]["params"]) and not doomed & set(opt.state)
     train_step(net, opt, x, y)
-    # the root has no alpha of its own to fall below; a whole sweep with everything idle keeps it
+    # the root has no alpha of its own to fall below, and where every stage child is idle the samples chose our
+    # stop child: a whole sweep with everything idle keeps every node
     for node in net.nodes():
         node.alpha.zero_()
         node.low_epochs.fill_(5)
-    prune_sweep(net, cfg, step=30, optimizer=opt)
-    assert [n.node_id for n in net.nodes()] == ["0"]
+    assert prune_sweep(net, cfg, step=30, optimizer=opt) == [] and {n.node_id for n in net.nodes()} == ids
+    net.node("0/0/0").low_epochs.zero_()  # ... until a sibling takes the traffic: then the idle one goes
+    assert [e["node"] for e in prune_sweep(net, cfg, step=31, optimizer=opt)] == ["0/0/1"]
     train_step(net, opt, x, y)
 
 

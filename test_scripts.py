@@ -224,6 +224,9 @@ def test_recipe_paper_turns_every_deviation_off_and_explicit_flags_still_win(tmp
     assert (ours.train_depth, ours.stop_rule, ours.calibrate, ours.keep) == ("full", "half", True, "best")
     for flag, value in train_cifar.RECIPES["paper"].items():
         assert getattr(paper, flag) == value != getattr(ours, flag), flag
+    # alpha forgets over --usage-horizon epochs (a quarter: 10 steps of a 40-step epoch); the paper's, per step
+    assert train_cifar.build_model(ours, 10, 40).options["usage_beta"] == 1 - 1 / 10
+    assert train_cifar.build_model(paper, 10, 40).options["usage_beta"] == paper.ema_beta == 0.99
     mixed = train_cifar.parse_args(["--recipe", "paper", "--keep", "best", "--out", str(tmp_path / "c")])
     assert mixed.keep == "best" and mixed.stop_rule == "argmax" and "recipe" in mixed.explicit
     imagenet = train_imagenet.parse_args(["--recipe", "paper", "--out", str(tmp_path / "d")])

@@ -47,7 +47,7 @@ RECIPES = {
     "ours": {},
     "paper": dict(train_depth="routed", exit_weight=0.0, route_weight=0.0, stage_grad=1.0, no_exit_confidence=True,
                   stop_rule="argmax", calibrate=False, keep="last", grow_prune="both", grow_statistic="sigma2",
-                  split_weight=0.0, prune_kept=False),
+                  split_weight=0.0, prune_kept=False, usage_horizon=0.0),
 }
 
 LOSS_WEIGHTS = ("exit_weight", "route_weight", "cost_weight", "expected_cost_weight", "balance_weight", "split_weight")
@@ -55,15 +55,16 @@ LOSS_WEIGHTS = ("exit_weight", "route_weight", "cost_weight", "expected_cost_wei
 # ----------------------------------------------------------------------------- model
 
 
-def build_model(args, num_classes: int):
+def build_model(args, num_classes: int, steps_per_epoch: int):
     if args.static:
         return static_model(args.backbone, num_classes)
+    usage_beta = 1 - 1 / max(1.0, args.usage_horizon * steps_per_epoch) if args.usage_horizon else None
     try:  # the library names the bad parameter in a ValueError: one line for the user
         return JulietNet(make_backbone(args.backbone, num_classes), selector=args.selector, policy=args.policy,
                          prebuild=args.prebuild, stop=not args.no_stop, stop_bias=args.stop_bias,
                          d_model=args.d_model, n_head=args.n_head, beta=args.ema_beta, train_depth=args.train_depth,
                          exit_confidence=not args.no_exit_confidence, stop_rule=args.stop_rule,
-                         stage_grad=args.stage_grad)
+                         stage_grad=args.stage_grad, usage_beta=usage_beta)
     except ValueError as e:
         raise UsageError(str(e)) from None
 
@@ -209,8 +210,7 @@ def fit(model, loaders, args, progress: dict, state: dict, on_epoch=None) -> Non
             log["events"] += [dict(e, epoch=epoch) for e in prune_events]
             if prune_events:
                 maybe_compile(model, args)
-        plateau = isinstance(sched, torch.optim.lr_scheduler.ReduceLROnPlateau)
-        sched.step(log["val_loss"]) if plateau else sched.step()
+        sched.step(log["val_loss"]) if isinstance(sched, torch.optim.lr_scheduler.ReduceLROnPlateau) else sched.step()
         log |= distributed.reduce_log(epoch_record(model, args, progress, opt, log, e_train, e_val,
                                                    time.perf_counter() - t0))
         score = log.get("val_full_depth_top1", log["val_top1"])
@@ -311,7 +311,7 @@ def train_and_test(args, make_datasets, on_epoch=None) -> dict:
                        "test_size": len(test_ds), "torch": torch.__version__}
     runs.seed_all(args.seed)
     if ckpt is None:
-        model = build_model(args, num_classes)
+        model = build_model(args, num_classes, len(train_ds) // args.batch_size)
     elif args.eval_only and os.path.exists(os.path.join(args.resume, "model.pt")):  # the model the run kept
         model = checkpoints.load_model(args.resume)
     else:  # resume: rebuild the grown trie first, then load the weights
@@ -330,8 +330,7 @@ def train_and_test(args, make_datasets, on_epoch=None) -> dict:
         distributed.broadcast_model(model)
         maybe_compile(model, args)
         opt, sched = make_optim(args, model)
-        scaler = torch.amp.GradScaler(enabled=args.amp)
-        state = {"optimizer": opt, "scheduler": sched, "scaler": scaler}
+        state = {"optimizer": opt, "scheduler": sched, "scaler": torch.amp.GradScaler(enabled=args.amp)}
         progress = {"epoch": 0, "step": 0, "best_val_top1": 0.0, "history": [], "train_size": len(train_ds)}
         if ckpt:
             for k in state:
@@ -342,9 +341,9 @@ def train_and_test(args, make_datasets, on_epoch=None) -> dict:
             if not os.path.exists(os.path.join(args.out, "config.json")):  # new run, an eval, a resume that lost it
                 runs.write_json(os.path.join(args.out, "config.json"), config | {"out": args.out})
             runs.write_json(os.path.join(args.out, "model_profile.json"), profile)
-        variant = "static" if args.static else "juliet"
-        tqdm.write(f"{args.out}: {variant}-{args.backbone} params={profile['params'] / 1e6:.2f}M "
-                   f"paper-convention MACs (one dummy input)={profile['flops_paper_convention_macs'] / 1e6:.2f}M; "
+        tqdm.write(f"{args.out}: {'static' if args.static else 'juliet'}-{args.backbone} "
+                   f"params={profile['params'] / 1e6:.2f}M paper-convention MACs (one dummy input)="
+                   f"{profile['flops_paper_convention_macs'] / 1e6:.2f}M; "
                    f"expected executed MACs per sample are measured on val every epoch")
         if not args.eval_only:
             loaders = (data.make_loader(train_ds, config, shuffle=True),
@@ -381,7 +380,7 @@ def build_parser(description: str) -> argparse.ArgumentParser:
     g.add_argument("--no-stop", action="store_true", help="no stop children: every path runs every stage")
     g.add_argument("--d-model", type=runs.positive, default=64, help="selector width d_model (§4.1)")
     g.add_argument("--n-head", type=runs.positive, default=4, help="selector heads n_head (§4.1)")
-    g.add_argument("--ema-beta", type=runs.unit_interval, default=0.99, help="EMA beta of alpha, sigma^2 (Eq. 3)")
+    g.add_argument("--ema-beta", type=runs.unit_interval, default=0.99, help="EMA beta per step of sigma^2, alpha")
     g = p.add_argument_group("routing recipe (ours; README 'Paper notes and deviations')")
     g.add_argument("--recipe", default="ours", choices=RECIPES, help="named defaults for the flags below and the "
                    "growth and kept-checkpoint flags (RECIPES); flags given explicitly override them")
@@ -410,6 +409,8 @@ def build_parser(description: str) -> argparse.ArgumentParser:
     g.add_argument("--grow-every", type=runs.positive, default=10, help="mini-batches between growth tries (Table 3)")
     g.add_argument("--prune-every", type=runs.positive, default=3, help="E_prune, epochs (Table 2; Table 3: 5)")
     g.add_argument("--t-min", type=runs.positive, default=3, help="epochs of alpha < theta_prune before pruning")
+    g.add_argument("--usage-horizon", type=runs.nonneg_float, default=0.25, help="epochs over which alpha (Eq. 3) "
+                   "forgets, 1 / (1 - beta) steps (ours); 0: --ema-beta per step")
     g.add_argument("--m-max", type=runs.positive, default=3, help="M_max stage children per node (Alg. 2)")
     g.add_argument("--max-depth", type=runs.nonneg, default=None, help="deepest node depth (default: last stage)")
     g.add_argument("--grow-statistic", default="split", choices=STATISTICS, help="growth trigger (ours; §4.2)")

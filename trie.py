@@ -61,8 +61,8 @@ def run_sub(sub: nn.Module, x: torch.Tensor, training: bool) -> torch.Tensor:
             m.train()
 
 
-def check_options(backbone, prebuild, selector, policy, train_depth, beta, d_model, n_head, stop_rule, stage_grad,
-                  stop_threshold, **_) -> None:
+def check_options(backbone, prebuild, selector, policy, train_depth, beta, usage_beta, d_model, n_head, stop_rule,
+                  stage_grad, stop_threshold, **_) -> None:
     """JulietNet's arguments, each bad one named in a ValueError."""
     for name, value, allowed in (("selector", selector, SELECTORS), ("policy", policy, POLICIES),
                                  ("train_depth", train_depth, TRAIN_DEPTHS), ("stop_rule", stop_rule, STOP_RULES)):
@@ -73,8 +73,9 @@ def check_options(backbone, prebuild, selector, policy, train_depth, beta, d_mod
     for name, value in (("stage_grad", stage_grad), ("stop_threshold", stop_threshold or 0.0)):
         if not 0.0 <= value <= 1.0:
             raise ValueError(f"{name} must be in [0, 1], got {value}")
-    if not 0.0 <= beta < 1.0:
-        raise ValueError(f"beta must be in [0, 1), got {beta}")
+    for name, value in (("beta", beta), ("usage_beta", usage_beta)):
+        if not 0.0 <= value < 1.0:
+            raise ValueError(f"{name} must be in [0, 1), got {value}")
     if d_model % n_head:
         raise ValueError(f"d_model ({d_model}) must be divisible by n_head ({n_head})")
 
@@ -141,7 +142,8 @@ class JulietNet(nn.Module):
     prebuild  nodes in the initial chain (§5.3 "Initialisation": 5 for ResNet-18, 10 for ResNet-101; default)
     stop      give every internal node a stop child (dynamic depth; README "Paper notes and deviations")
     stop_bias initial offset of the stop child's logit (routers.py); negative: start at full depth
-    beta      EMA decay of alpha and sigma^2 (Alg. 1 uses lambda = 1 - beta)
+    beta      EMA decay per step of sigma^2 and the split share, and of alpha unless usage_beta is given
+    usage_beta  EMA decay per step of the usage alpha (Eq. 3; Alg. 1 line 6 uses lambda = 1 - usage_beta)
     train_depth "full" (ours: training samples run to a leaf whatever they decide) or "routed" (the paper)
     exit_confidence  stop decisions also read the exit's confidence (ours; routers.py); False: the paper's
     stop_rule "half" (ours: stop where P_stop >= 1/2, else the best stage child) or "argmax" (the paper)
@@ -151,13 +153,15 @@ class JulietNet(nn.Module):
     """
 
     def __init__(self, backbone, selector="transformer", policy="top1", prebuild: int | None = None, stop=True,
-                 stop_bias=0.0, d_model=64, n_head=4, beta=0.99, train_depth="full", exit_confidence=True,
-                 stop_rule="half", stage_grad=1.0, stop_threshold: float | None = None, init_from=None):
+                 stop_bias=0.0, d_model=64, n_head=4, beta=0.99, usage_beta: float | None = None, train_depth="full",
+                 exit_confidence=True, stop_rule="half", stage_grad=1.0, stop_threshold: float | None = None,
+                 init_from=None):
         super().__init__()
         prebuild = len(backbone.stages) if prebuild is None else prebuild
         self.backbone = backbone
         self.options = dict(selector=selector, policy=policy, stop=stop, stop_bias=stop_bias, d_model=d_model,
-                            n_head=n_head, beta=beta, train_depth=train_depth, exit_confidence=exit_confidence,
+                            n_head=n_head, beta=beta, usage_beta=beta if usage_beta is None else usage_beta,
+                            train_depth=train_depth, exit_confidence=exit_confidence,
                             stop_rule=stop_rule, stage_grad=stage_grad, stop_threshold=stop_threshold)
         check_options(backbone, prebuild, **self.options)
         self.tau = 1.0  # Gumbel temperature; the training loop anneals it (gumbel_tau)
@@ -347,7 +351,7 @@ class JulietNet(nn.Module):
                 rec.decisions.append((node, P))
                 if any(k.prior.any() for k in choices):  # grown specialists: the sides of their split priors
                     rec.splits.append((node, P, split_sides(node, fr)))
-                update_alpha(choices, top1, alive, self.options["beta"])
+                update_alpha(choices, top1, alive, self.options["usage_beta"])
                 if has_stop:  # where top-1 would have stopped; they run on only in full-depth training
                     stop_here = alive & (top1 == len(choices) - 1)
                     stopped.append((choices[-1].node_id, stop_here))
