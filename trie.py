@@ -142,8 +142,7 @@ class JulietNet(nn.Module):
     prebuild  nodes in the initial chain (§5.3 "Initialisation": 5 for ResNet-18, 10 for ResNet-101; default)
     stop      give every internal node a stop child (dynamic depth; README "Paper notes and deviations")
     stop_bias initial offset of the stop child's logit (routers.py); negative: start at full depth
-    beta      EMA decay per step of sigma^2 and the split share, and of alpha unless usage_beta is given
-    usage_beta  EMA decay per step of the usage alpha (Eq. 3; Alg. 1 line 6 uses lambda = 1 - usage_beta)
+    beta      EMA decay per step of sigma^2, the split share and (unless usage_beta is given) alpha (Eq. 3)
     train_depth "full" (ours: training samples run to a leaf whatever they decide) or "routed" (the paper)
     exit_confidence  stop decisions also read the exit's confidence (ours; routers.py); False: the paper's
     stop_rule "half" (ours: stop where P_stop >= 1/2, else the best stage child) or "argmax" (the paper)
@@ -153,9 +152,8 @@ class JulietNet(nn.Module):
     """
 
     def __init__(self, backbone, selector="transformer", policy="top1", prebuild: int | None = None, stop=True,
-                 stop_bias=0.0, d_model=64, n_head=4, beta=0.99, usage_beta: float | None = None, train_depth="full",
-                 exit_confidence=True, stop_rule="half", stage_grad=1.0, stop_threshold: float | None = None,
-                 init_from=None):
+                 stop_bias=0.0, d_model=64, n_head=4, beta=0.99, usage_beta=None, train_depth="full",
+                 exit_confidence=True, stop_rule="half", stage_grad=1.0, stop_threshold=None, init_from=None):
         super().__init__()
         prebuild = len(backbone.stages) if prebuild is None else prebuild
         self.backbone = backbone
