@@ -37,7 +37,8 @@ does not prune it before it has had traffic), and both shares restart.
 Sibling initialisation (`sibling`): "fresh" (Alg. 2: a freshly initialised stage), "warm" (ours: the busiest
 sibling's stage, weights times 1 + `noise` N(0, 1), as MoE "sparse upcycling"), "subtree" (ours: the whole
 subtree below, perturbed likewise, so a specialist grown at layer 1 still has layers 2-4 and its exits; a
-fresh or warm sibling there ends the path early). A copy continues with its source's optimizer state.
+fresh or warm sibling there ends the path early), "deep" (ours: a fresh stage above a perturbed copy of the
+source's subtree below its stage). A copy continues with its source's optimizer state.
 """
 
 import copy
@@ -52,7 +53,7 @@ if TYPE_CHECKING:  # annotations only: this file runs with any object that has J
 
 MODES = ("both", "grow-only", "prune-only", "off")  # §5.3 ablation; "off" is static Juliet
 STATISTICS = ("sigma2", "split")  # growth trigger: §4.2's sigma^2 at the busiest leaf; ours, the inputs' split share
-SIBLINGS = ("fresh", "warm", "subtree")  # a grown sibling: Alg. 2's fresh stage; ours, perturbed copies
+SIBLINGS = ("fresh", "warm", "subtree", "deep")  # a grown sibling: Alg. 2's fresh stage; ours, (partly) copies
 
 
 @dataclass
@@ -66,7 +67,7 @@ class GrowPruneConfig:
     m_max: int = 3             # M_max, stage children per node (Alg. 2); not given in the paper
     max_depth: int | None = None  # deepest node depth; None: the backbone's last stage
     statistic: str = "sigma2"  # "split": ours, the node's inputs' split share
-    sibling: str = "fresh"     # "warm", "subtree": ours, perturbed copies of the sibling's stage or subtree
+    sibling: str = "fresh"     # "warm", "subtree", "deep": ours, perturbed copies of its stage, subtree, or below
     noise: float = 0.1         # relative Gaussian noise on a copied sibling's weights
 
     def __post_init__(self):
@@ -157,12 +158,12 @@ def split(net: "JulietNet", cfg: GrowPruneConfig, step: int, optimizer=None) -> 
 
 
 def add_sibling(net: "JulietNet", parent: "TrieNode", source: "TrieNode | None", how: str, noise: float = 0.1):
-    """A new stage child of `parent`: fresh, or a perturbed copy of `source`'s stage ("warm") or subtree.
+    """A new stage child of `parent`: fresh, or a perturbed copy of `source`'s stage ("warm") or subtree, or
+    ("deep") a fresh stage above a copy of what is below `source`.
     Returns it and {copied parameter: its source}, from which the optimizer state is copied too."""
-    if source is None or how == "fresh":
-        return net.add_child(parent), {}
-    child = net.add_child(parent, perturbed_copy(source.sub, noise))
-    copied = dict(zip(child.sub.parameters(), source.sub.parameters()))
+    fresh = source is None or how in ("fresh", "deep")
+    child = net.add_child(parent) if fresh else net.add_child(parent, perturbed_copy(source.sub, noise))
+    copied = {} if fresh else dict(zip(child.sub.parameters(), source.sub.parameters()))
 
     def copy_below(dst: "TrieNode", src: "TrieNode") -> None:
         for k in src.stage_children:
@@ -175,7 +176,7 @@ def add_sibling(net: "JulietNet", parent: "TrieNode", source: "TrieNode | None",
             dst.selector.load_state_dict(src.selector.state_dict())
             copied.update(zip(dst.selector.parameters(), src.selector.parameters()))
 
-    if how == "subtree":
+    if source is not None and how in ("subtree", "deep"):
         copy_below(child, source)
     return child, copied
 

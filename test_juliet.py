@@ -20,7 +20,7 @@ import torch.nn.functional as F
 
 from backbones import BACKBONES, make_backbone, static_model
 from conftest import REPO, grown_trie, routed_trie, train_step, varied_batch
-from grow_prune import GrowPruneConfig, end_epoch, grow, prune_sweep, sync_optimizer
+from grow_prune import GrowPruneConfig, add_sibling, end_epoch, grow, prune_sweep, sync_optimizer
 from losses import balance_loss, exit_loss, expected_cost_loss, freeze_selectors, route_loss, stage_macs
 from routers import SELECTORS
 from trie import JulietNet
@@ -308,6 +308,14 @@ def test_warm_siblings_start_as_a_perturbed_copy_of_the_busiest_sibling(r18):
     w3, w1 = net.node("0/3").sub.get_submodule(r18.stages[1].sig_name).weight, \
         net.node("0/1").sub.get_submodule(r18.stages[1].sig_name).weight
     assert float(torch.nn.functional.cosine_similarity(w3.flatten(), w1.flatten(), 0)).__abs__() < 0.2
+    # deep (ours): a fresh stage like 0/3 above a copy of what is below its source, selectors included
+    net = JulietNet(r18, prebuild=3)
+    child, copied = add_sibling(net, net.root, net.node("0/0"), "deep", noise=0.0)
+    assert child.node_id == "0/1" and [k.node_id for k in child.stage_children] == ["0/1/0"]
+    w, w0 = (net.node(k).sub.get_submodule(r18.stages[1].sig_name).weight for k in ("0/1", "0/0"))
+    assert float(torch.nn.functional.cosine_similarity(w.flatten(), w0.flatten(), 0)).__abs__() < 0.2
+    below = [*net.node("0/1/0").sub.parameters(), *child.selector.parameters()]
+    assert set(copied) == set(below) and all(torch.equal(p, copied[p]) for p in below)
 
 
 def test_pruning_after_t_min_low_epochs_never_root_or_stop(r18):

@@ -415,7 +415,7 @@ def build_parser(description: str) -> argparse.ArgumentParser:
     g.add_argument("--max-depth", type=runs.nonneg, default=None, help="deepest node depth (default: last stage)")
     g.add_argument("--grow-statistic", default="split", choices=STATISTICS, help="growth trigger (ours; §4.2)")
     g.add_argument("--sibling", default="fresh", choices=SIBLINGS, help="a grown sibling: a fresh stage (Alg. 2), "
-                   "or a perturbed copy of the stage beside it (warm, ours) or of its whole subtree (subtree, ours)")
+                   "or (ours) a perturbed copy of the stage beside it (warm), its subtree, or what is below it (deep)")
     g.add_argument("--sibling-noise", type=runs.unit_interval, default=0.01, help="relative weight noise of a copy")
     g.add_argument("--prune-kept", action=argparse.BooleanOptionalAction, default=True, help="prune kept siblings "
                    "with < theta_prune of validation traffic (ours)")
