@@ -380,7 +380,7 @@ def build_parser(description: str) -> argparse.ArgumentParser:
     g.add_argument("--no-stop", action="store_true", help="no stop children: every path runs every stage")
     g.add_argument("--d-model", type=runs.positive, default=64, help="selector width d_model (§4.1)")
     g.add_argument("--n-head", type=runs.positive, default=4, help="selector heads n_head (§4.1)")
-    g.add_argument("--ema-beta", type=runs.unit_interval, default=0.99, help="EMA beta per step of sigma^2, alpha")
+    g.add_argument("--ema-beta", type=runs.unit_interval, default=0.99, help="EMA beta/step of sigma^2, split share")
     g = p.add_argument_group("routing recipe (ours; README 'Paper notes and deviations')")
     g.add_argument("--recipe", default="ours", choices=RECIPES, help="named defaults for the flags below and the "
                    "growth and kept-checkpoint flags (RECIPES); flags given explicitly override them")
