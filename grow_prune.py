@@ -34,14 +34,10 @@ with a *prior*: the far side of that split (its mean and direction), from which 
 the parent's selector which samples are the newcomer's. The newcomer takes half its source's alpha (so Alg. 3
 does not prune it before it has had traffic), and both shares restart.
 
-Sibling initialisation (`sibling`): "fresh" (Alg. 2: a freshly initialised stage), "warm" (ours: the busiest
-sibling's stage, weights times 1 + `noise` N(0, 1), as MoE "sparse upcycling"), "subtree" (ours: the whole
-subtree below, perturbed likewise, so a specialist grown at layer 1 still has layers 2-4 and its exits; a
-fresh or warm sibling there ends the path early), "deep" (ours: a fresh stage above a perturbed copy of the
-source's subtree below its stage). A copy continues with its source's optimizer state.
+A grown child is a freshly initialised stage (Alg. 2 line 3); the copies of a stage or subtree that earlier
+releases offered lost their ablation (docs/results.md).
 """
 
-import copy
 import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -53,7 +49,6 @@ if TYPE_CHECKING:  # annotations only: this file runs with any object that has J
 
 MODES = ("both", "grow-only", "prune-only", "off")  # §5.3 ablation; "off" is static Juliet
 STATISTICS = ("sigma2", "split")  # growth trigger: §4.2's sigma^2 at the busiest leaf; ours, the inputs' split share
-SIBLINGS = ("fresh", "warm", "subtree", "deep")  # a grown sibling: Alg. 2's fresh stage; ours, (partly) copies
 
 
 @dataclass
@@ -67,19 +62,15 @@ class GrowPruneConfig:
     m_max: int = 3             # M_max, stage children per node (Alg. 2); not given in the paper
     max_depth: int | None = None  # deepest node depth; None: the backbone's last stage
     statistic: str = "sigma2"  # "split": ours, the node's inputs' split share
-    sibling: str = "fresh"     # "warm", "subtree", "deep": ours, perturbed copies of its stage, subtree, or below
-    noise: float = 0.1         # relative Gaussian noise on a copied sibling's weights
 
     def __post_init__(self):
-        for name, allowed in (("mode", MODES), ("statistic", STATISTICS), ("sibling", SIBLINGS)):
+        for name, allowed in (("mode", MODES), ("statistic", STATISTICS)):
             if getattr(self, name) not in allowed:
                 raise ValueError(f"unknown grow/prune {name} {getattr(self, name)!r}; "
                                  f"choose one of: {', '.join(allowed)}")
         for name in ("theta_grow", "theta_prune"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ValueError(f"{name} must be in [0, 1], got {getattr(self, name)}")
-        if not 0.0 <= self.noise <= 1.0:
-            raise ValueError(f"noise must be in [0, 1], got {self.noise}")
         for name in ("grow_every", "prune_every", "t_min", "m_max"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
@@ -92,12 +83,11 @@ def _event(kind: str, node: "TrieNode", step: int, statistic: str, value: float,
             "value": round(value, 6), "threshold": threshold}
 
 
-def sync_optimizer(optimizer: torch.optim.Optimizer, net: "JulietNet", copied: dict | None = None) -> None:
+def sync_optimizer(optimizer: torch.optim.Optimizer, net: "JulietNet") -> None:
     """Make the optimizer's single param group equal `net.parameters()`, in that order.
 
-    New parameters join (their state is created on their first step, or cloned from their source's in
-    `copied`, so a copy continues where its source was); parameters no longer in the net leave, with their
-    state. One group keeps a scheduler's per-group learning rate valid for grown children, and the fixed
+    New parameters join (their state is created on their first step); parameters no longer in the net leave,
+    with their state. One group keeps a scheduler's per-group learning rate valid for grown children, and the fixed
     order lets a checkpointed optimizer load into a rebuilt net.
     """
     if len(optimizer.param_groups) != 1:
@@ -106,9 +96,6 @@ def sync_optimizer(optimizer: torch.optim.Optimizer, net: "JulietNet", copied: d
     alive = set(params)
     for p in [p for p in optimizer.state if p not in alive]:
         del optimizer.state[p]
-    for new, old in (copied or {}).items():
-        if old in optimizer.state:
-            optimizer.state[new] = {k: v.clone() if torch.is_tensor(v) else v for k, v in optimizer.state[old].items()}
     optimizer.param_groups[0]["params"] = params
 
 
@@ -130,10 +117,9 @@ def grow(net: "JulietNet", cfg: GrowPruneConfig, step: int, leaf_counts: dict, o
     if node is None or not (sigma2 > cfg.theta_grow and len(node.stage_children) < cfg.m_max
                             and node.depth < max_depth):
         return []
-    busiest = max(node.stage_children, key=lambda k: float(k.alpha), default=None)
-    child, copied = add_sibling(net, node, busiest, cfg.sibling, cfg.noise)  # lines 2-4 (fresh: torchvision init)
+    child = net.add_child(node)  # lines 2-4: torchvision's fresh init, alpha = 0
     if optimizer is not None:
-        sync_optimizer(optimizer, net, copied)
+        sync_optimizer(optimizer, net)
     return [_event("grow", child, step, "sigma2", sigma2, cfg.theta_grow)]
 
 
@@ -146,48 +132,15 @@ def split(net: "JulietNet", cfg: GrowPruneConfig, step: int, optimizer=None) -> 
     if node is None or not float(node.split_share) > cfg.theta_grow:
         return []
     share, parent = float(node.split_share), net.parent(node)
-    child, copied = add_sibling(net, parent, node, cfg.sibling, cfg.noise)
+    child = net.add_child(parent)
     child.prior = node.principal.clone()  # samples with (u - mean)·v > 0 are the newcomer's
     node.alpha.div_(2), child.alpha.copy_(node.alpha)  # it takes about half of them: Alg. 3 must not see a newborn
     for k in parent.stage_children:  # the shares restart: each sibling's inputs are now its side's
         k.split_share.zero_()
         k.principal.zero_()
     if optimizer is not None:
-        sync_optimizer(optimizer, net, copied)
+        sync_optimizer(optimizer, net)
     return [_event("grow", child, step, "split_share", share, cfg.theta_grow)]
-
-
-def add_sibling(net: "JulietNet", parent: "TrieNode", source: "TrieNode | None", how: str, noise: float = 0.1):
-    """A new stage child of `parent`: fresh, or a perturbed copy of `source`'s stage ("warm") or subtree, or
-    ("deep") a fresh stage above a copy of what is below `source`.
-    Returns it and {copied parameter: its source}, from which the optimizer state is copied too."""
-    fresh = source is None or how in ("fresh", "deep")
-    child = net.add_child(parent) if fresh else net.add_child(parent, perturbed_copy(source.sub, noise))
-    copied = {} if fresh else dict(zip(child.sub.parameters(), source.sub.parameters()))
-
-    def copy_below(dst: "TrieNode", src: "TrieNode") -> None:
-        for k in src.stage_children:
-            kid = net.add_child(dst, perturbed_copy(k.sub, noise), k.node_id.rsplit("/", 1)[1])
-            kid.alpha.copy_(k.alpha)
-            copied.update(zip(kid.sub.parameters(), k.sub.parameters()))
-            copy_below(kid, k)
-        dst.next_child = src.next_child
-        if src.selector is not None:
-            dst.selector.load_state_dict(src.selector.state_dict())
-            copied.update(zip(dst.selector.parameters(), src.selector.parameters()))
-
-    if source is not None and how in ("subtree", "deep"):
-        copy_below(child, source)
-    return child, copied
-
-
-@torch.no_grad()
-def perturbed_copy(module: torch.nn.Module, noise: float = 0.1) -> torch.nn.Module:
-    """A deep copy of `module` whose parameters are each multiplied by (1 + noise * N(0, 1))."""
-    new = copy.deepcopy(module)
-    for p in new.parameters():
-        p.mul_(1 + noise * torch.randn_like(p))
-    return new
 
 
 def prune_sweep(net: "JulietNet", cfg: GrowPruneConfig, step: int, optimizer=None) -> list[dict]:

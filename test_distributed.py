@@ -44,7 +44,7 @@ train_cifar.main(train_cifar.parse_args(sys.argv[1:]))
 ARGS = ["--grow-prune", "both", "--dataset", "synthetic", "--synthetic-size", "200", "--batch-size", "16",
         "--workers", "0", "--quiet", "--threads", "1", "--selector", "mlp", "--grow-every", "2", "--grow-threshold",
         "0", "--prune-every", "2",
-        "--grow-statistic", "sigma2", "--sibling", "fresh", "--t-min", "1", "--seed", "3",
+        "--grow-statistic", "sigma2", "--t-min", "1", "--seed", "3",
         "--limit-batches", "4"]  # 4 steps an epoch; grow at even steps
 
 

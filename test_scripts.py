@@ -88,7 +88,7 @@ def test_one_epoch_of_each_backbone_writes_the_run_directory(tmp_path, backbone)
     final = train_cifar.main(cifar_args(out, "--dataset", "imagefolder", "--data-dir", str(data),
                                         "--backbone", backbone, "--grow-prune", "both", "--grow-every", "1",
                                         "--grow-threshold", "0",
-                                        "--grow-statistic", "sigma2", "--sibling", "fresh"))  # cheap growth
+                                        "--grow-statistic", "sigma2"))  # cheap growth
     for name in [*RUN_FILES, "node_usage.png", "trie.png"]:
         assert (out / name).exists(), name
     epoch = read_json(out / "epoch_1.json")

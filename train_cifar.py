@@ -34,7 +34,7 @@ import measure
 import plots
 import runs
 from backbones import BACKBONES, make_backbone, static_model
-from grow_prune import MODES, SIBLINGS, STATISTICS, GrowPruneConfig, end_epoch, grow, prune_unvisited
+from grow_prune import MODES, STATISTICS, GrowPruneConfig, end_epoch, grow, prune_unvisited
 from losses import freeze_selectors, gumbel_tau, juliet_loss
 from routers import SELECTORS
 from runs import NonFiniteLoss, UsageError
@@ -73,8 +73,7 @@ def grow_prune_config(args) -> GrowPruneConfig:
     try:  # a bad value fails with one line, before any file is made (train_and_test calls this first)
         return GrowPruneConfig(mode=args.grow_prune, theta_grow=args.grow_threshold, theta_prune=args.prune_threshold,
                                grow_every=args.grow_every, prune_every=args.prune_every, t_min=args.t_min,
-                               m_max=args.m_max, max_depth=args.max_depth, statistic=args.grow_statistic,
-                               sibling=args.sibling, noise=args.sibling_noise)
+                               m_max=args.m_max, max_depth=args.max_depth, statistic=args.grow_statistic)
     except ValueError as e:
         raise UsageError(str(e)) from None
 
@@ -414,9 +413,6 @@ def build_parser(description: str) -> argparse.ArgumentParser:
     g.add_argument("--m-max", type=runs.positive, default=3, help="M_max stage children per node (Alg. 2)")
     g.add_argument("--max-depth", type=runs.nonneg, default=None, help="deepest node depth (default: last stage)")
     g.add_argument("--grow-statistic", default="split", choices=STATISTICS, help="growth trigger (ours; §4.2)")
-    g.add_argument("--sibling", default="fresh", choices=SIBLINGS, help="a grown sibling: a fresh stage (Alg. 2), "
-                   "or (ours) a perturbed copy of the stage beside it (warm), its subtree, or what is below it (deep)")
-    g.add_argument("--sibling-noise", type=runs.unit_interval, default=0.01, help="relative weight noise of a copy")
     g.add_argument("--prune-kept", action=argparse.BooleanOptionalAction, default=True, help="prune kept siblings "
                    "with < theta_prune of validation traffic (ours)")
     g.add_argument("--split-weight", type=runs.nonneg_float, default=1.0, help="weight of losses.split_loss (ours)")
