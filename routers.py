@@ -90,13 +90,9 @@ class Selector(nn.Module):
         self.calibration.copy_(coefficients)
         self.calibrated = not torch.equal(self.calibration.cpu(), IDENTITY)
 
-    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
-        calibration = state_dict.get(prefix + "calibration", IDENTITY.clone())  # checkpoints before calibration
-        if len(calibration) == 5:  # from before the previous exit's features: [a, w_1..w_3, b]
-            calibration = torch.cat([calibration[:4], calibration.new_zeros(2), calibration[4:]])
-        state_dict[prefix + "calibration"] = calibration
-        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
-        self.calibrated = not torch.equal(calibration.cpu(), IDENTITY)
+    def _load_from_state_dict(self, *args, **kwargs):
+        super()._load_from_state_dict(*args, **kwargs)
+        self.calibrated = not torch.equal(self.calibration.cpu(), IDENTITY)  # a loaded fit is in use
 
     def forward(self, f: torch.Tensor, signatures: torch.Tensor, stop: bool,
                 exit_logits: torch.Tensor | None = None, prev_logits: torch.Tensor | None = None) -> torch.Tensor:

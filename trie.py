@@ -99,12 +99,6 @@ class TrieNode(nn.Module):
         self.register_buffer("principal", torch.zeros(2, in_channels))  # the inputs' EMA mean, top direction (0: none)
         self.register_buffer("prior", torch.zeros(2, in_channels))  # a grown specialist's side of a split (0: none)
 
-    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
-        for name in ("split_share", "principal", "prior"):  # checkpoints from before the split trigger
-            if state_dict.get(prefix + name, torch.zeros(0, 1)).shape != getattr(self, name).shape:
-                state_dict[prefix + name] = getattr(self, name)
-        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
-
     @property
     def stage_children(self) -> list["TrieNode"]:
         return [k for k in self.child.values() if not k.is_stop]
@@ -258,7 +252,7 @@ class JulietNet(nn.Module):
         if (backbone.name, backbone.num_classes) != (s["backbone"], s["num_classes"]):
             raise ValueError(f"the structure is of {s['backbone']} with {s['num_classes']} classes, "
                              f"the backbone {backbone.name} with {backbone.num_classes}")
-        net = cls(backbone, prebuild=1, **{"exit_confidence": False, "stop_rule": "argmax", **s["options"]})  # older
+        net = cls(backbone, prebuild=1, **s["options"])
         templates, _ = backbone.initial()  # one constructor call; load_state_dict overwrites the weights
         for c in s["adapters"]:  # first, in their original order, so net.parameters() keeps its order
             net.ensure_adapter(c)
