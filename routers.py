@@ -26,8 +26,7 @@ selector handles any number of children, and a child grown later (Alg. 2) is sco
 step without resizing anything. The three selectors differ only in how they read `f`:
 
   transformer  §4.1: feature token Linear(LayerNorm(GAP(f))); TransformerEncoderLayer over
-               [feature || branches]; a linear head on each branch output gives its logit. At inference
-               the same function runs folded (`folded_logits`), in half the ops.
+               [feature || branches]; a linear head on each branch output gives its logit.
   mlp          §5.3: a 2-layer MLP embeds GAP(f); logit = <embedding, branch token> / sqrt(d).
   conv         §5.3: depthwise 3x3 conv + ReLU + GAP, projected, scored like `mlp`.
 
@@ -140,73 +139,13 @@ class TransformerSelector(Selector):
             d_model, n_head, dim_feedforward=2 * d_model, dropout=0.0, batch_first=True
         )
         self.head = nn.Linear(d_model, 1)
-        # `fold`'s cache: the parameter objects (fixed; an optimizer step or a load changes their values and
-        # versions in place) and the last fold with the key it was made for
-        self._weights, self._fold = tuple(self.parameters()), (None,)
 
     def logits(self, f: torch.Tensor, signatures: torch.Tensor, stop: bool) -> torch.Tensor:
-        if not (self.training or torch.is_grad_enabled()) and torch.backends.mha.get_fastpath_enabled():
-            return self.folded_logits(f.mean((2, 3)), signatures, stop)  # inference: the same function, fewer ops
         feat = self.feature(f.mean((2, 3)))  # (B, d)
         branches = self.branch_tokens(signatures, stop)  # (K, d)
         tokens = torch.cat([feat[:, None], branches.expand(f.shape[0], -1, -1)], 1)  # (B, 1+K, d)
         out = self.encoder(tokens)  # (B, 1+K, d)
         return self.head(out[:, 1:]).squeeze(-1)  # (B, K)
-
-    def folded_logits(self, pooled: torch.Tensor, signatures: torch.Tensor, stop: bool) -> torch.Tensor:
-        """`logits` at inference in ~15 ops instead of ~30: only the branch tokens' outputs are read, and
-        everything that does not depend on the sample is folded once per weight version (`fold`). The feature
-        token enters the branch tokens' attention only through its key and value, both linear in GAP(f)
-        after the LayerNorm; so one matmul gives, per head, each branch query's score on it and its value
-        already through out_proj. Used under no_grad in eval while PyTorch's own MHA fast path is enabled
-        (counting MACs turns that off, and so counts the layer as §4.1 defines it). (B, C) -> (B, K)."""
-        w, bias, s_bb, v_b, resid = self.fold(signatures, stop)
-        B, (H, K) = pooled.shape[0], s_bb.shape[:2]
-        z = torch.addmm(bias, self.feature[0](pooled), w)  # (B, H*K + H*d)
-        s_f, v_f = z[:, :H * K].view(B, H, K, 1), z[:, H * K:].view(B, H, 1, -1)
-        attn = torch.cat([s_f, s_bb.expand(B, -1, -1, -1)], -1).softmax(-1)  # (B, H, K, 1+K) over [feature || branches]
-        values = torch.cat([v_f, v_b.expand(B, -1, -1, -1)], 2)  # (B, H, 1+K, d), through out_proj
-        enc = self.encoder
-        x = enc.norm1(torch.einsum("bhkj,bhjo->bko", attn, values) + resid)  # (B, K, d)
-        x = enc.norm2(x + enc.linear2(F.relu(enc.linear1(x))))
-        return self.head(x).squeeze(-1)  # (B, K)
-
-    @torch.no_grad()
-    def fold(self, signatures: torch.Tensor, stop: bool) -> tuple[torch.Tensor, ...]:
-        """What `folded_logits` needs that does not depend on the sample, kept while the selector's weights
-        and the signatures keep their versions (the references held keep their memory from being reused)."""
-        tensors = (signatures, *self._weights)
-        key = (stop, *[(id(p), p._version, p.data_ptr()) for p in tensors])
-        if self._fold[0] == key:
-            return self._fold[2]
-        with torch.autocast(signatures.device.type, enabled=False):  # in the weights' dtype, whoever calls first
-            self._fold = (key, tensors, self._folded(signatures, stop))
-        return self._fold[2]
-
-    def _folded(self, signatures: torch.Tensor, stop: bool) -> tuple[torch.Tensor, ...]:
-        """With t = W_f u + b_f the feature token (u: LayerNorm(GAP(f))), head h and branch query q_kh (scaled
-        by 1/sqrt(d_h)): t's score is q_kh . (W_k,h t + b_k,h), its value through out_proj W_o,h (W_v,h t + b_v,h);
-        both are linear in u. Returns that map (C, H*K + H*d) and its bias, the branch-on-branch scores, the
-        branch values through out_proj and the branch tokens' residual."""
-        enc, d = self.encoder, self.d_model
-        assert not enc.norm_first and enc.activation_relu_or_gelu == 1, "folded_logits is the post-norm ReLU layer"
-        H = enc.self_attn.num_heads
-        br = self.branch_tokens(signatures, stop)  # (K, d)
-        (wq, wk, wv), (bq, bk, bv) = enc.self_attn.in_proj_weight.chunk(3), enc.self_attn.in_proj_bias.chunk(3)
-        q = F.linear(br, wq, bq).view(len(br), H, -1) / math.sqrt(d // H)  # (K, H, d_h)
-        wk, wv, bk, bv = wk.view(H, -1, d), wv.view(H, -1, d), bk.view(H, -1), bv.view(H, -1)  # (H, d_h, d), (H, d_h)
-        wo = enc.self_attn.out_proj.weight.view(d, H, -1)  # (d, H, d_h): out_proj's columns of head h
-        on_t = torch.cat([torch.einsum("khe,hec->chk", q, wk).flatten(1),  # (d, H*K): scores
-                          torch.einsum("hec,ohe->cho", wv, wo).flatten(1)], 1)  # (d, H*d): values through out_proj
-        on_t_bias = torch.cat([torch.einsum("khe,he->hk", q, bk).flatten(),
-                               torch.einsum("he,ohe->ho", bv, wo).flatten()])  # (H*K + H*d,)
-        lin = self.feature[1]  # fold t's own Linear in: u -> scores and values in one matmul
-        w, bias = lin.weight.T @ on_t, lin.bias @ on_t + on_t_bias  # (C, H*K + H*d), (H*K + H*d,)
-        kb, vb = F.linear(br, wk.flatten(0, 1), bk.flatten()), F.linear(br, wv.flatten(0, 1), bv.flatten())  # (K, d)
-        s_bb = torch.einsum("khe,jhe->hkj", q, kb.view(len(br), H, -1))  # (H, K, K): branch queries on branch keys
-        v_b = torch.einsum("jhe,ohe->hjo", vb.view(len(br), H, -1), wo)  # (H, K, d)
-        resid = br + enc.self_attn.out_proj.bias  # (K, d): the residual and out_proj's bias
-        return w, bias, s_bb, v_b, resid
 
 
 class MLPSelector(Selector):

@@ -180,41 +180,6 @@ def test_stop_rule_half_is_the_knob_at_one_half_and_argmax_the_papers_top1(route
     assert sum(p == f"0/{STOP}" for p in flat) > sum(p == f"0/{STOP}" for p in half)
 
 
-def test_folded_transformer_selector_is_the_layer_and_follows_weight_changes():
-    """Inference's folded selector computes the §4.1 layer's branch logits, and refolds when a weight or a
-    signature changes (an optimizer step, a load)."""
-    torch.manual_seed(0)
-    sel = make_selector("transformer", 32, 48, exit_confidence=True).eval()
-    with torch.no_grad():
-        for p in sel.parameters():
-            p.normal_(0.0, 0.3)  # away from the initialisation's near-uniform logits
-    f, sig, exit_logits = torch.randn(20, 32, 4, 4), torch.randn(2, 48), torch.randn(20, 10)
-
-    def both():
-        with torch.no_grad():
-            folded = sel(f, sig, True, exit_logits)
-            torch.backends.mha.set_fastpath_enabled(False)  # the unfolded layer, as MAC counting runs it
-            try:
-                layer = sel(f, sig, True, exit_logits)
-            finally:
-                torch.backends.mha.set_fastpath_enabled(True)
-        return folded, layer
-
-    folded, layer = both()
-    assert folded.shape == (20, 3) and torch.allclose(folded, layer, atol=1e-5)
-    assert torch.allclose(sel.train()(f, sig, True, exit_logits), layer, atol=1e-5)  # the training path too
-    sel.eval()
-    with torch.no_grad():
-        sel.encoder.linear1.weight.add_(0.5)
-    changed, layer2 = both()
-    assert torch.allclose(changed, layer2, atol=1e-5) and not torch.allclose(changed, folded, atol=1e-3)
-    sig = sig + 1.0
-    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):  # folded under AMP: kept in fp32
-        mixed = sel(f, sig, True, exit_logits)
-    folded, layer = both()  # and then called without AMP
-    assert torch.allclose(folded, layer, atol=1e-5) and torch.allclose(mixed.float(), layer, atol=0.1)
-
-
 def test_the_inference_decision_is_the_choice_that_training_would_run():
     gen = torch.Generator().manual_seed(2)
     logits = 3 * torch.randn(256, 3, generator=gen)
