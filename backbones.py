@@ -6,10 +6,10 @@ just: how to cut a torchvision model into stages, how many channels each stage e
 that builds a freshly initialised copy of any stage for growth (Alg. 2 line 3, "initialise child
 weights freshly").
 
-    stages              resnet18 / resnet101           densenet121                efficientnet_b0
-    0 (root)            conv1, bn1, relu, maxpool       conv0 .. pool0              features[0]
-    1..                 layer1 .. layer4                denseblock_k+transition_k   features[1:3], [3],
-                        (resnet101: layer3 in 6 chunks)  denseblock4+norm5+relu      [4:6], [6:9]
+    stages    resnet18 / resnet101             densenet121                efficientnet_b0
+    0 (root)  conv1, bn1, relu, maxpool        conv0 .. pool0             features[0]
+    1..       layer1 .. layer4                 denseblock_k+transition_k  features[1:3], [3],
+              (resnet101: layer3 in 6 chunks)  denseblock4+norm5+relu     [4:6], [6:9]
 
 The stage modules are torchvision's own, unmodified, so `static_model` reproduces the paper's
 Table 4 baselines (THOP at 1x3x32x32, 10 classes): ResNet-18 37.22 M MACs / 11.18 M params,
@@ -18,11 +18,12 @@ DenseNet-121 59.11 M / 6.96 M.
 
 import copy
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn as nn
 import torchvision.models as tvm
+from torch.utils.flop_counter import FlopCounterMode
 
 # ----------------------------------------------------------------------------- helpers
 
@@ -41,16 +42,18 @@ def _densenet_stages(model: nn.Module) -> list[nn.Module]:
     """stem, (denseblock_k + transition_k) for k=1..3, denseblock4 + norm5 + ReLU."""
     f = model.features
     stem = nn.Sequential(f.conv0, f.norm0, f.relu0, f.pool0)
-    mids = [nn.Sequential(getattr(f, f"denseblock{k}"), getattr(f, f"transition{k}")) for k in (1, 2, 3)]
-    # torchvision applies F.relu after norm5 inside DenseNet.forward; make it a module of the last stage.
+    mids = [nn.Sequential(getattr(f, f"denseblock{k}"), getattr(f, f"transition{k}"))
+            for k in (1, 2, 3)]
+    # DenseNet.forward applies F.relu after norm5: here it is a module of the last stage.
     last = nn.Sequential(f.denseblock4, f.norm5, nn.ReLU(inplace=True))
     return [stem, *mids, last]
 
 
 def _efficientnet_stages(model: nn.Module) -> list[nn.Module]:
-    """stem and the MBConv stages grouped into 4 nodes, one per output resolution (/4, /8, /16, /32)."""
+    """stem, then the MBConv stages in 4 nodes, one per output resolution (/4, /8, /16, /32)."""
     f = model.features
-    return [f[0], nn.Sequential(f[1], f[2]), f[3], nn.Sequential(f[4], f[5]), nn.Sequential(f[6], f[7], f[8])]
+    return [f[0], nn.Sequential(f[1], f[2]), f[3], nn.Sequential(f[4], f[5]),
+            nn.Sequential(f[6], f[7], f[8])]
 
 
 def _resnet_head(model: nn.Module) -> nn.Module:
@@ -89,20 +92,37 @@ class Backbone:
     num_classes: int
     stages: list[Stage]
     build: Callable[[], nn.Module]            # the whole torchvision model, freshly initialised
-    split: Callable[[nn.Module], list[nn.Module]]
+    cut: Callable[[nn.Module], list[nn.Module]]  # a model -> its stage modules
     head_of: Callable[[nn.Module], nn.Module]
     in_channels: int = 3
+    macs: dict = field(default_factory=dict, repr=False)  # stage_macs' counts by input size
 
     @property
     def head_width(self) -> int:
-        """Channels the classifier reads: the last stage's output (adapters map other leaves to it, §4.1)."""
+        """Channels the classifier reads: the last stage's (other leaves via adapters, §4.1)."""
         return self.stages[-1].channels
 
     def initial(self, model: nn.Module | None = None) -> tuple[list[nn.Module], nn.Module]:
-        """Stage modules and head of one model: a fresh one (one constructor call for the whole prebuilt
-        chain, not one per stage), or deep copies of `model`'s, e.g. a trained static baseline."""
+        """Stage modules and head of one model: a fresh one (one constructor call for the whole
+        prebuilt chain, not one per stage), or deep copies of `model`'s, e.g. a trained static
+        baseline."""
         model = self.build() if model is None else copy.deepcopy(model)
-        return self.split(model), self.head_of(model)
+        return self.cut(model), self.head_of(model)
+
+    def stage_macs(self, hw: tuple[int, int]) -> list[float]:
+        """MACs of each stage at input size `hw` (FlopCounterMode's FLOPs / 2), counted once: the
+        stage costs the routing losses price (losses.py)."""
+        if hw not in self.macs:
+            with torch.random.fork_rng(devices=[]):  # fresh modules draw weights: not ours to take
+                stages, _ = self.initial()
+            x, macs = torch.zeros(1, self.in_channels, *hw), []
+            with torch.no_grad():
+                for s in stages:
+                    with FlopCounterMode(display=False) as counter:
+                        x = s.eval()(x)
+                    macs.append(counter.get_total_flops() / 2)
+            self.macs[hw] = macs
+        return self.macs[hw]
 
 
 _SPECS = {
@@ -129,9 +149,9 @@ def static_model(name: str, num_classes: int = 10) -> nn.Module:
 def make_backbone(name: str, num_classes: int = 10) -> Backbone:
     """Cut torchvision's `name` into stages; channel counts come from one dummy forward pass."""
     _check_name(name)
-    ctor, split, head_of = _SPECS[name]
+    ctor, cut, head_of = _SPECS[name]
     build = lambda: ctor(num_classes=num_classes)  # noqa: E731
-    modules = split(build().eval())
+    modules = cut(build().eval())
     x = torch.zeros(1, 3, 64, 64)
     stages = []
     for i, module in enumerate(modules):
@@ -139,9 +159,9 @@ def make_backbone(name: str, num_classes: int = 10) -> Backbone:
         sig = last_conv_name(module)
 
         def make(i=i):
-            return split(build())[i]
+            return cut(build())[i]
 
         sig_dim = module.get_submodule(sig).out_channels
         stages.append(Stage(make=make, channels=x.shape[1], sig_name=sig, sig_dim=sig_dim))
-    return Backbone(name, num_classes, stages, build, split, head_of)
+    return Backbone(name, num_classes, stages, build, cut, head_of)
 

@@ -1,19 +1,20 @@
-"""Wall time and memory of static vs Juliet, one process, interleaved (paper §6.1, Table 5): `profile.py --bench`.
+"""Wall time and memory of static vs Juliet, one process, interleaved (paper §6.1, Table 5):
+`profile.py --bench`.
 
-    benchmark("resnet18", batch=128, repeats=15)       # static vs a fresh chain with every selector running
-    benchmark("resnet18", run_dir="runs/demo/juliet")  # ... a trained trie on its test images, and its oracle
+    benchmark("resnet18", batch=128, repeats=15)       # static vs a fresh chain, every selector on
+    benchmark("resnet18", run_dir="runs/demo/juliet")  # and a trained trie, on its test images
 
-The oracle is what routing costs: the same samples grouped by the leaf the trained trie chose, each group
-run through its path's modules as plain sequential code -- no selectors, no partitioning, no bookkeeping,
-inputs split beforehand. juliet / oracle is the price of the routing design; oracle / static what the
-executed MACs can buy on this hardware. A train step is the default recipe's (task loss, exit_loss,
-route_loss; full-depth training runs each sample to the stage leaf it chose); the oracle's runs the same
-stage paths with the same exits, without the selectors and routing losses.
+The oracle is what routing costs: the same samples grouped by the leaf the trained trie chose, each
+group run through its path's modules as plain sequential code (no selectors, partitions or
+bookkeeping; inputs split beforehand). juliet / oracle is the price of the routing design; oracle /
+static what the executed MACs can buy on this hardware. A train step is the default recipe's (task
+loss, exit_loss, route_loss; full-depth training runs each sample to the stage leaf it chose); the
+oracle's runs the same stage paths with the same exits, without the selectors and routing losses.
 
-Every number is a median over interleaved repeats (static, juliet, static, juliet, ...), so drift in the
-machine's load hits every model alike; ratios are against the static backbone timed in the same process.
-Memory of one step: `step_peak_memory` (the CUDA allocator's peak during the step on GPU; on CPU the peak
-of live tensors from torch.profiler's allocation events, since process RSS cannot isolate one step).
+Every number is a median over interleaved repeats (static, juliet, static, juliet, ...), so drift
+in the machine's load hits every model alike; ratios are against the static backbone timed in the
+same process. Memory of one step: `step_peak_memory` (the CUDA allocator's peak during the step on
+GPU; on CPU the peak of live tensors from torch.profiler's allocation events).
 """
 
 import collections
@@ -35,7 +36,7 @@ from losses import juliet_loss
 from runs import UsageError
 from trie import STOP, JulietNet, run_sub
 
-# ----------------------------------------------------------------------------- one step and its memory
+# ----------------------------------------------------------------------------- a step, its memory
 
 
 def labels_for(model, x):
@@ -44,7 +45,8 @@ def labels_for(model, x):
         classes = model.backbone.num_classes
     else:
         classes = [m for m in model.modules() if isinstance(m, torch.nn.Linear)][-1].out_features
-    return torch.randint(0, classes, (x.shape[0],), generator=torch.Generator().manual_seed(0)).to(x.device)
+    gen = torch.Generator().manual_seed(0)
+    return torch.randint(0, classes, (x.shape[0],), generator=gen).to(x.device)
 
 
 def table2_adam(model) -> torch.optim.Adam:
@@ -53,8 +55,8 @@ def table2_adam(model) -> torch.optim.Adam:
 
 
 def make_step(model, x, train):
-    """One training step (forward + loss + backward + Adam, Table 2's optimizer) or one no_grad inference
-    batch. A Juliet step's loss is the default recipe's: task loss + exit_loss + route_loss."""
+    """One training step (forward, loss, backward, Table 2's Adam) or one no_grad inference batch.
+    A Juliet step's loss is the default recipe's: task loss + exit_loss + route_loss."""
     if not train:
         def infer():
             model.eval()
@@ -77,8 +79,8 @@ def make_step(model, x, train):
 
 
 def leaf_groups(net, x, train: bool) -> dict[str, torch.Tensor]:
-    """{leaf: sample indices}: where a trained trie sends each sample of x (inference), or which stage leaf
-    each runs in a training step (full-depth training) -- measured on a copy, so no statistic moves."""
+    """{leaf: sample indices}: where a trained trie sends each sample of x (inference), or which
+    stage leaf each runs in a training step (full depth), measured on a copy: no statistic moves."""
     net = copy.deepcopy(net).train(train)
     with torch.no_grad():
         _, paths = net(x, return_paths=True)
@@ -87,23 +89,20 @@ def leaf_groups(net, x, train: bool) -> dict[str, torch.Tensor]:
 
 
 def oracle_step(net, x, train):
-    """The oracle of `net` on x: each leaf's samples, split beforehand, through its path's stage modules as
-    plain sequential code, then GAP, adapter, head (and in training the exits the recipe supervises)."""
-    groups = leaf_groups(net, x, train)
-    y = labels_for(net, x)
-    parts = [(net.path(leaf.removesuffix("/" + STOP)) if leaf.endswith(STOP) else net.path(leaf),
-              x[i].contiguous(), y[i]) for leaf, i in groups.items()]
-    head = net.exit  # (B_g, C, H, W) -> (B_g, classes)
+    """The oracle of `net` on x: each leaf's samples, split beforehand, through its path's stages as
+    plain sequential code, then GAP, adapter, head (and in training the exits the recipe trains)."""
+    groups, y = leaf_groups(net, x, train), labels_for(net, x)
+    parts = [(net.path(leaf.removesuffix("/" + STOP)), x[i].contiguous(), y[i])
+             for leaf, i in groups.items()]
 
     def infer():  # -> {leaf: logits of its samples}, for the equivalence test
         net.eval()
         out = {}
         with torch.no_grad():
-            for leaf, (path, xg, _) in zip(groups, parts):
-                h = xg
+            for leaf, (path, h, _) in zip(groups, parts):
                 for node in path:
-                    h = node.sub(h)
-                out[leaf] = head(h)
+                    h = node.sub(h)  # (B_g, C_d, H_d, W_d)
+                out[leaf] = net.exit(h)
         return out
     if not train:
         return infer, None
@@ -113,13 +112,12 @@ def oracle_step(net, x, train):
         net.train()
         opt.zero_grad(set_to_none=True)
         loss = 0.0
-        for path, xg, yg in parts:
-            h = xg
+        for path, h, yg in parts:
             for node in path:
                 h = run_sub(node.sub, h, True)
-                if STOP in node.child:  # the exit of deep supervision
-                    loss = loss + F.cross_entropy(head(h), yg, reduction="sum")
-            loss = loss + F.cross_entropy(head(h), yg, reduction="sum")
+                if node.has_stop:  # the exit of deep supervision
+                    loss = loss + F.cross_entropy(net.exit(h), yg, reduction="sum")
+            loss = loss + F.cross_entropy(net.exit(h), yg, reduction="sum")
         (loss / x.shape[0]).backward()
         opt.step()
     return step, opt
@@ -128,22 +126,24 @@ def oracle_step(net, x, train):
 def held_bytes(model, opt, x):
     """Tensors alive before a step: params, buffers, optimizer state, the input batch."""
     held = [*model.parameters(), *model.buffers(), x]
-    held += [t for s in (opt.state.values() if opt else []) for t in s.values() if torch.is_tensor(t)]
+    state = opt.state.values() if opt else []
+    held += [t for s in state for t in s.values() if torch.is_tensor(t)]
     return sum(t.numel() * t.element_size() for t in held)
 
 
 def profile_step(step, opt, device):
-    """torch.profiler over one warmed-up step: (profiler, peak bytes of live tensors allocated during the step)."""
+    """torch.profiler over one warmed-up step: (profiler, peak bytes of the live tensors allocated
+    during the step)."""
     from torch.profiler import ProfilerActivity, profile
 
     if opt is not None:
-        opt.zero_grad(set_to_none=True)  # old grads are freed before, not inside, the profiled step
+        opt.zero_grad(set_to_none=True)  # old grads are freed before the profiled step
     cuda = str(device).startswith("cuda")
     if cuda:
         measure.sync(device)
         torch.cuda.reset_peak_memory_stats(device)
         before = torch.cuda.memory_allocated(device)
-    if not cuda:  # kineto's log (USDT lines, "gpuGetDeviceCount failed") is noise without a GPU; read at its start
+    else:  # kineto's log ("gpuGetDeviceCount failed", ...) is noise without a GPU
         os.environ.setdefault("KINETO_LOG_LEVEL", "6")
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
     with profile(activities=acts, profile_memory=True) as prof:
@@ -151,42 +151,46 @@ def profile_step(step, opt, device):
         measure.sync(device)
     if cuda:
         return prof, torch.cuda.max_memory_allocated(device) - before
-    # Each CPU allocation and free is a "[memory]" event with a signed size; their running sum in time order
-    # is the live tensor memory relative to the step's start (the aggregated op table nets them per op).
+    # Each CPU allocation and free is a "[memory]" event with a signed size; their running sum in
+    # time order is the live tensor memory relative to the step's start.
     cpu = torch.autograd.DeviceType.CPU
-    events = sorted((e for e in prof.profiler.kineto_results.events()
-                     if e.name() == "[memory]" and e.device_type() == cpu), key=lambda e: e.start_ns())
+    events = [e for e in prof.profiler.kineto_results.events()
+              if e.name() == "[memory]" and e.device_type() == cpu]
+    events.sort(key=lambda e: e.start_ns())
     return prof, max(itertools.accumulate((e.nbytes() for e in events), initial=0))
 
 
 def conv_bwd_share(prof) -> float:
-    """Table 5's "conv-bwd share": aten::convolution_backward (with its children) over all self CPU time."""
+    """Table 5's "conv-bwd share": aten::convolution_backward (with its children) over all self CPU
+    time."""
     averages = prof.key_averages()
     total = sum(a.self_cpu_time_total for a in averages)
-    return sum(a.cpu_time_total for a in averages if a.key == "aten::convolution_backward") / max(total, 1e-9)
+    bwd = sum(a.cpu_time_total for a in averages if a.key == "aten::convolution_backward")
+    return bwd / max(total, 1e-9)
 
 
 def step_peak_memory(model, input_size=32, batch=128, train=True, device="cpu", warmup=2) -> dict:
-    """Peak memory of one training step or one inference batch of a copy of `model` (§6.1 Table 5)."""
+    """Peak memory of one training step or inference batch of a copy of `model` (§6.1 Table 5)."""
     model = copy.deepcopy(model).to(device)
-    x = torch.randn(batch, 3, input_size, input_size, generator=torch.Generator().manual_seed(0)).to(device)
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(batch, 3, input_size, input_size, generator=gen).to(device)
     step, opt = make_step(model, x, train)
     for _ in range(warmup):  # Adam state and allocator caches exist before the measured step
         step()
     _, peak = profile_step(step, opt, device)
     before = held_bytes(model, opt, x)
-    what = ("activations saved for backward, temporaries, gradients (set to None before the step) and Adam "
-            "update temporaries" if train else "activations and temporaries of a no_grad forward")
+    what = ("activations saved for backward, temporaries, gradients (set to None before the step) "
+            "and Adam update temporaries" if train else
+            "activations and temporaries of a no_grad forward")
     how = ("torch.cuda.max_memory_allocated during the step minus memory_allocated at its start"
            if str(device).startswith("cuda") else
-           "torch.profiler(profile_memory=True): running sum of the CPU allocator's alloc/free events")
-    return {"device": str(device), "mode": "train" if train else "inference", "batch": batch, "input_size": input_size,
-            "peak_step_mb": peak / 1e6, "before_step_mb": before / 1e6, "peak_total_mb": (peak + before) / 1e6,
-            "method": how, "includes": f"peak_step_mb: {what}, allocated during one warmed-up step; params, "
-            "buffers, optimizer state and the input batch exist before the step: excluded there, counted in "
-            "before_step_mb; peak_total_mb is their sum"}
-
-
+           "torch.profiler(profile_memory=True): running sum of the CPU allocator's events")
+    return {"device": str(device), "mode": "train" if train else "inference", "batch": batch,
+            "input_size": input_size, "peak_step_mb": peak / 1e6, "before_step_mb": before / 1e6,
+            "peak_total_mb": (peak + before) / 1e6, "method": how,
+            "includes": f"peak_step_mb: {what}, allocated during one warmed-up step; params, "
+            "buffers, optimizer state and the input batch exist before the step: excluded there, "
+            "counted in before_step_mb; peak_total_mb is their sum"}
 
 
 # ----------------------------------------------------------------------------- wall time
@@ -194,36 +198,18 @@ def step_peak_memory(model, input_size=32, batch=128, train=True, device="cpu", 
 
 def _spread(ts):
     q1, _, q3 = statistics.quantiles(ts, n=4, method="inclusive") if len(ts) > 1 else (ts[0],) * 3
-    return {"median_s": statistics.median(ts), "min_s": min(ts), "max_s": max(ts), "iqr_s": q3 - q1, "n": len(ts)}
+    return {"median_s": statistics.median(ts), "min_s": min(ts), "max_s": max(ts), "iqr_s": q3 - q1,
+            "n": len(ts)}
 
 
 def _no_early_exit(net):
-    """Worst-case routing overhead: every selector runs, but the stop child (last logit, trie.choices) gets -inf."""
+    """The worst-case routing overhead: every selector runs, but the stop branch gets -inf."""
     def hook(selector, inputs, logits):
         if inputs[2]:
-            return torch.cat([logits[:, :-1], torch.full_like(logits[:, -1:], float("-inf"))], 1)  # (B, K)
+            return torch.cat([logits[:, :-1], torch.full_like(logits[:, -1:], float("-inf"))], 1)
     for node in net.nodes():
         if node.selector is not None:
             node.selector.register_forward_hook(hook)
-    return net
-
-
-def replayed(net, x):
-    """A copy of `net` whose selectors replay the logits they gave for x, without computing them or the exits
-    whose confidence they read: the routing machinery alone (decisions, partitions, scatter, bookkeeping)."""
-    net = copy.deepcopy(net).eval()
-    seen, handles = {}, []
-    for node in net.nodes():
-        if node.selector is not None:
-            handles.append(node.selector.register_forward_hook(lambda m, i, out, k=node.node_id: seen.update({k: out})))
-    with torch.no_grad():
-        net(x)
-    for h in handles:
-        h.remove()
-    for node in net.nodes():
-        if node.node_id in seen:
-            node.selector.forward = lambda *args, out=seen[node.node_id]: out
-    net.options["exit_confidence"] = False  # the replayed selectors read nothing
     return net
 
 
@@ -236,17 +222,29 @@ def _images(loader, n):
     return None
 
 
-def benchmark(backbone_name, input_size=32, batch=128, repeats=15, warmup=3, device="cpu", run_dir=None,
-          num_classes=10, selector="transformer") -> dict:
-    """Train-step and inference-batch wall time, static vs Juliet, one process, interleaved (§6.1 Table 5).
-
-    juliet_chain: a fresh chain whose selectors all run but never stop early (worst-case routing overhead);
-    juliet_run: `run_dir`'s trained trie routing as it learned, on the run's test images where its loader exists.
-    Returns {"models": {name: {"train", "inference": _spread, "conv_bwd_share", "peak_train_mb", "top_ops"}},
-    "ratios": {name: {"train", "inference"}} (median / static median), and the settings}.
-    """
+def timed(steps: dict, repeats: int, warmup: int, device) -> dict:
+    """Seconds of each step, interleaved (static, juliet, static, ...): drift hits all alike."""
     from tqdm import trange
 
+    times = collections.defaultdict(list)
+    for r in trange(warmup + repeats, desc="bench", leave=False):
+        for key, (fn, _) in steps.items():
+            measure.sync(device)
+            t0 = time.perf_counter()
+            fn()
+            measure.sync(device)
+            if r >= warmup:
+                times[key].append(time.perf_counter() - t0)
+    return times
+
+
+def benchmark(backbone_name, input_size=32, batch=128, repeats=15, warmup=3, device="cpu",
+              run_dir=None, num_classes=10, selector="transformer") -> dict:
+    """Train-step and inference-batch wall time, static vs Juliet, one process, interleaved (§6.1
+    Table 5). juliet_chain: a fresh chain whose selectors all run but never stop early (the worst
+    case); juliet_run: `run_dir`'s trained trie, on its test images where its loader exists.
+    Returns {"models": {name: {"train", "inference": _spread, "conv_bwd_share", "peak_train_mb",
+    "top_ops"}}, "ratios": {name: {"train", "inference"}} (median / static median), settings}."""
     x, models = None, {}
     if run_dir is not None:
         config, trained = load_run(run_dir, device)
@@ -254,64 +252,67 @@ def benchmark(backbone_name, input_size=32, batch=128, repeats=15, warmup=3, dev
             raise UsageError(f"{run_dir} is a static run; --run needs a Juliet run")
         backbone_name, num_classes = config["backbone"], config["num_classes"]
         input_size = config.get("input_size", input_size)
-        with contextlib.suppress(UsageError):  # routing as learned needs real images; else random ones
+        with contextlib.suppress(UsageError):  # routing as learned needs real images
             x = _images(run_test_loader(config), batch)
     torch.manual_seed(0)
     models["static"] = static_model(backbone_name, num_classes)
-    models["juliet_chain"] = _no_early_exit(JulietNet(make_backbone(backbone_name, num_classes), selector=selector))
+    chain = JulietNet(make_backbone(backbone_name, num_classes), selector=selector)
+    models["juliet_chain"] = _no_early_exit(chain)
     if run_dir is not None:
         models["juliet_run"] = trained
     source = "random N(0,1)" if x is None else "the run's test set"
     if x is None:
-        x = torch.randn(batch, 3, input_size, input_size, generator=torch.Generator().manual_seed(0))
+        gen = torch.Generator().manual_seed(0)
+        x = torch.randn(batch, 3, input_size, input_size, generator=gen)
     x = x.to(device)
-    # Each train step trains its own copy: Adam steps on random labels would move a trained trie's routing
-    # away from what it learned, and its inference (and the oracle's groups) would time another trie.
-    steps = {(name, mode): make_step(copy.deepcopy(m).to(device) if mode == "train" else m.to(device), x,
-                                     mode == "train") for mode in ("train", "inference") for name, m in models.items()}
+    # Each train step trains its own copy: Adam steps on random labels would move a trained trie's
+    # routing, and its inference (and the oracle's groups) would time another trie.
+    steps = {(name, mode): make_step(copy.deepcopy(m).to(device) if mode == "train" else
+                                     m.to(device), x, mode == "train")
+             for mode in ("train", "inference") for name, m in models.items()}
     if run_dir is not None:  # the oracle trains its own copy: the trie's weights stay as trained
-        counts = {leaf: len(i) for leaf, i in leaf_groups(trained, x, False).items()}
-        macs = measure.expected_macs(trained, counts, input_size)["expected_macs_per_sample"]
         models["oracle"] = copy.deepcopy(trained)
-        steps.update({("oracle", mode): oracle_step(copy.deepcopy(trained) if mode == "train" else models["oracle"], x,
-                                                    mode == "train")
-                      for mode in ("train", "inference")})
-        steps[("replayed", "inference")] = make_step(replayed(trained, x), x, False)
-    times = collections.defaultdict(list)
-    for r in trange(warmup + repeats, desc="bench", leave=False):
-        for key, (fn, _) in steps.items():  # static, juliet, static, juliet, ...: load drift hits both alike
-            measure.sync(device)
-            t0 = time.perf_counter()
-            fn()
-            measure.sync(device)
-            if r >= warmup:
-                times[key].append(time.perf_counter() - t0)
-    out = {"backbone": backbone_name, "input_size": input_size, "batch": batch, "repeats": repeats, "warmup": warmup,
-           "device": str(device), "threads": torch.get_num_threads(), "input": source, "models": {}, "ratios": {}}
+        steps[("oracle", "train")] = oracle_step(copy.deepcopy(trained), x, True)
+        steps[("oracle", "inference")] = oracle_step(models["oracle"], x, False)
+    times = timed(steps, repeats, warmup, device)
+    out = {"backbone": backbone_name, "input_size": input_size, "batch": batch,
+           "repeats": repeats, "warmup": warmup, "device": str(device),
+           "threads": torch.get_num_threads(), "input": source, "models": {}, "ratios": {}}
     for name, model in models.items():
-        step, opt = steps[(name, "train")]
-        prof, peak = profile_step(step, opt, device)
-        out["models"][name] = {"train": _spread(times[(name, "train")]),
-                               "inference": _spread(times[(name, "inference")]),
-                               "conv_bwd_share": conv_bwd_share(prof),
-                               "peak_train_mb": (peak + held_bytes(model, opt, x)) / 1e6,
-                               "top_ops": prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=8)}
-        out["ratios"][name] = {m: out["models"][name][m]["median_s"] / out["models"]["static"][m]["median_s"]
+        out["models"][name] = summary(model, steps[(name, "train")], times, name, x, device)
+        median = lambda name, m: out["models"][name][m]["median_s"]  # noqa: E731
+        out["ratios"][name] = {m: median(name, m) / median("static", m)
                                for m in ("train", "inference")}
     if "oracle" in models:  # the price of routing, and what the executed MACs buy
-        out["ratios"]["juliet_over_oracle"] = {m: out["ratios"]["juliet_run"][m] / out["ratios"]["oracle"][m]
-                                               for m in ("train", "inference")}
-        replay = statistics.median(times[("replayed", "inference")])
-        out["replayed_inference"] = _spread(times[("replayed", "inference")])
-        out["ratios"]["replayed_over_oracle"] = {"inference": replay / out["models"]["oracle"]["inference"]["median_s"]}
-        out["executed_macs"] = {"static": measure.paper_macs(models["static"], input_size)[0], "juliet_run": macs}
-        out["node_profile"] = node_profile(trained, x, repeats)
+        out |= routing_price(out, trained, models["static"], x, times, input_size, repeats)
     return out
 
 
+def summary(model, step_opt, times, name, x, device) -> dict:
+    step, opt = step_opt
+    prof, peak = profile_step(step, opt, device)
+    return {"train": _spread(times[(name, "train")]),
+            "inference": _spread(times[(name, "inference")]),
+            "conv_bwd_share": conv_bwd_share(prof),
+            "peak_train_mb": (peak + held_bytes(model, opt, x)) / 1e6,
+            "top_ops": prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=8)}
+
+
+def routing_price(out, trained, static, x, times, input_size, repeats) -> dict:
+    """juliet / oracle, the executed MACs and the per-node profile."""
+    ratios = out["ratios"]
+    counts = {leaf: len(i) for leaf, i in leaf_groups(trained, x, False).items()}
+    macs = measure.expected_macs(trained, counts, input_size)["expected_macs_per_sample"]
+    ratios["juliet_over_oracle"] = {m: ratios["juliet_run"][m] / ratios["oracle"][m]
+                                    for m in ("train", "inference")}
+    return {"executed_macs": {"static": measure.paper_macs(static, input_size)[0],
+                              "juliet_run": macs},
+            "node_profile": node_profile(trained, x, repeats)}
+
+
 def node_profile(net, x, repeats=10) -> dict:
-    """Where an inference batch's time goes: per node, its stage and its selector (`measure.module_timer`, mean
-    over `repeats` after one warm-up), and the rest of the forward -- partitioning, exits, bookkeeping, the hooks."""
+    """Where an inference batch's time goes: per node, its stage and its selector (mean over
+    `repeats` after one warm-up), and the rest: partitioning, exits, bookkeeping, the hooks."""
     parts = {f"{node.node_id} {part}": module for node in net.nodes()
              for part, module in (("stage", node.sub), ("selector", node.selector))
              if module is not None and not isinstance(module, torch.nn.Identity)}
@@ -324,7 +325,7 @@ def node_profile(net, x, repeats=10) -> dict:
                 t0 = _now(x)
                 net(x)
                 totals.append(_now(x) - t0)
-    parts = {k: s / repeats for k, s in seconds.items()}  # a module may run more than once per batch
+    parts = {k: s / repeats for k, s in seconds.items()}  # a module may run twice per batch
     total = statistics.median(totals)
     return {"total_s": total, "parts_s": parts, "rest_s": total - sum(parts.values())}
 
@@ -344,39 +345,39 @@ def format_bench(result) -> str:
     for key, label in (("train", "train step (s)"), ("inference", "inference batch (s)"),
                        ("conv_bwd_share", "conv-bwd share of train-step CPU time"),
                        ("peak_train_mb", "peak train-step live tensors (MB)")):
-        row = [label]
-        for n in names:
-            v, v0 = r["models"][n][key], r["models"]["static"][key]
-            if isinstance(v, dict):
-                row.append(f"{v['median_s']:.3f} [{v['min_s']:.3f}-{v['max_s']:.3f}] (IQR {v['iqr_s']:.3f})")
-                v, v0 = v["median_s"], v0["median_s"]
-            elif key == "conv_bwd_share":  # a share: the change in points, as Table 5's "66% -> 60%"
-                row += [f"{v:.0%}"] + ([f"{100 * (v - v0):+.0f} pts"] if n != "static" else [])
-                continue
-            else:
-                row.append(f"{v:.1f}")
-            row += [f"{v / v0:.3f}x"] if n != "static" else []
-        rows.append(row)
-    title = (f"{r['backbone']}, batch {r['batch']}, {r['input_size']}x{r['input_size']}, {r['device']} "
-             f"({r['threads']} threads), input {r['input']}; {r['repeats']} repeats after {r['warmup']} warm-up, "
-             "interleaved; median [min-max] (IQR)")
+        rows.append([label] + [cell for n in names for cell in bench_cells(r, n, key)])
+    title = (f"{r['backbone']}, batch {r['batch']}, {r['input_size']}x{r['input_size']}, "
+             f"{r['device']} ({r['threads']} threads), input {r['input']}; {r['repeats']} repeats "
+             f"after {r['warmup']} warm-up, interleaved; median [min-max] (IQR)")
     lines = [title, ""] + ["| " + " | ".join(row) + " |" for row in rows]
     if "juliet_over_oracle" in r["ratios"]:
-        q, m = r["ratios"], r["executed_macs"]
-        lines += ["", "| | train step | inference |", "|---|---|---|"]
-        lines += [f"| {label} | {q[k]['train']:.3f}x | {q[k]['inference']:.3f}x |" for k, label in
-                  (("juliet_over_oracle", "juliet / oracle (routing overhead)"),
-                   ("juliet_run", "juliet / static"), ("oracle", "oracle / static"))]
-        lines.append(f"| juliet, selectors replayed / oracle (the routing machinery alone) | | "
-                     f"{q['replayed_over_oracle']['inference']:.3f}x |")
-        lines.append(f"| executed MACs, juliet / static | | {m['juliet_run'] / m['static']:.3f}x "
-                     f"({m['juliet_run'] / 1e6:.2f} M / {m['static'] / 1e6:.2f} M) |")
-        p = r["node_profile"]
-        lines += ["", f"inference batch, where the time goes (ms; total {1e3 * p['total_s']:.2f}):", "",
-                  "| node part | ms | share |", "|---|---|---|"]
-        lines += [f"| {k} | {1e3 * v:.2f} | {v / p['total_s']:.0%} |" for k, v in p["parts_s"].items()]
-        lines.append(f"| rest: partitioning, exits, bookkeeping, hooks | {1e3 * p['rest_s']:.2f} | "
-                     f"{p['rest_s'] / p['total_s']:.0%} |")
+        lines += routing_lines(r)
     return "\n".join(lines)
 
 
+def bench_cells(r, n, key) -> list[str]:
+    v, v0 = r["models"][n][key], r["models"]["static"][key]
+    if isinstance(v, dict):
+        cell = f"{v['median_s']:.3f} [{v['min_s']:.3f}-{v['max_s']:.3f}] (IQR {v['iqr_s']:.3f})"
+        v, v0 = v["median_s"], v0["median_s"]
+    elif key == "conv_bwd_share":  # a share: the change in points, as Table 5's "66% -> 60%"
+        return [f"{v:.0%}"] + ([f"{100 * (v - v0):+.0f} pts"] if n != "static" else [])
+    else:
+        cell = f"{v:.1f}"
+    return [cell] + ([f"{v / v0:.3f}x"] if n != "static" else [])
+
+
+def routing_lines(r) -> list[str]:
+    q, m, p = r["ratios"], r["executed_macs"], r["node_profile"]
+    lines = ["", "| | train step | inference |", "|---|---|---|"]
+    lines += [f"| {label} | {q[k]['train']:.3f}x | {q[k]['inference']:.3f}x |" for k, label in
+              (("juliet_over_oracle", "juliet / oracle (routing overhead)"),
+               ("juliet_run", "juliet / static"), ("oracle", "oracle / static"))]
+    lines.append(f"| executed MACs, juliet / static | | {m['juliet_run'] / m['static']:.3f}x "
+                 f"({m['juliet_run'] / 1e6:.2f} M / {m['static'] / 1e6:.2f} M) |")
+    lines += ["", f"inference batch, where the time goes (ms; total {1e3 * p['total_s']:.2f}):", "",
+              "| node part | ms | share |", "|---|---|---|"]
+    lines += [f"| {k} | {1e3 * v:.2f} | {v / p['total_s']:.0%} |" for k, v in p["parts_s"].items()]
+    lines.append(f"| rest: partitioning, exits, bookkeeping, hooks | {1e3 * p['rest_s']:.2f} | "
+                 f"{p['rest_s'] / p['total_s']:.0%} |")
+    return lines

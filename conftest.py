@@ -44,7 +44,7 @@ def varied_batch(n, gen):
 
 def spread_loss(record):
     """§2.2's balance formula over every choice of every decision, stop included: spreads traffic everywhere."""
-    return torch.stack([P.shape[1] * (P.mean(0) - 1.0 / P.shape[1]).pow(2).sum() for _, P in record.decisions]).mean()
+    return torch.stack([r.P.shape[1] * (r.P.mean(0) - 1.0 / r.P.shape[1]).pow(2).sum() for r in record.routed]).mean()
 
 
 def routed_trie(backbone, selector="mlp", seed=0, steps=20):
@@ -114,9 +114,9 @@ def tiny_backbone(num_classes=4) -> Backbone:
         model.fc = nn.Linear(widths[-1], num_classes)
         return model
 
-    def split(model):
+    def cut(model):
         return list(model.stages)
 
-    stages = [Stage(make=lambda i=i: split(build())[i], channels=c, sig_name="0", sig_dim=c)
+    stages = [Stage(make=lambda i=i: cut(build())[i], channels=c, sig_name="0", sig_dim=c)
               for i, c in enumerate(widths)]
-    return Backbone("tiny", num_classes, stages, build, split, lambda m: m.fc)
+    return Backbone("tiny", num_classes, stages, build, cut, lambda m: m.fc)

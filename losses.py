@@ -1,150 +1,134 @@
-"""How the selectors learn: the routing losses of a Juliet training step (paper §2.2, §6.2; and ours).
+"""How the selectors learn: the losses of a Juliet training step (paper §2.2, §6.2; and ours).
 
-Each is a function of the `trie.Record` a training forward pass returns (each decision's P, each exit's logits,
-each sample's leaf depth), added to the task loss by the training loop:
+Each reads the `Record` that a training forward pass returns (routers.py: each routing node's P,
+its exit's logits, each sample's leaf depth), and `juliet_loss` adds them to the task loss with the
+default recipe's weights:
 
     logits, record = net(x, return_record=True)
-    loss = (F.cross_entropy(logits, y) + w_exit * exit_loss(record, y)
-            + w_route * route_loss(net, record, logits, y, cost_weight=lambda_c) + w_bal * balance_loss(record))
-    loss = juliet_loss(net, record, logits, y)  # the same, with the training script's default weights
+    loss = juliet_loss(net, record, logits, y)  # exit_weight=0, route_weight=0: the paper's loss
 
-  route_loss    ours: stop decisions as cost-sensitive classification at a price lambda_c of compute --
-                the per-sample twin of §6.2's L = (1 - acc) + lambda c
-  exit_loss     ours: deep supervision of every exit (BranchyNet-style)
-  expected_cost_loss  expected stage cost under P (compute-aware straight-through routing)
-  balance_loss  §2.2's load-balancing loss over sibling stage children
-  split_loss    ours: a grown specialist's parent learns the side of the split it was grown for
-  freeze_selectors  a routing warm-up: selectors frozen while stages and exits learn
+  exit_loss           ours: deep supervision of every exit (BranchyNet)
+  route_loss          ours: stop decisions as cost-sensitive classification at a price lambda_c
+                      of compute, the per-sample twin of §6.2's L = (1 - acc) + lambda c
+  split_loss          ours: a grown specialist's parent learns the side of the split it was
+                      grown for (grow_prune.grow_split)
+  balance_loss        §2.2's load-balancing loss over sibling stage branches
+  expected_cost_loss  the expected stage cost under P (compute-aware straight-through routing)
 """
 
 import torch
 import torch.nn.functional as F
-from torch.utils.flop_counter import FlopCounterMode
 
 
 def gumbel_tau(epoch: int, epochs: int, tau0: float = 1.0, tau_min: float = 0.1) -> float:
-    """Gumbel temperature annealed geometrically from tau0 to tau_min over training (§3.1.3, §5.3)."""
+    """The Gumbel temperature, annealed geometrically from tau0 to tau_min over training (§3.1.3,
+    §5.3's stochastic policy)."""
     return tau0 * (tau_min / tau0) ** (epoch / max(1, epochs - 1))
 
 
-def freeze_selectors(net, frozen: bool) -> None:
-    """Routing warm-up (ours): frozen selectors keep a new trie at full depth (negative stop bias), so the
-    stages and exits learn before the straight-through signal, noise until then, can move any route."""
-    for node in net.nodes():
-        if node.selector is not None:
-            node.selector.requires_grad_(not frozen)
-
-
-def stage_macs(net, hw: tuple[int, int]) -> list[float]:
-    """MACs of each stage at input size `hw`, counted once with torch's FlopCounterMode (FLOPs / 2)."""
-    if hw not in net.stage_macs_cache:
-        with torch.random.fork_rng(devices=[]):  # building modules draws random weights: not from our stream
-            stages, _ = net.backbone.initial()
-        x, macs = torch.zeros(1, net.backbone.in_channels, *hw), []
-        with torch.no_grad():
-            for s in stages:
-                with FlopCounterMode(display=False) as counter:
-                    x = s.eval()(x)
-                macs.append(counter.get_total_flops() / 2)
-        net.stage_macs_cache[hw] = macs
-    return net.stage_macs_cache[hw]
-
-
-def expected_cost_loss(net, record) -> torch.Tensor:
-    """Expected per-sample stage cost under the selectors' P, as a fraction of the static backbone's.
-
-    Each routing decision adds sum_j P_j c_j, c_j = MACs of child j's stage (0 for a stop child); the stem,
-    which every sample runs, is a constant. Differentiable in P: the training-time twin of the §6.2
-    objective L = (1 - acc) + lambda c.
-    """
-    B, hw = record.input_shape
-    macs = stage_macs(net, hw)
-    total = torch.tensor(macs[0] * B, device=net.root.alpha.device)
-    for node, P in record.decisions:
-        c = torch.tensor([0.0 if k.is_stop else macs[k.depth] for k in node.choices], device=P.device)
-        total = total + (P @ c).sum()
-    return total / (B * sum(macs))
+def exits_of(record) -> list:
+    """The routing nodes of a record that have an exit (a stop branch), pre-order."""
+    return [r for r in record.routed if r.exit is not None]
 
 
 def exit_loss(record, y: torch.Tensor) -> torch.Tensor:
-    """Deep supervision of the early exits (BranchyNet-style; ours, not the paper's): the cross-entropy of
-    every stop child's classifier (GAP, adapter, head) on all samples that reached its parent, whether
-    they stopped there or not, averaged over exits. A stop decision is only as good as the exit it
-    stops at; in full-depth training every exit learns from every sample."""
-    terms = [F.cross_entropy(exit_logits, y[idx]) for _, idx, exit_logits, _ in record.exits]
+    """Deep supervision of the early exits (BranchyNet; ours): the cross-entropy of every exit
+    (GAP, adapter, head) on all samples that reached its node, stopping there or not, averaged over
+    exits. A stop decision is only as good as its exit; in full-depth training every exit learns
+    from every sample."""
+    terms = [F.cross_entropy(r.exit, y[r.idx]) for r in exits_of(record)]
     return torch.stack(terms).mean() if terms else torch.zeros((), device=y.device)
 
 
-def route_loss(net, record, logits: torch.Tensor, y: torch.Tensor, cost_weight: float = 0.05) -> torch.Tensor:
-    """Stop decisions as cost-sensitive classification (ours): the per-sample twin of §6.2's L = (1 - acc) + lambda c.
+def route_loss(net, record, logits, y: torch.Tensor, cost_weight: float = 0.05) -> torch.Tensor:
+    """Stop decisions as cost-sensitive classification (ours), per sample: §6.2's
+    L = (1 - acc) + lambda c.
 
-    Along a sample's path, stopping at node k costs e_k + lambda_c C_k: e_k = 1 if exit k is wrong (0-1, as
-    §6.2's accuracy), C_k the MACs of the stages up to k as a fraction of the static backbone's. Continuing
-    is worth V_{k+1}, the same cost expected under the current policy further down (computed backwards
-    from the leaf that ran, detached). The gain of stopping, g = V_{k+1} - (e_k + lambda_c C_k), weighs a
-    binary cross-entropy on P_stop: target "stop" with weight g where g > 0, "go on" with weight -g where
-    g < 0. Its minimiser is P_stop = E[g+] / (E[g+] + E[g-]) among samples that look alike, so top-1
-    (P_stop > 1/2 with one stage child) stops exactly where stopping lowers the expected cost, and P_stop
-    stays graded: a threshold t on it is the compute knob. Easy samples learn to stop early, hard ones
-    to go deep. `cost_weight` is lambda_c in accuracy per backbone-worth of MACs (0.05: one point of top-1 weighs
-    as much as 20% of the static compute).
-
-    Full-depth training knows every e_k of every sample. In routed training (the paper's) a sample that
-    stopped has no continuation: its gain there is 0, so a sample sent out early is never called back.
-    """
+    Along a sample's path, stopping at node k costs e_k + lambda_c C_k (e_k = 1 if exit k is wrong;
+    C_k the MACs of the stages up to k over the static backbone's). Going on is worth V_{k+1}, the
+    same cost expected under the current policy further down (computed backwards from the leaf
+    that ran, detached). The gain of stopping, g = V_{k+1} - (e_k + lambda_c C_k), weighs a binary
+    cross-entropy on P_stop: "stop" with weight g where g > 0, "go on" with weight -g where g < 0.
+    Its minimiser, P_stop = E[g+] / (E[g+] + E[g-]) among samples that look alike, stops exactly
+    where stopping lowers the expected cost, and stays graded: a threshold on it is the compute
+    knob. `cost_weight` is lambda_c, in accuracy per backbone's worth of MACs (0.05: one point of
+    top-1 weighs as much as 20% of the static compute). Full-depth training knows every e_k; in
+    routed training a sample that stopped has no continuation, and its gain there is 0."""
     B, hw = record.input_shape
-    D, macs = len(net.backbone.stages), stage_macs(net, hw)
-    cost = cost_weight * torch.tensor(macs, device=logits.device).cumsum(0) / sum(macs)  # (D,) lambda_c C_k
-    with torch.no_grad():
-        err, p_stop = torch.zeros(B, D, device=logits.device), torch.zeros(B, D, device=logits.device)
-        seen = torch.zeros(B, D, dtype=torch.bool, device=logits.device)
-        for node, idx, exit_logits, P in record.exits:  # (B_n,), (B_n, classes), (B_n, K) with the stop child last
-            err[idx, node.depth] = (exit_logits.argmax(-1) != y[idx]).float()
-            p_stop[idx, node.depth], seen[idx, node.depth] = P[:, -1].float(), True
-        V = (logits.argmax(-1) != y).float() + cost[record.leaf_depth]  # (B,) the leaf that ran
-        gain = torch.zeros(B, D, device=logits.device)
-        for d in reversed(range(D)):  # backwards along every path at once: one step per depth
-            here = err[:, d] + cost[d]
-            gain[:, d] = torch.where(seen[:, d], V - here, 0.0)
-            V = torch.where(seen[:, d], p_stop[:, d] * here + (1 - p_stop[:, d]) * V, V)
+    macs = net.backbone.stage_macs(hw)
+    D, exits = len(macs), exits_of(record)
+    cost = cost_weight * torch.tensor(macs, device=logits.device).cumsum(0) / sum(macs)  # (D,)
+    gain = stop_gains(exits, logits, y, record.leaf_depth, cost, B, D)  # (B, D)
     terms = []
-    for node, idx, _, P in record.exits:
-        g, p = gain[idx, node.depth], P[:, -1].clamp(1e-6, 1 - 1e-6)  # (B_n,)
+    for r in exits:
+        g, p = gain[r.idx, r.node.depth], r.P[:, -1].clamp(1e-6, 1 - 1e-6)  # (B_n,)
         terms.append(-(g.clamp(min=0) * p.log() + (-g).clamp(min=0) * torch.log1p(-p)).sum())
     return torch.stack(terms).sum() / B if terms else torch.zeros((), device=logits.device)
 
 
-def balance_loss(record) -> torch.Tensor:
-    """§2.2's load-balancing loss M sum_m (f_m - 1/M)^2 over the M sibling stage children of each node that has
-    several (f_m: mean of P renormalised over them), averaged over those nodes. The stop child is left out:
-    how many samples stop is route_loss's business, and balancing it would fight the price of compute."""
+@torch.no_grad()
+def stop_gains(exits: list, logits, y, leaf_depth, cost, B: int, D: int) -> torch.Tensor:
+    """route_loss's g: (B, D), the gain of stopping at depth d under the current policy (0 where a
+    sample's path has no exit at d), backwards from the leaf that ran, one step per depth."""
+    err, p_stop = torch.zeros(B, D, device=logits.device), torch.zeros(B, D, device=logits.device)
+    seen = torch.zeros(B, D, dtype=torch.bool, device=logits.device)
+    for r in exits:  # r.idx (B_n,), r.exit (B_n, classes), r.P (B_n, K), the stop branch last
+        err[r.idx, r.node.depth] = (r.exit.argmax(-1) != y[r.idx]).float()
+        p_stop[r.idx, r.node.depth], seen[r.idx, r.node.depth] = r.P[:, -1].float(), True
+    V = (logits.argmax(-1) != y).float() + cost[leaf_depth]  # (B,) the leaf that ran
+    gain = torch.zeros(B, D, device=logits.device)
+    for d in reversed(range(D)):  # backwards along every path at once
+        here = err[:, d] + cost[d]
+        gain[:, d] = torch.where(seen[:, d], V - here, 0.0)
+        V = torch.where(seen[:, d], p_stop[:, d] * here + (1 - p_stop[:, d]) * V, V)
+    return gain
+
+
+def split_loss(record) -> torch.Tensor:
+    """Ours (grow_prune.grow_split): each grown specialist's parent learns which samples are the
+    specialist's: the binary cross-entropy of its share of the stage branches' P (the stop branch
+    left out) against the side of the split it was grown for, averaged; 0 where none was grown."""
     terms = []
-    for node, P in record.decisions:
-        M = len(node.stage_children)
+    for r in (r for r in record.routed if r.sides is not None):
+        M = len(r.sides)
+        share = r.P[:, :M] / r.P[:, :M].sum(1, keepdim=True)  # (B_n, M) over the stage branches
+        terms += [F.binary_cross_entropy(share[:, k].clamp(1e-6, 1 - 1e-6), side)
+                  for k, side in enumerate(r.sides) if side is not None]
+    return torch.stack(terms).mean() if terms else torch.zeros((), device=record.leaf_depth.device)
+
+
+def balance_loss(record) -> torch.Tensor:
+    """§2.2's load-balancing loss M sum_m (f_m - 1/M)^2 over the M sibling stage branches of each
+    node that has several (f_m: the mean of P renormalised over them), averaged over those nodes.
+    The stop branch is left out: how many samples stop is route_loss's business."""
+    terms = []
+    for r in record.routed:
+        M = len(r.node.stage_branches)
         if M > 1:
-            f = (P[:, :M] / P[:, :M].sum(1, keepdim=True)).mean(0)  # (M,) the siblings' shares
+            f = (r.P[:, :M] / r.P[:, :M].sum(1, keepdim=True)).mean(0)  # (M,) the siblings' shares
             terms.append(M * (f - 1.0 / M).pow(2).sum())
     return torch.stack(terms).mean() if terms else torch.zeros((), device=record.leaf_depth.device)
 
 
-def split_loss(record) -> torch.Tensor:
-    """Ours (grow_prune.split): each grown specialist's parent learns which samples are the specialist's. The
-    binary cross-entropy of the specialist's share of the stage children's P (stop left out) against the side
-    of the split it was grown for, averaged over specialists; 0 where none was grown."""
-    terms = []
-    for _, P, sides in record.splits:
-        M = len(sides)
-        share = P[:, :M] / P[:, :M].sum(1, keepdim=True)  # (B_n, M) renormalised over the stage children
-        terms += [F.binary_cross_entropy(share[:, k].clamp(1e-6, 1 - 1e-6), side)
-                  for k, side in enumerate(sides) if side is not None]
-    return torch.stack(terms).mean() if terms else torch.zeros((), device=record.leaf_depth.device)
+def expected_cost_loss(net, record) -> torch.Tensor:
+    """The expected per-sample stage cost under the selectors' P, over the static backbone's: each
+    decision adds sum_j P_j c_j (c_j the MACs of branch j's stage, 0 for a stop branch); the stem,
+    which every sample runs, is a constant. Differentiable in P: §6.2's lambda c in training."""
+    B, hw = record.input_shape
+    macs = net.backbone.stage_macs(hw)
+    total = torch.tensor(macs[0] * B, device=net.root.alpha.device)
+    for r in record.routed:
+        kids = r.node.branches.values()
+        c = torch.tensor([0.0 if k.is_stop else macs[k.depth] for k in kids], device=r.P.device)
+        total = total + (r.P @ c).sum()
+    return total / (B * sum(macs))
 
 
-def juliet_loss(net, record, logits: torch.Tensor, y: torch.Tensor, exit_weight: float = 1.0, route_weight: float = 1.0,
-                cost_weight: float = 0.05, expected_cost_weight: float = 0.0, balance_weight: float = 0.0,
-                split_weight: float = 0.0) -> torch.Tensor:
-    """The training objective of a Juliet step: the task loss plus each routing loss that has a weight
-    (defaults: the training script's recipe; `exit_weight=route_weight=0` is the paper's task loss alone)."""
+def juliet_loss(net, record, logits, y: torch.Tensor, exit_weight=1.0, route_weight=1.0,
+                cost_weight=0.05, split_weight=1.0, balance_weight=0.0,
+                expected_cost_weight=0.0) -> torch.Tensor:
+    """The training objective of a Juliet step: the task loss plus each loss that has a weight. The
+    defaults are our recipe; `exit_weight=0, route_weight=0, split_weight=0` is the paper's."""
     loss = F.cross_entropy(logits, y)
     if exit_weight:  # deep supervision of the early exits
         loss = loss + exit_weight * exit_loss(record, y)
@@ -152,7 +136,7 @@ def juliet_loss(net, record, logits: torch.Tensor, y: torch.Tensor, exit_weight:
         loss = loss + route_weight * route_loss(net, record, logits, y, cost_weight=cost_weight)
     if expected_cost_weight:  # compute-aware straight-through routing
         loss = loss + expected_cost_weight * expected_cost_loss(net, record)
-    if balance_weight:  # §2.2 load balancing of sibling stage children
+    if balance_weight:  # §2.2 load balancing of sibling stage branches
         loss = loss + balance_weight * balance_loss(record)
     if split_weight:  # grown specialists get the side of the split they were grown for
         loss = loss + split_weight * split_loss(record)

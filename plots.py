@@ -1,13 +1,15 @@
-"""Every figure Juliet writes: a run's curves, node usage and trie; its routing; the compute knob (paper §5.3
-"Profiling outputs", Fig. 2; docs/results.md "Per-sample routing"). matplotlib on the Agg backend, PNG files.
+"""Every figure Juliet writes: a run's curves, node usage and trie; its routing; the compute knob
+(paper §5.3 "Profiling outputs", Fig. 2; docs/results.md "Per-sample routing"). matplotlib on the
+Agg backend, PNG files.
 
-    plot_run(out, history, model, final)      accuracy.png; node_usage.png, trie.png for a Juliet run
+    plot_run(out, history, model, final)      accuracy.png; node_usage.png, trie.png (Juliet runs)
     plot_routing(out, table, leaves, dataset) routing.png (class / group x leaf), leaf_samples.png
-    plot_curve(path, curve_report)            curve.png: top-1 vs executed MACs, the knob and its baselines
+    plot_curve(path, curve_report)            curve.png: top-1 vs executed MACs, knob, baselines
     plot_selector_curves(out, grid)           selector_curves.png: the §5.3 ablation grid's Fig. 3
-    plot_top1_per_gflop(path, groups)         top1_per_gflop.png: Fig. 4/5 (profile.py --table, train_imagenet.py)
+    plot_top1_per_gflop(path, groups)         top1_per_gflop.png: Fig. 4/5 (profile.py --table,
+                                              train_imagenet.py)
     plot_energy(path, logs)                   energy.png: Fig. 6 (train_imagenet.py)
-    plot_pareto, plot_importances             pareto.png, importances.png: the §6.2 sweep (sweep.py)
+    plot_pareto, plot_importances             pareto.png, importances.png: §6.2 sweep (sweep.py)
 """
 
 import itertools
@@ -21,7 +23,8 @@ from trie import STOP, JulietNet
 
 
 def save(fig, path: str) -> str:
-    """Lay out, write atomically (runs.atomic_write: sweep workers ending together each publish a whole PNG), close."""
+    """Lay out, write atomically (runs.atomic_write: sweep workers ending together each publish a
+    whole PNG), close."""
     fig.tight_layout()
     runs.atomic_write(path, lambda f: fig.savefig(f, dpi=120, format="png"))
     pyplot().close(fig)
@@ -39,7 +42,8 @@ def pyplot():
 
 
 def plot_run(out: str, history: list, model, final: dict) -> None:
-    """accuracy.png (Fig. 2 style curves); for Juliet also node_usage.png and trie.png (test traffic)."""
+    """accuracy.png (Fig. 2 style curves); for Juliet also node_usage.png and trie.png (test
+    traffic)."""
     plt = pyplot()
     if history:
         ep = [h["epoch"] for h in history]
@@ -47,7 +51,8 @@ def plot_run(out: str, history: list, model, final: dict) -> None:
         ax.plot(ep, [h["train_top1"] for h in history], "o-", label="train")
         ax.plot(ep, [h["val_top1"] for h in history], "s-", label="val")
         ax.set(xlabel="epoch", ylabel="top-1 (%)", title=os.path.basename(os.path.abspath(out)))
-        ax.legend(), save(fig, os.path.join(out, "accuracy.png"))
+        ax.legend()
+        save(fig, os.path.join(out, "accuracy.png"))
     if not isinstance(model, JulietNet):
         return
     visits, n = final["test_node_visits"], max(1, final["test_samples"])
@@ -62,33 +67,40 @@ def plot_run(out: str, history: list, model, final: dict) -> None:
 
 
 def draw_trie(ax, model, share: dict) -> None:
-    """Leaves left to right, parents centred over their children; size and colour show the traffic share."""
-    pos, next_x = {}, iter(range(10**6))
+    """Leaves left to right, parents centred over their children; size and colour show the traffic
+    share."""
+    pos = {}  # node id -> (x, y)
+    next_x = itertools.count()  # the leaves' x, left to right
 
     def place(node, level):
-        xs = [place(k, level + 1) for k in node.choices]
+        xs = [place(k, level + 1) for k in node.branches.values()]
         pos[node.node_id] = (sum(xs) / len(xs) if xs else next(next_x), -level)
         return pos[node.node_id][0]
 
     place(model.root, 0)
     for node in model.nodes():
-        for k in node.choices:
+        for k in node.branches.values():
             (x0, y0), (x1, y1) = pos[node.node_id], pos[k.node_id]
-            ax.plot([x0, x1], [y0, y1], "-", color="0.6", lw=0.5 + 4 * share.get(k.node_id, 0), zorder=1)
+            width = 0.5 + 4 * share.get(k.node_id, 0)
+            ax.plot([x0, x1], [y0, y1], "-", color="0.6", lw=width, zorder=1)
     nodes = list(model.nodes())
     s = [share.get(n.node_id, 0) for n in nodes]
-    ax.scatter([pos[n.node_id][0] for n in nodes], [pos[n.node_id][1] for n in nodes], s=[60 + 600 * v for v in s],
-               c=s, cmap="viridis", vmin=0, vmax=1, marker="o", edgecolors="k", zorder=2)
+    xy = [pos[n.node_id] for n in nodes]
+    ax.scatter([x for x, _ in xy], [y for _, y in xy], s=[60 + 600 * v for v in s], c=s,
+               cmap="viridis", vmin=0, vmax=1, marker="o", edgecolors="k", zorder=2)
     for n, v in zip(nodes, s):
         label = (STOP if n.is_stop else n.node_id) + f"\n{100 * v:.0f}%"
-        ax.annotate(label, pos[n.node_id], textcoords="offset points", xytext=(0, -22), ha="center", fontsize=7)
-    ax.set_title("trie, share of test samples per node"), ax.axis("off")
+        ax.annotate(label, pos[n.node_id], textcoords="offset points", xytext=(0, -22),
+                    ha="center", fontsize=7)
+    ax.set_title("trie, share of test samples per node")
+    ax.axis("off")
 
 
 def plot_routing(out_dir: str, table: dict, leaves: list[str], dataset) -> None:
-    """routing.png: share of each class's (and each group's) test samples per leaf; leaf_samples.png: test
-    images that ended at each leaf. `table`: exits.exit_table's labels and groups; `leaves`: each sample's
-    leaf (exits.leaf_ids); `dataset`: the test set (a Subset's base names the classes)."""
+    """routing.png: share of each class's (and each group's) test samples per leaf;
+    leaf_samples.png: test images that ended at each leaf. `table`: exits.exit_table's labels and
+    groups; `leaves`: each sample's leaf (exits.leaf_ids); `dataset`: the test set (a Subset's base
+    names the classes)."""
     plt = pyplot()
     base, indices = getattr(dataset, "base", dataset), getattr(dataset, "indices", None)
     classes = getattr(base, "classes", None)
@@ -96,7 +108,8 @@ def plot_routing(out_dir: str, table: dict, leaves: list[str], dataset) -> None:
     rows = [("class", [str(c) for c in table["label"].tolist()])]
     if "group" in table:
         rows.append(("group", table["group"]))
-    fig, axes = plt.subplots(1, len(rows), figsize=(3 + 1.2 * len(names) * len(rows), 4.5), squeeze=False)
+    width = 3 + 1.2 * len(names) * len(rows)
+    fig, axes = plt.subplots(1, len(rows), figsize=(width, 4.5), squeeze=False)
     for ax, (what, keys) in zip(axes[0], rows):
         kinds = sorted(set(keys), key=lambda k: (len(k), k))
         m = np.zeros((len(kinds), len(names)))
@@ -108,11 +121,14 @@ def plot_routing(out_dir: str, table: dict, leaves: list[str], dataset) -> None:
         labels = [classes[int(k)] if what == "class" and classes else k for k in kinds]
         ax.set_yticks(range(len(kinds)), labels, fontsize=7)
         for (i, j), v in np.ndenumerate(m):
-            ax.text(j, i, f"{100 * v:.0f}", ha="center", va="center", fontsize=6, color="w" if v < 0.5 else "k")
+            colour = "w" if v < 0.5 else "k"
+            ax.text(j, i, f"{100 * v:.0f}", ha="center", va="center", fontsize=6, color=colour)
         ax.set(title=f"test samples per leaf (% of each {what})", xlabel="leaf")
     save(fig, os.path.join(out_dir, "routing.png"))
-    per_leaf, k = {leaf: [i for i, x in enumerate(leaves) if x == leaf][:8] for leaf in names}, 8
-    fig, axes = plt.subplots(len(names), k, figsize=(k * 0.9, len(names) * 1.0 + 0.3), squeeze=False)
+    k = 8  # images shown per leaf
+    per_leaf = {leaf: [i for i, x in enumerate(leaves) if x == leaf][:k] for leaf in names}
+    figsize = (k * 0.9, len(names) * 1.0 + 0.3)
+    fig, axes = plt.subplots(len(names), k, figsize=figsize, squeeze=False)
     for r, leaf in enumerate(names):
         for c in range(k):
             ax = axes[r][c]
@@ -125,35 +141,43 @@ def plot_routing(out_dir: str, table: dict, leaves: list[str], dataset) -> None:
 
 
 def plot_curve(path: str, rep: dict) -> None:
-    """curve.png: top-1 against executed MACs per sample for the knob, its baselines and the static backbone."""
+    """curve.png: top-1 against executed MACs per sample for the knob, its baselines and the static
+    backbone."""
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(6, 4.2))
     xy = lambda pts: ([p["macs"] / 1e6 for p in pts], [p["top1"] for p in pts])
     ax.plot(*xy(rep["juliet_curve"]), "-", label="Juliet, stop threshold t (one checkpoint)")
-    ax.plot(*xy(sorted(rep["confidence_curve"], key=lambda p: p["macs"])), "--", label="confidence early exit "
-            "(same exits)")
+    confidence = sorted(rep["confidence_curve"], key=lambda p: p["macs"])
+    ax.plot(*xy(confidence), "--", label="confidence early exit (same exits)")
     ax.plot(*xy(rep["fixed_hull"]), ":", color="0.4", label="fixed-depth exits: hull")
     ax.plot(*xy(rep["fixed_depth"]), "x", color="0.4")
     top = rep["juliet_top1_policy"]
     where = "held-out operating point" if rep.get("stop_threshold") is not None else \
         f"its stop rule ({rep.get('stop_rule', 'argmax')})"
     ax.plot([top["macs"] / 1e6], [top["top1"]], "*", ms=12, label=f"Juliet, {where}")
-    if rep["static"].get("top1") is not None:
-        ax.plot([rep["static"]["macs"] / 1e6], [rep["static"]["top1"]], "D", label="static backbone")
-    ax.set(xlabel="executed MACs per sample (M)", ylabel="test top-1 (%)", title="accuracy vs compute")
+    static = rep["static"]
+    if static.get("top1") is not None:
+        ax.plot([static["macs"] / 1e6], [static["top1"]], "D", label="static backbone")
+    ax.set(xlabel="executed MACs per sample (M)", ylabel="test top-1 (%)",
+           title="accuracy vs compute")
     lo = min(p["top1"] for p in rep["fixed_depth"])
-    ax.set_ylim(max(0, lo - 5), 100.5), ax.grid(alpha=0.3), ax.legend(fontsize=7, loc="lower right")
+    ax.set_ylim(max(0, lo - 5), 100.5)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="lower right")
     save(fig, path)
 
 
 def selector_curve(out: str, grid: list, sel: str):
-    """Fig. 3's line for one selector, {epoch: val top-1}, and its label: the selector's top1/both run (the
-    paper's default setting) when it ran, else the per-epoch mean of its runs; None when none ran."""
+    """Fig. 3's line for one selector, {epoch: val top-1}, and its label: the selector's top1/both
+    run (the paper's default setting) when it ran, else the per-epoch mean of its runs; None when
+    none ran."""
     curves = {}
     for s, policy, mode in grid:
         d = os.path.join(out, f"{s}-{policy}-{mode}")
-        logs = [runs.read_json(os.path.join(d, n)) for n in (os.listdir(d) if s == sel and os.path.isdir(d) else [])
-                if n.startswith("epoch_") and n.endswith(".json")]
+        if s != sel or not os.path.isdir(d):
+            continue
+        files = [n for n in os.listdir(d) if n.startswith("epoch_") and n.endswith(".json")]
+        logs = [runs.read_json(os.path.join(d, n)) for n in files]
         if logs:
             curves[policy, mode] = {log["epoch"]: log["val_top1"] for log in logs}
     if ("top1", "both") in curves:
@@ -161,12 +185,14 @@ def selector_curve(out: str, grid: list, sel: str):
     if not curves:
         return None
     epochs = sorted(set().union(*curves.values()))
-    return ({e: sum(c[e] for c in curves.values() if e in c) / sum(e in c for c in curves.values()) for e in epochs},
-            f"{sel} (mean of {len(curves)} runs)")
+    mean = {e: sum(c[e] for c in curves.values() if e in c) / sum(e in c for c in curves.values())
+            for e in epochs}
+    return mean, f"{sel} (mean of {len(curves)} runs)"
 
 
 def plot_selector_curves(out: str, grid: list) -> None:
-    """selector_curves.png in the ablation directory `out`: val top-1 per epoch of each selector (Fig. 3)."""
+    """selector_curves.png in the ablation directory `out`: val top-1 per epoch of each selector
+    (Fig. 3)."""
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(5.5, 4))
     for sel in SELECTORS:
@@ -174,20 +200,23 @@ def plot_selector_curves(out: str, grid: list) -> None:
             curve, label = line
             ax.plot(sorted(curve), [curve[e] for e in sorted(curve)], "o-", label=label)
     ax.set(xlabel="epoch", ylabel="val top-1 (%)", title="selector architectures (Fig. 3)")
-    ax.legend(fontsize=7), fig.tight_layout()
+    ax.legend(fontsize=7)
     save(fig, os.path.join(out, "selector_curves.png"))
 
 
 def plot_top1_per_gflop(path: str, groups: dict, title: str = "") -> str:
-    """Fig. 4/5 bars: test top-1 (%) per GFLOP (THOP MACs), one group per model and one bar per FLOP convention:
-    groups = {model: {convention: (top-1 %, GMACs)}} (profile.py --table; train_imagenet.py against Fig. 5's)."""
+    """Fig. 4/5 bars: test top-1 (%) per GFLOP (THOP MACs), one group per model and one bar per FLOP
+    convention: groups = {model: {convention: (top-1 %, GMACs)}} (profile.py --table;
+    train_imagenet.py against Fig. 5's)."""
     plt = pyplot()
-    series = list(dict.fromkeys(s for bars in groups.values() for s in bars))  # conventions, first seen first
+    # the FLOP conventions, in the order they first appear
+    series = list(dict.fromkeys(s for bars in groups.values() for s in bars))
     width = 0.8 / max(1, len(series))
     fig, ax = plt.subplots(figsize=(max(4, 1.4 * len(groups)), 3.5))
     for k, s in enumerate(series):
         at = [(i, bars[s]) for i, bars in enumerate(groups.values()) if s in bars]
-        ax.bar([i + (k - (len(series) - 1) / 2) * width for i, _ in at], [t / g for _, (t, g) in at], width, label=s)
+        offset = (k - (len(series) - 1) / 2) * width
+        ax.bar([i + offset for i, _ in at], [t / g for _, (t, g) in at], width, label=s)
     ax.set_xticks(range(len(groups)), list(groups), rotation=20, fontsize=7)
     ax.set(ylabel="test top-1 (%) per GFLOP", title=title)
     ax.legend(fontsize=7)
@@ -203,29 +232,38 @@ def plot_energy(path: str, logs: list[dict]) -> None:
     a.plot(ep, [h["energy_train_j"] for h in logs], "o-", label="train")
     a.plot(ep, [h["energy_val_j"] for h in logs], "s-", label="val")
     b.plot(ep, [h["energy_train_j_per_image"] for h in logs], "o-")
-    a.set(xlabel="epoch", ylabel="energy (J)", title="NVML energy per epoch"), a.legend()
-    b.set(xlabel="epoch", ylabel="J / image", title=f"train ({logs[-1]['energy_train_status'] or 'NVML'})")
+    a.set(xlabel="epoch", ylabel="energy (J)", title="NVML energy per epoch")
+    a.legend()
+    status = logs[-1]["energy_train_status"] or "NVML"
+    b.set(xlabel="epoch", ylabel="J / image", title=f"train ({status})")
     save(fig, path)
 
 
 def pareto_front(points: list) -> list:
-    """Indices of the (MACs, accuracy) points that no other point beats on both: fewer MACs, higher accuracy."""
+    """Indices of the (MACs, accuracy) points that no other point beats on both: fewer MACs, higher
+    accuracy."""
     order = sorted(range(len(points)), key=lambda i: (points[i][0], -points[i][1]))
-    best = list(itertools.accumulate((points[i][1] for i in order), max, initial=-float("inf")))  # best before k
+    # best[k]: the highest accuracy of the points before the k-th (in that order)
+    best = list(itertools.accumulate((points[i][1] for i in order), max, initial=-float("inf")))
     return [i for k, i in enumerate(order) if points[i][1] > best[k]]
 
 
-def plot_pareto(path: str, points: list, numbers: list, states: list, static_macs: float | None) -> None:
-    """pareto.png (§6.2 sweep): each finished trial's (executed MMACs, val top-1 %), the Pareto front numbered."""
+def plot_pareto(path: str, points: list, numbers: list, states: list,
+                static_macs: float | None) -> None:
+    """pareto.png (§6.2 sweep): each finished trial's (executed MMACs, val top-1 %), the Pareto
+    front numbered."""
     plt = pyplot()
     front = pareto_front(points)
     fig, ax = plt.subplots(figsize=(5.5, 4))
     for state, marker in (("COMPLETE", "o"), ("PRUNED", "x")):
         xy = [p for p, s in zip(points, states) if s == state]
-        ax.scatter([x for x, _ in xy], [y for _, y in xy], marker=marker, c="0.55", label=state.lower())
-    ax.plot([points[i][0] for i in front], [points[i][1] for i in front], "o-", c="C3", label="Pareto front")
+        ax.scatter([x for x, _ in xy], [y for _, y in xy], marker=marker, c="0.55",
+                   label=state.lower())
+    ax.plot([points[i][0] for i in front], [points[i][1] for i in front], "o-", c="C3",
+            label="Pareto front")
     for i in front:
-        ax.annotate(str(numbers[i]), points[i], textcoords="offset points", xytext=(4, 4), fontsize=7)
+        ax.annotate(str(numbers[i]), points[i], textcoords="offset points", xytext=(4, 4),
+                    fontsize=7)
     if static_macs is not None:
         ax.axvline(static_macs, ls="--", c="0.3", lw=0.8, label="static backbone")
     ax.set(xlabel="expected executed MACs per sample (M, val)", ylabel="val top-1 (%)",
@@ -238,5 +276,6 @@ def plot_importances(path: str, importances: dict, n_complete: int) -> None:
     """importances.png (§6.2 sweep): each hyperparameter's importance for L."""
     fig, ax = pyplot().subplots(figsize=(5, 3))
     ax.barh(list(importances)[::-1], list(importances.values())[::-1])
-    ax.set(xlabel="importance for L (PED-ANOVA, Optuna default)", title=f"{n_complete} completed trials")
+    ax.set(xlabel="importance for L (PED-ANOVA, Optuna default)",
+           title=f"{n_complete} completed trials")
     save(fig, path)

@@ -1,89 +1,90 @@
-"""Path selectors: score a node's candidate children from the node's features (paper §3.1.2, §4.1, §5.3).
+"""Path selectors and the routing decision (paper §3.1.2, §4.1, §5.3; Eq. 1; Alg. 1 lines 4, 5, 7).
 
-Every selector has one interface, `selector(f, signatures, stop, exit_logits=None, prev_logits=None) -> (B, K)`:
+Every selector has one interface, `selector(f, signatures, stop, exit_logits, prev_logits)`,
+which returns one logit per branch, (B, K):
 
-  f            (B, C, H, W)   the node's post-sub-module activations
-  signatures   (K_s, S)       one weight signature per stage child: the mean of its last conv's weights
-                              over (C_in, kH, kW), detached -- "a compact weight signature from the
-                              child's sub-module (e.g., averaging a representative convolution's weights)"
-  stop         bool           whether the node has a stop child (trie.py); it gets a learned token
-  exit_logits  (B, classes)   the prediction a sample would leave with if it stopped here (optional)
-  prev_logits  (B, classes)   the exit before it on the sample's path (NaN rows: none; read by the calibration)
+  f            (B, C, H, W)  the node's activations after its sub-module
+  signatures   (K_s, S)      one weight signature per stage branch, the mean of a representative
+                             conv's weights ("a compact weight signature from the child's
+                             sub-module")
+  stop         bool          whether the node has a stop branch (trie.py); it gets a learned token
+  exit_logits  (B, classes)  the prediction a sample would leave with if it stopped here, or None
+  prev_logits  (B, classes)  the exit before it on the path, or None (read by the calibration)
 
-The stop child's logit also gets a learned offset, `stop_bias`. Initialised negative, it makes a new
-trie behave like its backbone (every sample runs every stage, so every stage gets trained) and lets
-exits be learned, rather than letting an untrained selector send whole batches to a stop leaf.
+Each branch becomes a *branch token* (LayerNorm + Linear of its signature, or the stop token), so a
+selector handles any number of branches, and one grown later (Alg. 2) is scored from its first step.
+The three selectors differ in how they read f:
 
-Exit confidence (ours; README "Paper notes and deviations"). Whether to stop is whether the exit is
-already right, and the best-known witness of that is the exit's own confidence (Shallow-Deep Networks,
-MSDNet). The paper's feature token cannot see it: its LayerNorm removes the scale of GAP(f), and with it
-the size of the exit's logits. With `exit_confidence`, the stop logit adds a learned linear function
-(zero at initialisation: the paper's selector) of the exit's max softmax, top-2 margin and normalised
-entropy, so a learned stop is never worse informed than a confidence threshold.
+  transformer  §4.1: feature token Linear(LayerNorm(GAP(f))); a TransformerEncoderLayer over
+               [feature || branches]; a linear head on each branch's output gives its logit
+  mlp          §5.3: a 2-layer MLP embeds GAP(f); logit = <embedding, branch token> / sqrt(d)
+  conv         §5.3: depthwise 3x3 conv + ReLU + GAP, projected, scored like mlp
 
-Each child becomes a *branch token* (LayerNorm + Linear of its signature, or the stop token), so a
-selector handles any number of children, and a child grown later (Alg. 2) is scored from the first
-step without resizing anything. The three selectors differ only in how they read `f`:
+The stop logit has a learned offset and, ours, two reads of the exit (README "Paper notes and
+deviations"): `exit_confidence` adds a learned linear function, zero at first, of the exit's max
+softmax, margin and entropy, which the paper's LayerNorm'd feature token cannot see; a held-out
+`calibration` (7 numbers that calibrate.py fits on the validation set) refits P_stop.
 
-  transformer  §4.1: feature token Linear(LayerNorm(GAP(f))); TransformerEncoderLayer over
-               [feature || branches]; a linear head on each branch output gives its logit.
-  mlp          §5.3: a 2-layer MLP embeds GAP(f); logit = <embedding, branch token> / sqrt(d).
-  conv         §5.3: depthwise 3x3 conv + ReLU + GAP, projected, scored like `mlp`.
-
-The decision from a selector's logits (Eq. 1, Alg. 1 line 5): `choose` in training (top-1 or Gumbel, the gate
-value, what full-depth training runs), `decide` at inference (the same choice in fewer ops), and `stops`, the
-stop rule itself, which the exit tables (exits.py) apply too.
+The decision (Alg. 1 line 5) has one home, `decide`, built on the stop rule `stops`, which the exit
+tables (exits.py) apply too. `partition` (line 7) splits a batch by it; `straight_through` carries
+its gradient. `Record` is what a routed forward pass did: the losses' and exit tables' input.
 """
 
 import math
+from typing import TYPE_CHECKING, NamedTuple
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+if TYPE_CHECKING:  # annotations only: routers.py runs without the trie
+    from trie import TrieNode
+
+STOP = "stop"  # the local id of a node's stop branch, the last of its branches
+STOP_RULES = {"half": 0.5, "argmax": None}  # stop rule -> the threshold it is (None: Alg. 1)
+IDENTITY = torch.tensor([1.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0])  # [a, w_1..w_5, b]: no calibration
+
 
 def confidence_features(exit_logits: torch.Tensor) -> torch.Tensor:
-    """(B, classes) -> (B, 3): max softmax, top-2 margin and entropy / log(classes) of an exit's prediction."""
+    """(B, classes) -> (B, 3): an exit's max softmax, top-2 margin and entropy / log(classes)."""
     p = exit_logits.float().softmax(-1)  # (B, classes)
     top2 = p.topk(min(2, p.shape[1]), dim=-1).values  # (B, 2)
     entropy = -(p * p.clamp_min(1e-12).log()).sum(-1) / math.log(max(2, p.shape[1]))  # (B,)
     return torch.stack([top2[:, 0], top2[:, 0] - top2[:, -1], entropy], -1)
 
 
-IDENTITY = torch.tensor([1.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0])  # [a, w_1..w_5, b]: the calibration that changes nothing
-
-
-def calibration_features(exit_logits: torch.Tensor, prev_logits: torch.Tensor | None = None) -> torch.Tensor:
-    """(B, 5): confidence_features and two reads of the exit before it on the path (0 where there is none): whether
-    it predicted the same class, and its probability of this exit's class (consecutive exits that agree are
-    rarely wrong together; PABEE's "patience")."""
+def calibration_features(exit_logits: torch.Tensor, prev_logits: torch.Tensor | None = None):
+    """(B, 5): confidence_features and two reads of the exit before it on the path (0 where there
+    is none): whether it predicted the same class, and its probability of this exit's class
+    (consecutive exits that agree are rarely wrong together; PABEE's "patience")."""
     conf = confidence_features(exit_logits)  # (B, 3)
     if prev_logits is None:
         return torch.cat([conf, conf.new_zeros(len(conf), 2)], 1)
     pred = exit_logits.argmax(-1, keepdim=True)  # (B, 1)
-    prev = prev_logits.float().softmax(-1).nan_to_num(0.0)  # (B, classes); NaN rows (no exit before) -> 0
+    prev = prev_logits.float().softmax(-1).nan_to_num(0.0)  # (B, classes); NaN rows: no exit
     agree = (prev.argmax(-1, keepdim=True) == pred) & (prev.sum(-1, keepdim=True) > 0)  # (B, 1)
     return torch.cat([conf, agree.float(), prev.gather(1, pred)], 1)
 
 
-class Selector(nn.Module):
-    """Shared part: branch tokens from child weight signatures, a learned stop token, the stop logit's offset
-    and, with `exit_confidence`, its read of the exit's confidence."""
+# ----------------------------------------------------------------------------- selectors
 
-    def __init__(self, channels: int, sig_dim: int, d_model: int, stop_bias: float = 0.0,
-                 exit_confidence: bool = False):
+
+class Selector(nn.Module):
+    """What the selectors share: branch tokens from weight signatures, a learned stop token, the
+    stop logit's learned offset, its read of the exit's confidence and its held-out calibration."""
+
+    def __init__(self, channels: int, sig_dim: int, d_model: int, exit_confidence: bool = True):
         super().__init__()
         self.d_model = d_model
         self.sig_proj = nn.Sequential(nn.LayerNorm(sig_dim), nn.Linear(sig_dim, d_model))
         self.stop_token = nn.Parameter(0.02 * torch.randn(d_model))
-        self.stop_bias = nn.Parameter(torch.tensor(float(stop_bias)))
+        self.stop_bias = nn.Parameter(torch.tensor(0.0))
         self.confidence = nn.Linear(3, 1) if exit_confidence else None
         if self.confidence is not None:  # zero: a new selector is the paper's
             nn.init.zeros_(self.confidence.weight), nn.init.zeros_(self.confidence.bias)
-        # Held-out calibration of the stop decision (ours; exits.calibrate fits it on the validation split):
-        # stop log-odds d' = a d + w . calibration_features + b, as [a, w_1, ..., w_5, b]. Not learned by SGD.
+        # stop log-odds d' = a d + w . calibration_features + b, as [a, w_1..w_5, b]; not SGD's
         self.register_buffer("calibration", IDENTITY.clone())
-        self.calibrated = False  # whether `calibration` is not the identity (a flag: no device sync per call)
+        self.calibrated = False  # the calibration is not the identity (a flag: no sync per call)
 
     def set_calibration(self, coefficients: torch.Tensor) -> None:
         self.calibration.copy_(coefficients)
@@ -91,24 +92,23 @@ class Selector(nn.Module):
 
     def _load_from_state_dict(self, *args, **kwargs):
         super()._load_from_state_dict(*args, **kwargs)
-        self.calibrated = not torch.equal(self.calibration.cpu(), IDENTITY)  # a loaded fit is in use
+        self.calibrated = not torch.equal(self.calibration.cpu(), IDENTITY)  # a loaded fit
 
-    def forward(self, f: torch.Tensor, signatures: torch.Tensor, stop: bool,
-                exit_logits: torch.Tensor | None = None, prev_logits: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, f, signatures, stop: bool, exit_logits=None, prev_logits=None):
         logits = self.logits(f, signatures, stop)  # (B, K)
-        if stop:  # the stop child is last
+        if stop:  # the stop branch is last
             offset = self.stop_bias
             if self.confidence is not None and exit_logits is not None:
-                offset = offset + self.confidence(confidence_features(exit_logits)).to(logits.dtype)  # (B, 1)
+                read = self.confidence(confidence_features(exit_logits))  # (B, 1)
+                offset = offset + read.to(logits.dtype)
             logits = torch.cat([logits[:, :-1], logits[:, -1:] + offset], 1)
             if self.calibrated:
                 logits = self.calibrate(logits, exit_logits, prev_logits)
         return logits
 
-    def calibrate(self, logits: torch.Tensor, exit_logits: torch.Tensor | None,
-                  prev_logits: torch.Tensor | None = None) -> torch.Tensor:
-        """Replace P_stop by sigmoid(d'), d' = a d + w . calibration_features + b, d = log P_stop / (1 - P_stop) =
-        the stop logit minus the stage logits' logsumexp; the stage children keep their odds among themselves."""
+    def calibrate(self, logits, exit_logits, prev_logits=None) -> torch.Tensor:
+        """P_stop replaced by sigmoid(d'), d' = a d + w . calibration_features + b, d its log-odds
+        (the stop logit minus the stage logits' logsumexp); stage branches keep their odds."""
         a, w, b = self.calibration[0], self.calibration[1:-1], self.calibration[-1]
         go = logits[:, :-1].float().logsumexp(-1)  # (B,)
         d = a * (logits[:, -1].float() - go) + b
@@ -119,10 +119,10 @@ class Selector(nn.Module):
     def branch_tokens(self, signatures: torch.Tensor, stop: bool) -> torch.Tensor:
         tokens = self.sig_proj(signatures)  # (K_s, d)
         if stop:
-            tokens = torch.cat([tokens, self.stop_token[None]], 0)  # (K, d), stop child last
+            tokens = torch.cat([tokens, self.stop_token[None]], 0)  # (K, d), stop last
         return tokens
 
-    def score(self, embedding: torch.Tensor, signatures: torch.Tensor, stop: bool) -> torch.Tensor:
+    def score(self, embedding: torch.Tensor, signatures, stop: bool) -> torch.Tensor:
         """Scaled dot product of a per-sample embedding (B, d) with each branch token -> (B, K)."""
         return embedding @ self.branch_tokens(signatures, stop).T / math.sqrt(self.d_model)
 
@@ -130,14 +130,12 @@ class Selector(nn.Module):
 class TransformerSelector(Selector):
     """§4.1: a small TransformerEncoderLayer over [feature token || branch tokens]."""
 
-    def __init__(self, channels: int, sig_dim: int, d_model: int = 64, n_head: int = 4, stop_bias: float = 0.0,
-                 exit_confidence: bool = False):
-        super().__init__(channels, sig_dim, d_model, stop_bias, exit_confidence)
+    def __init__(self, channels, sig_dim, d_model=64, n_head=4, exit_confidence=True):
+        super().__init__(channels, sig_dim, d_model, exit_confidence)
         self.feature = nn.Sequential(nn.LayerNorm(channels), nn.Linear(channels, d_model))
-        # dropout=0: routing is a discrete decision, and noise in it would make top-1 non-deterministic.
-        self.encoder = nn.TransformerEncoderLayer(
-            d_model, n_head, dim_feedforward=2 * d_model, dropout=0.0, batch_first=True
-        )
+        # dropout 0: routing is a discrete decision; noise would make top-1 non-deterministic
+        self.encoder = nn.TransformerEncoderLayer(d_model, n_head, dim_feedforward=2 * d_model,
+                                                  dropout=0.0, batch_first=True)
         self.head = nn.Linear(d_model, 1)
 
     def logits(self, f: torch.Tensor, signatures: torch.Tensor, stop: bool) -> torch.Tensor:
@@ -149,25 +147,22 @@ class TransformerSelector(Selector):
 
 
 class MLPSelector(Selector):
-    """§5.3 ablation: 2-layer MLP on GAP(f), scored against the branch tokens."""
+    """§5.3's ablation: a 2-layer MLP on GAP(f), scored against the branch tokens."""
 
-    def __init__(self, channels: int, sig_dim: int, d_model: int = 64, n_head: int = 4, stop_bias: float = 0.0,
-                 exit_confidence: bool = False):
-        super().__init__(channels, sig_dim, d_model, stop_bias, exit_confidence)
-        self.mlp = nn.Sequential(
-            nn.LayerNorm(channels), nn.Linear(channels, d_model), nn.ReLU(), nn.Linear(d_model, d_model)
-        )
+    def __init__(self, channels, sig_dim, d_model=64, n_head=4, exit_confidence=True):
+        super().__init__(channels, sig_dim, d_model, exit_confidence)
+        self.mlp = nn.Sequential(nn.LayerNorm(channels), nn.Linear(channels, d_model), nn.ReLU(),
+                                 nn.Linear(d_model, d_model))
 
     def logits(self, f: torch.Tensor, signatures: torch.Tensor, stop: bool) -> torch.Tensor:
         return self.score(self.mlp(f.mean((2, 3))), signatures, stop)  # (B, K)
 
 
 class ConvSelector(Selector):
-    """§5.3 ablation: depthwise 3x3 conv + GAP, scored against the branch tokens."""
+    """§5.3's ablation: a depthwise 3x3 conv + GAP, scored against the branch tokens."""
 
-    def __init__(self, channels: int, sig_dim: int, d_model: int = 64, n_head: int = 4, stop_bias: float = 0.0,
-                 exit_confidence: bool = False):
-        super().__init__(channels, sig_dim, d_model, stop_bias, exit_confidence)
+    def __init__(self, channels, sig_dim, d_model=64, n_head=4, exit_confidence=True):
+        super().__init__(channels, sig_dim, d_model, exit_confidence)
         self.dw = nn.Conv2d(channels, channels, 3, padding=1, groups=channels)
         self.proj = nn.Sequential(nn.LayerNorm(channels), nn.Linear(channels, d_model))
 
@@ -179,57 +174,102 @@ class ConvSelector(Selector):
 SELECTORS = {"transformer": TransformerSelector, "mlp": MLPSelector, "conv": ConvSelector}
 
 
-def make_selector(name: str, channels: int, sig_dim: int, d_model: int = 64, n_head: int = 4,
-                  stop_bias: float = 0.0, exit_confidence: bool = False) -> Selector:
+def make_selector(name: str, channels: int, sig_dim: int, d_model=64, n_head=4,
+                  exit_confidence=True) -> Selector:
     if name not in SELECTORS:
         raise ValueError(f"unknown selector {name!r}; choose one of: {', '.join(SELECTORS)}")
-    return SELECTORS[name](channels, sig_dim, d_model, n_head, stop_bias, exit_confidence)
+    return SELECTORS[name](channels, sig_dim, d_model, n_head, exit_confidence)
 
 
-# ----------------------------------------------------------------------------- the decision (Alg. 1 line 5)
+# ----------------------------------------------------------------------------- the decision
 
-STOP_RULES = {"half": 0.5, "argmax": None}  # stop rule -> the stop threshold it is (None: Alg. 1 argmax)
-STOP = "stop"  # local id of a node's stop child (trie.py), the last of a node's choices
+
+class Choice(NamedTuple):
+    """Alg. 1 line 5 on one node's sub-batch."""
+
+    run: torch.Tensor  # (B_n,) the branch each sample runs
+    top1: torch.Tensor  # (B_n,) the branch the decision picks (run differs in full-depth training)
+    q: torch.Tensor  # (B_n,) the probability of what runs: the straight-through gate's value
+    P: torch.Tensor  # (B_n, K) Eq. 1, the stop branch last
 
 
 def stops(p_stop: torch.Tensor, p_stage: torch.Tensor | None, t: float | None) -> torch.Tensor:
-    """The stop rule, everywhere it is applied (routing, training, the exit tables): with a threshold t, stop where
-    P_stop >= t (t >= 1: never; the "half" rule is t = 1/2); without one, Alg. 1's argmax: stop where P_stop beats
-    the best stage child's P (`p_stage`)."""
+    """The stop rule, wherever it is applied (routing, training, the exit tables): with a threshold
+    t, stop where P_stop >= t (t >= 1: never; the "half" rule is t = 1/2); without one, Alg. 1's
+    argmax: stop where P_stop beats the best stage branch's P (`p_stage`)."""
     return p_stop > p_stage if t is None else (p_stop >= t) & bool(t < 1)
 
 
-def decide(logits: torch.Tensor, has_stop: bool, t: float | None) -> torch.Tensor:
-    """The child each sample runs at inference: `choose`'s first output outside training, in fewer ops."""
-    if not has_stop or t is None:
-        return logits.argmax(-1)  # Alg. 1 line 5 (`stops` with t None, without the softmax)
-    best = logits[:, :-1].argmax(-1)  # the best stage child, given "go"
-    if t >= 1:
-        return best
-    return torch.where(stops(logits.float().softmax(-1)[:, -1], None, t), logits.shape[1] - 1, best)
-
-
-def choose(logits: torch.Tensor, has_stop: bool, t: float | None, gumbel_tau: float | None, full: bool):
-    """(child that runs, top-1 child, its gate value q, P) for one routing node's sub-batch.
-
-    Without a threshold: top-1 over all children (Alg. 1 line 5) or, in training with policy "gumbel" (`gumbel_tau`
-    set), a hard Gumbel-softmax sample. With a threshold t (the knob; 1/2 under the "half" stop rule): stop where
-    P_stop >= t (t = 1: never), else the best stage child; P_j = (1 - P_stop) softmax(stage)_j exactly. In
-    full-depth training (`full`) a stage child runs whatever the decision (`top1`) says."""
+def decide(logits, has_stop: bool, t: float | None, gumbel_tau=None, full=False) -> Choice:
+    """Alg. 1 line 5. Without a threshold: top-1 over every branch, or in training with policy
+    "gumbel" (`gumbel_tau`) a hard Gumbel-softmax sample. With one (the knob; 1/2 under the "half"
+    rule): stop where P_stop >= t, else the best stage branch. In full-depth training (`full`) a
+    stage branch runs whatever the decision says."""
     P = logits.float().softmax(-1)  # Eq. 1: (B_n, K)
     n_stage = P.shape[1] - has_stop
-    staged = has_stop and t is not None  # stop-or-go, then a stage child
-    scope = logits[:, :n_stage] if (full or staged) else logits  # the choices that may run
+    staged = has_stop and t is not None  # stop or go, then a stage branch
+    scope = logits[:, :n_stage] if (full or staged) else logits  # the branches that may run
     if gumbel_tau is not None:
-        y = F.gumbel_softmax(scope.float(), tau=gumbel_tau)  # (B_n, K') relaxed sample
+        y = F.gumbel_softmax(scope.float(), tau=gumbel_tau)  # (B_n, K') a relaxed sample
     else:
         y = scope.float().softmax(-1)
-    choice = y.argmax(-1)  # (B_n,)
-    q = y.gather(1, choice[:, None]).squeeze(1)
-    top1 = P.argmax(-1)  # what the decision is, whatever runs
+    run = y.argmax(-1)  # (B_n,)
+    q = y.gather(1, run[:, None]).squeeze(1)
+    top1 = P.argmax(-1)  # the decision, whatever runs
     if staged:
         stop = stops(P[:, -1], None, t)
-        top1 = torch.where(stop, n_stage, choice)
-        if not full:  # routed: the decision runs, its gate its probability (P_stop, or (1 - P_stop) q)
-            choice, q = top1, torch.where(stop, P[:, -1], (1 - P[:, -1]) * q)
-    return choice, top1, q, P
+        top1 = torch.where(stop, n_stage, run)
+        if not full:  # the decision runs; its probability is P_stop, or (1 - P_stop) q
+            run, q = top1, torch.where(stop, P[:, -1], (1 - P[:, -1]) * q)
+    return Choice(run, top1, q, P)
+
+
+def straight_through(gate: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+    """The path's gate times 1 + (q - sg(q)): exactly the gate forward, dq backward (q = P_i*)."""
+    return gate * (1.0 + (q - q.detach()))
+
+
+# ----------------------------------------------------------------------------- what routing did
+
+
+class Rows(NamedTuple):
+    """What travels with a sub-batch's samples down the trie."""
+
+    idx: torch.Tensor  # (B_n,) each sample's index in the batch
+    gate: torch.Tensor | None  # (B_n,) the straight-through gates on its path, multiplied (grad)
+    alive: torch.Tensor | None  # (B_n,) bool, in training: top-1 sends it here (full depth runs on)
+    prev: torch.Tensor | None  # (B_n, classes) the last exit on its path (the calibration reads it)
+
+
+class Routed(NamedTuple):
+    """One routing node's decision on its sub-batch, as the losses and the exit tables read it."""
+
+    node: "TrieNode"
+    idx: torch.Tensor  # (B_n,) batch indices of its samples
+    P: torch.Tensor  # (B_n, K) Eq. 1 over its branches, the stop branch last
+    exit: torch.Tensor | None  # (B_n, classes) its exit's logits, where it has a stop branch
+    sides: list | None  # per stage branch, 1 where its split prior sends a sample (B_n,), or None
+
+
+class Record(NamedTuple):
+    """What one forward pass did (`return_record=True`). DDP finds every tensor in it."""
+
+    routed: list  # Routed, pre-order: in training and whenever a record is asked for
+    stopped: list  # (stop branch id, (B_n,) bool: top-1 stopped the sample there), in training
+    input_shape: tuple  # (B, (H, W))
+    leaf_depth: torch.Tensor | None = None  # (B,) depth of the leaf each sample ran to, in training
+    leaf_counts: dict | None = None  # leaf id -> samples top-1 sent there (Alg. 2: the busiest)
+    ran_leaf_counts: dict | None = None  # leaf id -> samples that ran there (full depth runs on)
+
+
+def partition(choice: torch.Tensor | None, n: int, f: torch.Tensor, rows: "Rows") -> list:
+    """Alg. 1 line 7, batched: (branch index, its samples' features, their rows) for each of the
+    `n` branches chosen, in order (choice None: one branch takes all). One sort and one gather per
+    tensor; where every sample chose one branch, its sub-batch is the batch. One host sync."""
+    counts = [len(f)] if choice is None else torch.bincount(choice, minlength=n).tolist()
+    if max(counts) == len(f):
+        return [(counts.index(len(f)), f, rows)]
+    order = torch.argsort(choice, stable=True)  # (B_n,)
+    parts = [None if v is None else v.index_select(0, order).split(counts) for v in (f, *rows)]
+    return [(k, parts[0][k], Rows(*(None if p is None else p[k] for p in parts[1:])))
+            for k in range(n) if counts[k]]  # K x (B_k, ...)

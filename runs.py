@@ -1,19 +1,23 @@
-"""The run directory: what a training run writes, how it is resumed and loaded, and how it fails (paper §5.3
-"Profiling outputs").
+"""The run directory: what a training run writes, how it is resumed and loaded, and how it fails
+(paper §5.3 "Profiling outputs").
 
     runs/<name>/config.json          the run's flags, dataset sizes, torch version
-    runs/<name>/model_profile.json   dataset, input size, params, FLOPs (paper convention), proxy flag, NVML status
+    runs/<name>/model_profile.json   dataset, input size, params, FLOPs (paper convention), proxy
+                                     flag, NVML status
     runs/<name>/epoch_<k>.json       one record per epoch (the log line's fields and many more)
-    runs/<name>/checkpoint.pt        model, optimizer, scheduler, scaler, progress, args, RNG state, trie structure
+    runs/<name>/checkpoint.pt        model, optimizer, scheduler, scaler, progress, args, RNG state,
+                                     trie structure
     runs/<name>/final.json           test-set numbers
     runs/<name>/*.png                accuracy curves, node usage, the trie, routing (plots.py)
-    runs/<name>/eval_<k>/            what `--eval-only` wrote (final.json, plots): a run's own files stay as they are
+    runs/<name>/eval_<k>/            what `--eval-only` wrote (final.json, plots): a run's own
+                                     files stay as they are
 
-Nothing is lost: a new run needs a new or empty directory, one process at a time writes a run directory (it
-holds DIR/.lock), files are written atomically (write, then rename). Nothing read can run code: checkpoints
-hold tensors and plain containers and load with `weights_only=True` (`load_checkpoint`; checkpoints.py writes
-them and rebuilds their models); JSON is checked when read.
-Bad input is a `UsageError`: `cli` ends with it as one line on stderr (`fail`) and exit 1, before any work or file.
+Nothing is lost: a new run needs a new or empty directory, one process at a time writes a run
+directory (it holds DIR/.lock), files are written atomically (write, then rename). Nothing read can
+run code: checkpoints hold tensors and plain containers and load with `weights_only=True`
+(`load_checkpoint`; checkpoints.py writes them and rebuilds their models); JSON is checked when
+read. Bad input is a `UsageError`: `cli` ends with it as one line on stderr (`fail`) and exit 1,
+before any work or file.
 """
 
 import argparse
@@ -34,9 +38,10 @@ from tqdm import tqdm
 
 from backbones import BACKBONES
 
-# MKL, torch's CPU BLAS, picks kernels by memory alignment unless asked for reproducible results: the same step
-# could differ in its last bits between two processes (or two runs in one), and --resume would not be exact.
-# MKL reads this at its first call, so it holds unless something ran a matmul before this module was imported.
+# MKL, torch's CPU BLAS, picks kernels by memory alignment unless asked for reproducible results:
+# the same step could differ in its last bits between two processes (or two runs in one), and
+# --resume would not be exact. MKL reads this at its first call, so it holds unless something ran a
+# matmul before this module was imported.
 os.environ.setdefault("MKL_CBWR", "AUTO")
 
 
@@ -52,13 +57,15 @@ class NonFiniteLoss(Exception):
 
 
 def error_line(message: str, prog: str | None = None) -> str:
-    """`PROG: error: MESSAGE`, the one shape of every error a command here prints (PROG: the script run)."""
+    """`PROG: error: MESSAGE`, the one shape of every error a command here prints (PROG: the script
+    run)."""
     return f"{prog or os.path.basename(sys.argv[0])}: error: {message}"
 
 
 def fail(message: str, prog: str | None = None, code: int = 1):
-    """The one way a command ends on bad input: one line on stderr, then exit `code` (2: a flag, as argparse does;
-    1: what the flags point at). Printed here, not by sys.exit, so that in-process callers see it too."""
+    """The one way a command ends on bad input: one line on stderr, then exit `code` (2: a flag, as
+    argparse does; 1: what the flags point at). Printed here, not by sys.exit, so that in-process
+    callers see it too."""
     print(error_line(message, prog), file=sys.stderr, flush=True)
     sys.exit(code)
 
@@ -69,7 +76,8 @@ class Parser(argparse.ArgumentParser):
 
 
 def _ranged(kind, ok, what: str):
-    """An argparse type: a finite number of `kind` for which ok(v) holds, else one line saying what it must be."""
+    """An argparse type: a finite number of `kind` for which ok(v) holds, else one line saying what
+    it must be."""
     def parse(s: str):
         try:
             v = kind(s)
@@ -91,43 +99,20 @@ seed_int = _ranged(int, lambda v: 0 <= v < 2**31, "an integer in [0, 2^31)")
 
 
 def add_run_args(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("run")
+    g = p.add_argument_group("the run")
     g.add_argument("--seed", type=seed_int, default=0)
-    g.add_argument("--out", default=None, help="new or empty run directory (default: runs/<backbone>-<variant>-<time>)")
-    g.add_argument("--resume", default=None, metavar="DIR", help="continue the run in DIR from its last checkpoint")
-    g.add_argument("--eval-only", action="store_true",
-                   help="only evaluate the checkpoint of --resume DIR on test; results go to DIR/eval_<k>/")
-    g.add_argument("--device", default="auto", help="auto (CUDA if available), cpu, cuda, cuda:1, ...")
-    g.add_argument("--amp", action="store_true", help="mixed precision on CUDA (§5.3 software stack)")
-    g.add_argument("--compile", action="store_true", help="torch.compile every stage (§5.3 software stack)")
-    g.add_argument("--workers", type=nonneg, default=2, help="DataLoader workers")
-    g.add_argument("--threads", type=nonneg, default=0, help="torch CPU threads (0: torch's default)")
-    g.add_argument("--deterministic", action="store_true", help="deterministic kernels (slower on CUDA)")
-    g.add_argument("--limit-batches", type=nonneg, default=0, help="stop each pass after N batches (smoke tests)")
+    g.add_argument("--out", default=None, help="new or empty run directory; None: "
+                   "runs/<backbone>-<variant>-<time>")
+    g.add_argument("--resume", default=None, metavar="DIR", help="continue the run in DIR from "
+                   "its last checkpoint")
+    g.add_argument("--eval-only", action="store_true", help="only evaluate the checkpoint of "
+                   "--resume DIR on test; results go to DIR/eval_<k>/")
+    g.add_argument("--device", default="auto", help="auto (CUDA if available), cpu, cuda:1, ...")
+    g.add_argument("--amp", action="store_true", help="mixed precision on CUDA (§5.3)")
+    g.add_argument("--compile", action="store_true", help="torch.compile every stage (§5.3)")
+    g.add_argument("--workers", type=nonneg, help="DataLoader workers (Table 3: 8)")
+    g.add_argument("--threads", type=nonneg, default=0, help="torch CPU threads (0: torch's)")
     g.add_argument("--quiet", action="store_true", help="no progress bars")
-
-
-def finish_args(p: argparse.ArgumentParser, argv=None) -> argparse.Namespace:
-    """Parse, remember which flags were given explicitly (for --resume), and name a new run's directory."""
-    argv = sys.argv[1:] if argv is None else list(argv)
-    if getattr(p, "recipes", None):  # --recipe NAME: that recipe's defaults; explicit flags still win
-        p.set_defaults(**p.recipes[p.parse_known_args(argv)[0].recipe])
-    args = p.parse_args(argv)
-    # Explicit flags: parse again into a namespace pre-filled with a marker, which argparse's defaults leave alone
-    # (robust to abbreviations).
-    unset = object()
-    given = vars(p.parse_args(argv, argparse.Namespace(**{a.dest: unset for a in p._actions})))
-    args.explicit = sorted(d for d, v in given.items() if v is not unset and d != "help")
-    for a in p._actions:  # also flags declared with a plain `type=float`: finite, and loss weights >= 0
-        v = getattr(args, a.dest, None)
-        if isinstance(v, float) and not (math.isfinite(v) and (v >= 0 or not a.dest.endswith("_weight"))):
-            p.error(f"argument {a.option_strings[0]}: must be a finite number{' >= 0' * (v < 0)}, got {v}")
-    if args.eval_only and not args.resume:
-        p.error("--eval-only needs --resume DIR (the run to evaluate)")
-    if args.out is None and not args.resume:
-        variant = "static" if args.static else "juliet"
-        args.out = os.path.join("runs", f"{args.backbone}-{variant}-{time.strftime('%Y%m%d-%H%M%S')}")
-    return args
 
 
 def cli(main, parse_args) -> None:
@@ -147,57 +132,68 @@ def cli(main, parse_args) -> None:
 # ----------------------------------------------------------------------------- opening a run
 
 
-RUNTIME_FLAGS = ("epochs", "device", "workers", "threads", "amp", "compile", "quiet", "limit_batches", "data_dir",
-                 "download", "eval_only")
+RUNTIME_FLAGS = ("epochs", "device", "workers", "threads", "amp", "compile", "quiet",
+                 "limit_batches", "data_dir", "download", "eval_only")
 LOCK = ".lock"
 
 
 def open_run(args):
-    """Check the run directory before any work. New run: --out must be new or empty. --resume/--eval-only: DIR's
-    checkpoint (safe loader) and its settings, with the runtime flags given now; a flag that would change the
-    run itself (backbone, data, lr, ...) is refused, naming it."""
+    """Check the run directory before any work. New run: --out must be new or empty.
+    --resume/--eval-only: DIR's checkpoint (safe loader) and its settings, with the runtime flags
+    given now; a flag that would change the run itself (backbone, data, lr, ...) is refused, naming
+    it."""
     if not (args.resume or args.eval_only):
         check_unused(args.out)
         return args, None
     run_dir = args.resume
     if args.out is not None and os.path.abspath(args.out) != os.path.abspath(run_dir):
-        raise UsageError(f"--out {args.out} and --resume {run_dir} differ; a resumed run stays in its directory")
+        raise UsageError(f"--out {args.out} and --resume {run_dir} differ; a resumed run stays in "
+                         "its directory")
     if not os.path.isdir(run_dir):
         raise UsageError(f"--resume {run_dir}: no such run directory")
     ckpt = load_checkpoint(os.path.join(run_dir, "checkpoint.pt"), need=CHECKPOINT_KEYS)
     if os.path.exists(os.path.join(run_dir, "config.json")):
-        read_json(os.path.join(run_dir, "config.json"))  # damaged: refuse rather than carry on beside it
+        # damaged: refuse rather than carry on beside it
+        read_json(os.path.join(run_dir, "config.json"))
     saved = ckpt["args"]
-    changed = [f"--{k.replace('_', '-')} {getattr(args, k)} (the run's: {saved.get(k)})" for k in args.explicit
+    changed = [f"--{k.replace('_', '-')} {getattr(args, k)} (the run's: {saved.get(k)})"
+               for k in args.explicit
                if k not in (*RUNTIME_FLAGS, "resume", "out") and getattr(args, k) != saved.get(k)]
     if changed:
-        raise UsageError(f"--resume continues {run_dir} with its own settings; these flags would change them: "
-                         f"{', '.join(changed)}; drop them, or start a new run with --out")
-    merged = argparse.Namespace(**{**vars(args), **saved})  # flags newer than the run keep today's defaults
+        raise UsageError(f"--resume continues {run_dir} with its own settings; these flags would "
+                         f"change them: {', '.join(changed)}; drop them, or start a new run "
+                         "with --out")
+    # flags newer than the run keep today's defaults
+    merged = argparse.Namespace(**{**vars(args), **saved})
     for k in RUNTIME_FLAGS:
         if k in args.explicit:
             setattr(merged, k, getattr(args, k))
     merged.out, merged.resume = run_dir, args.resume
     # the run's record of what its user chose, plus the runtime flags given now
-    merged.explicit = sorted(set(saved.get("explicit", [])) | (set(args.explicit) & set(RUNTIME_FLAGS)))
+    merged.explicit = sorted(set(saved.get("explicit", []))
+                             | (set(args.explicit) & set(RUNTIME_FLAGS)))
     return merged, ckpt
 
 
 def check_unused(out: str) -> None:
-    """A new run's directory: new or empty (a lock file left by a finished process is no run), and creatable."""
+    """A new run's directory: new or empty (a lock file left by a finished process is no run), and
+    creatable."""
     if os.path.isdir(out):
         held = sorted(set(os.listdir(out)) - {LOCK})
-        if held and LOCK in os.listdir(out):  # a run being written now: say so, not "move its files away"
+        # a run being written now: say so, not "move its files away"
+        if held and LOCK in os.listdir(out):
             with open(os.path.join(out, LOCK), "a") as lock:
                 try:
                     fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
                 except BlockingIOError:
-                    raise UsageError(f"another process is writing {out}; wait for it to end or pick another --out"
-                                     ) from None
+                    raise UsageError(f"another process is writing {out}; wait for it to end or "
+                                     "pick another --out") from None
         if held:
-            hint = f"a run: continue it with --resume {out}" if "checkpoint.pt" in held else "files: move them away"
-            raise UsageError(f"{out} already holds {', '.join(held[:3])}{' ...' * (len(held) > 3)}; it is {hint}, "
-                             "or pick another --out (a new run needs a new or empty directory)")
+            hint = (f"a run: continue it with --resume {out}" if "checkpoint.pt" in held
+                    else "files: move them away")
+            raise UsageError(f"{out} already holds {', '.join(held[:3])}{' ...' * (len(held) > 3)}"
+                             f"; it is {hint}, or pick another --out (a new run needs a new or "
+                             "empty directory)")
         return
     parent = out
     while not os.path.exists(parent):  # the nearest existing ancestor must be a writable directory
@@ -209,8 +205,9 @@ def check_unused(out: str) -> None:
 
 @contextlib.contextmanager
 def claim_run_dir(out: str, ckpt=None, new=True):
-    """Hold `out` for this process: an exclusive flock on out/.lock that the kernel drops however the process ends.
-    Under it a new run finds `out` still unused, a resumed one (ckpt) its checkpoint as it was loaded."""
+    """Hold `out` for this process: an exclusive flock on out/.lock that the kernel drops however
+    the process ends. Under it a new run finds `out` still unused, a resumed one (ckpt) its
+    checkpoint as it was loaded."""
     try:
         os.makedirs(out, exist_ok=True)
         lock = open(os.path.join(out, LOCK), "a")  # "a": never truncates what another process holds
@@ -220,16 +217,19 @@ def claim_run_dir(out: str, ckpt=None, new=True):
         try:
             fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            raise UsageError(f"another process is writing {out}; wait for it to end or pick another --out") from None
+            raise UsageError(f"another process is writing {out}; wait for it to end or "
+                             "pick another --out") from None
         if new and ckpt is None:
             check_unused(out)
         elif ckpt is not None and file_signature(ckpt["loaded_from"][0]) != ckpt["loaded_from"][1]:
-            raise UsageError(f"{ckpt['loaded_from'][0]} changed while this process started; run the command again")
+            raise UsageError(f"{ckpt['loaded_from'][0]} changed while this process started; "
+                             "run the command again")
         yield
 
 
 def new_eval_dir(run_dir: str) -> str:
-    """run_dir/eval_<k>, the first k not taken: --eval-only results never replace a run's own files."""
+    """run_dir/eval_<k>, the first k not taken: --eval-only results never replace a run's own
+    files."""
     k = 1
     while os.path.exists(os.path.join(run_dir, f"eval_{k}")):
         k += 1
@@ -263,8 +263,8 @@ def seed_all(seed: int) -> None:
 
 
 def seed_epoch(seed: int, epoch: int, loader) -> None:
-    """Reseed everything from (seed, epoch): shuffling, augmentation, Gumbel noise and grown weights then
-    do not depend on whether the process was restarted, which makes --resume exact."""
+    """Reseed everything from (seed, epoch): shuffling, augmentation, Gumbel noise and grown weights
+    then do not depend on whether the process was restarted, which makes --resume exact."""
     s = seed * 100_003 + epoch
     seed_all(s)
     loader.generator.manual_seed(s)
@@ -274,7 +274,8 @@ def seed_epoch(seed: int, epoch: int, loader) -> None:
 
 
 def atomic_write(path: str, write) -> None:
-    """write(f) to this process's temporary file, fsync, rename: a crash or a concurrent writer leaves a whole file."""
+    """write(f) to this process's temporary file, fsync, rename: a crash or a concurrent writer
+    leaves a whole file."""
     tmp = f"{path}.{os.getpid()}.tmp"
     with open(tmp, "wb") as f:
         write(f)
@@ -288,8 +289,8 @@ def write_json(path: str, obj) -> None:
 
 
 def read_json(path: str, default=None, need=()) -> dict:
-    """A JSON object of a run (`default` when the file does not exist), checked: one line naming the file when it
-    is not JSON, not an object, or lacks a key of `need`."""
+    """A JSON object of a run (`default` when the file does not exist), checked: one line naming the
+    file when it is not JSON, not an object, or lacks a key of `need`."""
     if default is not None and not os.path.exists(path):
         return default
     try:
@@ -312,7 +313,8 @@ def read_config(run_dir: str) -> dict:
     path = os.path.join(run_dir, "config.json")
     config = read_json(path, need=("backbone", "num_classes", "dataset", "input_size"))
     bad = [k for k in ("num_classes", "input_size") if type(config[k]) is not int or config[k] < 1]
-    bad += ["backbone"] * (config["backbone"] not in BACKBONES) + ["dataset"] * (type(config["dataset"]) is not str)
+    bad += (["backbone"] * (config["backbone"] not in BACKBONES)
+            + ["dataset"] * (type(config["dataset"]) is not str))
     if bad:
         raise UsageError(f"{path}: {bad[0]} is {config[bad[0]]!r}, which no run writes")
     return config
@@ -322,12 +324,14 @@ CHECKPOINT_KEYS = ("model", "structure", "optimizer", "scheduler", "scaler", "ru
 
 
 def rng_state() -> dict:
-    """Every generator's state as tensors and plain values: what the safe loader accepts (no numpy arrays)."""
+    """Every generator's state as tensors and plain values: what the safe loader accepts (no numpy
+    arrays)."""
     version, keys, gauss = random.getstate()
     _, mt, pos, has_gauss, cached = np.random.get_state()
     return {"python": [version, torch.tensor(keys, dtype=torch.int64), gauss],
-            "numpy": [torch.from_numpy(mt.astype(np.int64)), int(pos), int(has_gauss), float(cached)],
-            "torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+            "numpy": [torch.from_numpy(mt.astype(np.int64)), int(pos), int(has_gauss),
+                      float(cached)], "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
 
 
 def set_rng_state(s: dict) -> None:
@@ -355,11 +359,11 @@ class Meter:
         self.top5 += int(hit.any(1).sum())
         self.n, self.batches = self.n + len(y), self.batches + 1
 
-    def result(self, split: str) -> dict:
+    def result(self, part: str) -> dict:
         n, secs = max(1, self.n), time.perf_counter() - self.t0
-        return {f"{split}_loss": self.loss / n, f"{split}_top1": 100 * self.top1 / n,
-                f"{split}_top5": 100 * self.top5 / n,
-                f"{split}_samples": self.n, f"time_{split}_s": secs, f"throughput_{split}_img_s": self.n / secs}
+        return {f"{part}_loss": self.loss / n, f"{part}_top1": 100 * self.top1 / n,
+                f"{part}_top5": 100 * self.top5 / n, f"{part}_samples": self.n,
+                f"time_{part}_s": secs, f"throughput_{part}_img_s": self.n / secs}
 
 
 def file_signature(path: str):
@@ -368,38 +372,65 @@ def file_signature(path: str):
 
 
 def load_checkpoint(path: str, device="cpu", need=("model", "structure")) -> dict:
-    """A checkpoint through torch's safe loader: a file that would need unsafe unpickling (which can run code,
-    e.g. one that a shared run directory was given) is refused, and so is a truncated or foreign one."""
+    """A checkpoint through torch's safe loader: a file that would need unsafe unpickling (which can
+    run code, e.g. one that a shared run directory was given) is refused, and so is a truncated or
+    foreign one."""
     if not os.path.isfile(path):
         raise UsageError(f"no checkpoint at {path}")
     signature = file_signature(path)
     try:
-        with warnings.catch_warnings():  # e.g. "Detected pickle protocol 4": the error below says it all
+        # e.g. "Detected pickle protocol 4": the error below says it all
+        with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             ckpt = torch.load(path, map_location=device, weights_only=True)
     except Exception as e:  # zip, EOF, unpickling and storage errors all mean: not usable
         what = re.search(r"Unsupported (global: GLOBAL \S+|operand \d+)", str(e))
         if what:
-            found = what.group(1).replace("global: GLOBAL", "the global").replace("operand", "pickle operand")
-            raise UsageError(f"{path} refused: the safe loader (weights_only) meets {found}, which our "
-                             "checkpoints never hold; a full unpickle of it could run code") from None
-        reason = f"{type(e).__name__}: {str(e).splitlines()[0][:120]}" if str(e) else type(e).__name__
-        raise UsageError(f"{path} is not a readable checkpoint (truncated or damaged?): {reason}") from None
+            found = (what.group(1).replace("global: GLOBAL", "the global")
+                     .replace("operand", "pickle operand"))
+            raise UsageError(f"{path} refused: the safe loader (weights_only) meets {found}, "
+                             "which our checkpoints never hold; a full unpickle of it could "
+                             "run code") from None
+        reason = (f"{type(e).__name__}: {str(e).splitlines()[0][:120]}" if str(e)
+                  else type(e).__name__)
+        raise UsageError(f"{path} is not a readable checkpoint (truncated or damaged?): "
+                         f"{reason}") from None
     missing = [k for k in need if k not in ckpt] if isinstance(ckpt, dict) else list(need)
     if missing or ("args" in need and not isinstance(ckpt["args"], dict)):
-        raise UsageError(f"{path} is not a checkpoint of this code: it lacks {', '.join(missing) or 'its args'}")
+        raise UsageError(f"{path} is not a checkpoint of this code: it lacks "
+                         f"{', '.join(missing) or 'its args'}")
     ckpt["loaded_from"] = (path, signature)  # claim_run_dir checks that nobody wrote it since
     return ckpt
+
+
+def write_start(out: str, config: dict, profile: dict) -> None:
+    """config.json (a new run, an eval, or a resume that lost it) and model_profile.json, then the
+    run's first line."""
+    if not os.path.exists(os.path.join(out, "config.json")):
+        write_json(os.path.join(out, "config.json"), config | {"out": out})
+    write_json(os.path.join(out, "model_profile.json"), profile)
+    tqdm.write(f"{out}: {'static' if config['static'] else 'juliet'}-{config['backbone']} "
+               f"params={profile['params'] / 1e6:.2f}M paper-convention MACs (one dummy input)="
+               f"{profile['flops_paper_convention_macs'] / 1e6:.2f}M; "
+               f"expected executed MACs per sample are measured on val every epoch")
+
+
+def write_final_line(final: dict) -> None:
+    tqdm.write(f"test_top1={final['test_top1']:.2f} test_top5={final['test_top5']:.2f} "
+               f"paper_MMACs={final['flops_paper_convention_macs'] / 1e6:.2f} "
+               f"exec_MMACs={final['test_executed_macs_per_sample'] / 1e6:.2f} "
+               f"params={final['params'] / 1e6:.2f}M")
 
 
 def write_epoch(out: str, log: dict, quiet: bool) -> None:
     """One line per epoch with fixed key=value fields, and the full record as epoch_<k>.json."""
     write_json(os.path.join(out, f"epoch_{log['epoch']}.json"), log)
-    fields = [f"epoch={log['epoch']}", f"train_loss={log['train_loss']:.4f}", f"train_top1={log['train_top1']:.2f}",
-              f"val_loss={log['val_loss']:.4f}", f"val_top1={log['val_top1']:.2f}", f"lr={log['lr']:.2e}",
+    fields = [f"epoch={log['epoch']}", f"train_loss={log['train_loss']:.4f}",
+              f"train_top1={log['train_top1']:.2f}", f"val_loss={log['val_loss']:.4f}",
+              f"val_top1={log['val_top1']:.2f}", f"lr={log['lr']:.2e}",
               f"paper_MMACs={log['flops_paper_convention_macs'] / 1e6:.2f}"]
     if "val_executed_macs_per_sample" in log:
-        fields += [f"exec_MMACs={log['val_executed_macs_per_sample'] / 1e6:.2f}", f"nodes={log['n_nodes']}",
-                   f"events={len(log['events'])}"]
+        fields += [f"exec_MMACs={log['val_executed_macs_per_sample'] / 1e6:.2f}",
+                   f"nodes={log['n_nodes']}", f"events={len(log['events'])}"]
     fields.append(f"time={log['time_epoch_s']:.1f}s")
     tqdm.write(" ".join(fields))

@@ -26,7 +26,7 @@ import train_imagenet
 from conftest import REPO, one_line_error, read_json, write_image_folder
 
 TINY = ["--epochs", "1", "--batch-size", "8", "--workers", "0", "--quiet"]
-SYN = ["--dataset", "synthetic", "--synthetic-size", "40", *TINY]
+SYN = ["--dataset", "synthetic", "--set", "synthetic_size=40", *TINY]
 
 
 class Evil:
@@ -47,7 +47,7 @@ def base_run(tmp_path_factory):
     """A finished tiny static run (EfficientNet-B0, the smallest checkpoint); cases link its files, never write it."""
     out = tmp_path_factory.mktemp("base") / "run"
     train_cifar.main(train_cifar.parse_args(["--out", str(out), "--backbone", "efficientnet_b0", "--static", *SYN,
-                                             "--synthetic-size", "80", "--limit-batches", "2"]))  # 16 test images
+                                             "--set", "synthetic_size=80", "--set", "limit_batches=2"]))  # 16 test images
     return out
 
 
@@ -150,23 +150,24 @@ T, IN, P = "train_cifar", "train_imagenet", "profile"
 CASES = [
     # flags out of range: argparse, exit 2, before anything
     ("unknown-backbone", T, ["--backbone", "vgg16", *SYN], 2, "resnet18", None, ""),
-    ("threshold-above-1", T, ["--grow-threshold", "1.5", *SYN], 2, "[0, 1]", None, ""),
+    ("threshold-above-1", T, ["--theta-grow", "1.5", *SYN], 2, "[0, 1]", None, ""),
     ("lr-nan", T, ["--lr", "nan", *SYN], 2, "--lr", None, "sub"),
     ("lr-negative", T, ["--lr", "-1", *SYN], 2, "--lr", None, ""),
     ("lr-inf", T, ["--lr", "inf", *SYN], 2, "--lr", None, ""),
     ("lr-not-a-number", T, ["--lr", "fast", *SYN], 2, "--lr", None, ""),
     ("input-size-0", T, ["--input-size", "0", *SYN], 2, "--input-size", None, ""),
-    ("val-split-0", T, ["--val-split", "0", *SYN], 2, "--val-split", None, ""),
-    ("val-split-1", T, ["--val-split", "1", *SYN], 2, "--val-split", None, ""),
+    ("val-split-0", T, ["--set", "val_fraction=0", *SYN], 2, "--set val_fraction", None, ""),
+    ("val-split-1", T, ["--set", "val_fraction=1", *SYN], 2, "--set val_fraction", None, ""),
     ("batch-size-0", T, [*SYN, "--batch-size", "0"], 2, "--batch-size", None, ""),
     ("epochs-0", T, [*SYN, "--epochs", "0"], 2, "--epochs", None, ""),
     ("workers-negative", T, [*SYN, "--workers", "-1"], 2, "--workers", None, ""),
-    ("momentum-2", T, ["--momentum", "2", *SYN], 2, "--momentum", None, ""),
+    ("momentum-2", T, ["--set", "momentum=2", *SYN], 2, "--set momentum", None, ""),
     ("wd-negative", T, ["--wd", "-1e-4", *SYN], 2, "--wd", None, ""),
-    ("lr-factor-1", T, ["--lr-factor", "1", *SYN], 2, "--lr-factor", None, ""),
-    ("tau0-0", T, ["--tau0", "0", *SYN], 2, "--tau0", None, ""),
-    ("loss-weight-negative", T, ["--route-weight", "-1", *SYN], 2, "--route-weight", None, ""),
-    ("stop-bias-nan", T, ["--stop-bias", "nan", *SYN], 2, "--stop-bias", None, ""),
+    ("lr-factor-1", T, ["--set", "lr_factor=1", *SYN], 2, "--set lr_factor", None, ""),
+    ("tau0-0", T, ["--set", "tau0=0", *SYN], 2, "--set tau0", None, ""),
+    ("loss-weight-negative", T, ["--set", "route_weight=-1", *SYN], 2, "--set route_weight", None, ""),
+    ("knob-unknown", T, ["--set", "stop_bias=0", *SYN], 2, "--set stop_bias=0", None, ""),
+    ("knob-not-a-pair", T, ["--set", "tau0", *SYN], 2, "NAME=VALUE", None, ""),
     ("seed-negative", T, ["--seed", "-3", *SYN], 2, "--seed", None, ""),
     ("eval-only-alone", T, ["--eval-only", *SYN], 2, "--resume", None, ""),
     ("imagenet-lr-nan", IN, ["--lr", "nan", *TINY], 2, "--lr", None, ""),
@@ -174,10 +175,10 @@ CASES = [
     ("heads-do-not-divide", T, ["--d-model", "10", "--n-head", "3", *SYN], 1, "divisible", None, ""),
     ("prebuild-too-deep", T, ["--prebuild", "9", *SYN], 1, "prebuild", None, ""),
     ("input-too-small", T, ["--backbone", "densenet121", "--input-size", "8", *SYN], 1, "--input-size 8", None, ""),
-    ("val-split-leaves-none", T, [*SYN, "--synthetic-size", "20", "--val-split", "0.01"], 1, "--val-split", None, ""),
+    ("val-split-leaves-none", T, [*SYN, "--set", "synthetic_size=20", "--set", "val_fraction=0.01"], 1, "val_fraction 0.01", None, ""),
     ("batch-above-train", T, [*SYN, "--batch-size", "64"], 1, "--batch-size 64", None, ""),
     ("loss-not-finite", T, [*SYN, "--lr", "1e30", "--out", "{t}/out"], 1, "loss is", None, "files"),  # in training
-    ("cifar-absent-no-download", T, ["--data-dir", "{t}/nocifar", "--no-download", *TINY], 1, "--download", None,
+    ("cifar-absent-no-download", T, ["--data-dir", "{t}/nocifar", "--set", "download=false", *TINY], 1, "download=false", None,
      ""),
     ("folder-missing", T, ["--dataset", "imagefolder", "--data-dir", "{t}/nowhere", *TINY], 1, "does not exist",
      None, ""),
@@ -347,7 +348,7 @@ def test_two_runs_started_at_once_into_one_out(tmp_path):
     """One runs, the other ends with one line; the winner's files are its own (config, checkpoint, epochs)."""
     out = tmp_path / "run"
     cmd = [sys.executable, "train_cifar.py", "--out", str(out), "--backbone", "efficientnet_b0", "--static", *SYN,
-           "--epochs", "2", "--limit-batches", "1"]
+           "--epochs", "2", "--set", "limit_batches=1"]
     procs = [subprocess.Popen([*cmd, "--seed", str(seed)], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                               text=True) for seed in (1, 2)]
     errs = [p.communicate(timeout=600)[1] for p in procs]
@@ -393,7 +394,7 @@ def test_eval_only_writes_beside_the_run_and_accepts_unchanged_flags(base_run, t
     run = clone(base_run, tmp_path / "run")
     os.makedirs(run / "eval_1")  # an earlier evaluation's folder: kept
     before = digests(run)
-    argv = ["--resume", str(run), "--eval-only", "--limit-batches", "1", "--dataset", "synthetic", "--static",
+    argv = ["--resume", str(run), "--eval-only", "--set", "limit_batches=1", "--dataset", "synthetic", "--static",
             "--backbone", "efficientnet_b0", "--quiet"]  # the run's own values: accepted
     final = train_cifar.main(train_cifar.parse_args(argv))
     assert digests(run).items() >= before.items(), "--eval-only replaced a file of the run"
@@ -413,7 +414,7 @@ def test_one_class_data_warns(tmp_path, capsys):
 def test_input_size_is_honoured(dataset, tmp_path):
     root = write_image_folder(tmp_path / "imgs", size=20)
     config = vars(train_cifar.parse_args(["--dataset", dataset, "--data-dir", str(root), "--input-size", "20",
-                                          "--synthetic-size", "20", "--out", "x"]))
+                                          "--set", "synthetic_size=20", "--out", "x"]))
     train, val, test, _ = data.cifar_datasets(config)
     assert train[0][0].shape == val[0][0].shape == test[0][0].shape == (3, 20, 20)
 

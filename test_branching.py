@@ -7,10 +7,10 @@ import pytest
 import torch
 
 from conftest import tiny_backbone
-from grow_prune import GrowPruneConfig, end_epoch, grow, prune_unvisited
+from grow_prune import GrowPruneConfig, end_epoch, grow, prune_unvisited, update_split
 from losses import split_loss
 from measure import node_visits
-from trie import JulietNet, TrieNode, update_split
+from trie import JulietNet, TrieNode
 
 
 @pytest.fixture(scope="module")
@@ -52,7 +52,7 @@ def test_split_share_is_high_for_two_clusters_and_low_for_one_blob():
 def trained_two_domain_trie(r18, steps, cfg, seed=0, split_weight=1.0, lr=1e-3, grow_until=None):
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)
-    net = JulietNet(r18, selector="mlp", d_model=16, n_head=2, stage_grad=0.0, beta=0.9)
+    net = JulietNet(r18, selector="mlp", d_model=16, n_head=2, stage_grad=0.0, ema_beta=0.9)
     opt = torch.optim.Adam(net.parameters(), lr)
     events = []
     for step in range(1, steps + 1):
@@ -69,29 +69,29 @@ def trained_two_domain_trie(r18, steps, cfg, seed=0, split_weight=1.0, lr=1e-3, 
 
 
 def test_split_growth_grows_one_fresh_sibling_where_the_inputs_split_with_its_prior(r18):
-    cfg = GrowPruneConfig(statistic="split", theta_grow=0.4, grow_every=10, m_max=2)
+    cfg = GrowPruneConfig(grow_prune="both", grow_statistic="split", theta_grow=0.4, grow_every=10, m_max=2)
     net, events, _ = trained_two_domain_trie(r18, 10, cfg)
     assert [e["kind"] for e in events] == ["grow"] and events[0]["statistic"] == "split_share"
     assert events[0]["value"] > 0.4
     new = net.node(events[0]["node"])
-    old = next(k for k in net.parent(new).stage_children if k is not new)
+    old = next(k for k in net.parent(new).stage_branches if k is not new)
     assert new.prior.shape == (2, net.backbone.stages[new.depth - 1].channels)
-    assert not new.choices and old.choices  # Alg. 2: a fresh stage, a leaf; its source keeps its subtree
+    assert not new.branches and old.branches  # Alg. 2: a fresh stage, a leaf; its source keeps its subtree
     w_new, w_old = (k.sub.get_submodule(net.backbone.stages[new.depth].sig_name).weight.detach() for k in (new, old))
     assert abs(float(torch.nn.functional.cosine_similarity(w_new.flatten(), w_old.flatten(), 0))) < 0.2
-    assert all(float(k.split_share) == 0 for k in net.parent(new).stage_children)  # restarted after the split
+    assert all(float(k.split_share) == 0 for k in net.parent(new).stage_branches)  # restarted after the split
     assert float(new.alpha) == float(old.alpha) > 0  # the newcomer starts with half its source's usage
 
 
 def test_no_split_growth_below_theta_grow_nor_under_the_paper_statistic(r18):
-    high = GrowPruneConfig(statistic="split", theta_grow=0.99, grow_every=5)
+    high = GrowPruneConfig(grow_prune="both", grow_statistic="split", theta_grow=0.99, grow_every=5)
     assert trained_two_domain_trie(r18, 10, high)[1] == []
-    paper = GrowPruneConfig(statistic="sigma2", theta_grow=0.99, grow_every=5)
+    paper = GrowPruneConfig(grow_prune="both", grow_statistic="sigma2", theta_grow=0.99, grow_every=5)
     assert trained_two_domain_trie(r18, 10, paper)[1] == []
 
 
 def test_split_loss_teaches_the_parent_which_samples_are_the_specialists(r18):
-    cfg = GrowPruneConfig(statistic="split", theta_grow=0.3, grow_every=5, m_max=2)
+    cfg = GrowPruneConfig(grow_prune="both", grow_statistic="split", theta_grow=0.3, grow_every=5, m_max=2)
     net, events, gen = trained_two_domain_trie(r18, 60, cfg, lr=3e-3, grow_until=5)  # one split, then learn it
     new = net.node(events[0]["node"])  # the first split, at the node whose inputs are the two domains
     parent = net.parent(new)
@@ -107,7 +107,7 @@ def test_split_loss_teaches_the_parent_which_samples_are_the_specialists(r18):
 
 
 def test_a_split_trie_saves_loads_and_an_unused_specialist_is_pruned(r18, tmp_path):
-    cfg = GrowPruneConfig(statistic="split", theta_grow=0.3, grow_every=5, m_max=2,
+    cfg = GrowPruneConfig(grow_prune="both", grow_statistic="split", theta_grow=0.3, grow_every=5, m_max=2,
                           prune_every=1, t_min=1)
     net, events, gen = trained_two_domain_trie(r18, 12, cfg)
     new = net.node(events[0]["node"])
@@ -134,13 +134,17 @@ def test_the_kept_trie_loses_the_siblings_validation_rarely_reaches_and_saves_lo
     # the root sends 1 of 41 stage-bound samples to 0/1 (< theta_prune), 0/0 sends 20 of 40 to 0/0/1; at 0/0/0
     # every sample stops but 1, which reaches the chain's lone last stage: a single stage child is never pruned
     counts = {"0/stop": 9, "0/1": 1, "0/0/stop": 0, "0/0/1": 20, "0/0/0/stop": 19, "0/0/0/0": 1}
-    events = prune_unvisited(net, node_visits(net, counts), theta_prune=0.1, step=7)
+    cfg = GrowPruneConfig(grow_prune="both", theta_prune=0.1)  # prune_kept: on by default
+    for off in (GrowPruneConfig(grow_prune="both", theta_prune=0.1, prune_kept=False),
+                GrowPruneConfig(grow_prune="grow-only", theta_prune=0.1)):  # the switch and the mode gate it
+        assert prune_unvisited(net, off, node_visits(net, counts), step=7) == []
+    events = prune_unvisited(net, cfg, node_visits(net, counts), step=7)
     assert [(e["kind"], e["node"], e["statistic"]) for e in events] == [("prune", "0/1", "val_share")]
     assert events[0]["value"] == round(1 / 41, 6)
-    assert [k.node_id for k in net.root.stage_children] == ["0/0"] and net.node(busy.node_id) is busy
+    assert [k.node_id for k in net.root.stage_branches] == ["0/0"] and net.node(busy.node_id) is busy
     assert quiet.node_id not in {n.node_id for n in net.nodes()}
     no_evidence = node_visits(net, {"0/stop": 5})  # no sample below the root
-    assert prune_unvisited(net, no_evidence, theta_prune=0.1, step=8) == []
+    assert prune_unvisited(net, cfg, no_evidence, step=8) == []
     torch.save(net.state_dict(), tmp_path / "sd.pt")
     twin = JulietNet.from_structure(net.structure(), r18)
     twin.load_state_dict(torch.load(tmp_path / "sd.pt", weights_only=True))

@@ -1,4 +1,4 @@
-"""Held-out stop decisions and the knob's curve (exits.calibrate_net and friends), stage_grad, model.pt-style
+"""Held-out stop decisions and the knob's curve (calibrate.py), stage_grad, model.pt-style
 round trips of a calibrated trie, and the real-digits ImageFolder (data.make_digits).
 
 Fast: a 4-stage toy backbone of a few thousand weights stands in for the torchvision ones.
@@ -11,6 +11,7 @@ import pytest
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
+import calibrate
 import data
 import exits
 import runs
@@ -57,14 +58,14 @@ def trained():
 
 def train_toy():
     """A toy trie trained a little: exits right on some samples only, and P_stop spread over (0, 1)."""
-    net = toy_trie()
+    net = toy_trie(stage_grad=1.0)  # the paper's gradient flow, as this toy was tuned under
     opt = torch.optim.Adam(net.parameters(), 1e-2)
     x, y = colour_data(256, seed=100)
     net.train()
     for step in range(40):
         i = torch.arange(32) + 32 * (step % 8)
         logits, record = net(x[i], return_record=True)
-        loss = juliet_loss(net, record, logits, y[i]) + 0.3 * spread_loss(record)
+        loss = juliet_loss(net, record, logits, y[i], split_weight=0.0) + 0.3 * spread_loss(record)
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -117,7 +118,7 @@ def hand_table(stop_threshold=None):
 def test_operating_point_is_the_cheapest_threshold_within_the_tolerance_of_full_depth():
     """Within the tolerance both as counted (top-1) and as expected from P_stop (expected_drop)."""
     table = hand_table()
-    point = lambda tol: exits.operating_point(table, tol)  # noqa: E731
+    point = lambda tol: calibrate.operating_point(table, tol)  # noqa: E731
     assert point(0.0) == {"t": 1.0, "macs": 3e6, "top1": 100.0, "expected_drop": 0.0}  # nobody may stop
     assert point(20.0) == {"t": 0.625, "macs": 1.75e6, "top1": 100.0, "expected_drop": pytest.approx(18.75)}
     assert point(25.0) == {"t": 0.5, "macs": 1.5e6, "top1": 75.0, "expected_drop": pytest.approx(21.875)}
@@ -151,14 +152,14 @@ def test_knob_and_thin():
 
 def test_stop_targets_one_where_the_exit_is_right_or_the_leaf_is_wrong_too():
     table = hand_table()
-    assert torch.equal(exits.stop_targets(table), table["correct"].float())  # every leaf right
+    assert torch.equal(calibrate.stop_targets(table), table["correct"].float())  # every leaf right
     table["correct"][3, 2] = False  # sample 3's leaf is wrong: stopping anywhere loses nothing
     table["correct"][2, 2] = False  # so is sample 2's
     want = torch.tensor([[1, 1, 1], [1, 1, 1], [1, 1, 1], [1, 1, 1]]).float()
-    assert torch.equal(exits.stop_targets(table), want)
+    assert torch.equal(calibrate.stop_targets(table), want)
     table["correct"][1, 2] = True
     table["correct"][1, 0] = False  # leaf right, first exit wrong
-    assert exits.stop_targets(table)[1].tolist() == [0.0, 1.0, 1.0]
+    assert calibrate.stop_targets(table)[1].tolist() == [0.0, 1.0, 1.0]
 
 
 # ----------------------------------------------------------------------------- the logistic fit
@@ -172,13 +173,13 @@ def test_fit_logistic_recovers_known_coefficients_of_raw_features():
         + torch.tensor([5.0, -3.0, 0.0], dtype=torch.float64)
     w, b = torch.tensor([0.2, 15.0, -1.0], dtype=torch.float64), 44.5  # logits: mean ~0.5, sd ~2.7
     y = torch.bernoulli(torch.sigmoid(x @ w + b), generator=g)
-    fit = exits.fit_logistic(x, y, l2=1e-6, steps=200)
+    fit = calibrate.fit_logistic(x, y, l2=1e-6, steps=200)
     assert fit.shape == (4,) and fit.dtype == torch.float64
     assert torch.allclose(fit[:3], w, rtol=0.1), fit
     assert abs(float(fit[3]) - b) < 0.1 * b, fit
     # shifting a feature moves only the intercept, by -w . shift: the coefficients are of the raw features
     shift = torch.tensor([100.0, 1.0, -7.0], dtype=torch.float64)
-    moved = exits.fit_logistic(x + shift, y, l2=1e-6, steps=200)
+    moved = calibrate.fit_logistic(x + shift, y, l2=1e-6, steps=200)
     assert torch.allclose(moved[:3], fit[:3], rtol=1e-4, atol=1e-6)
     assert abs(float(moved[3]) - (float(fit[3]) - float(fit[:3] @ shift))) < 1e-2
 
@@ -188,14 +189,14 @@ def test_a_node_whose_samples_are_all_safe_to_stop_keeps_the_selectors_ranking(t
     P_stop (the knob jumps over them at once); the calibration's MAP fit keeps the trained selector's order."""
     table = table_of(trained, seed=3)
     table["correct"][:] = True  # every exit right: every stop target is one
-    fits = exits.calibrate(table)
+    fits = calibrate.calibrate(table)
     for i, nid in enumerate(table["nodes"]):
         at = ~table["leaf"] & torch.isfinite(table["p_stop"]) & (table["node"] == i)
         if at.sum() < 5:
             continue
         p = table["p_stop"][at].double().clamp(1e-6, 1 - 1e-6)
         x = torch.cat([(p.log() - (-p).log1p())[:, None], table["features"][at].double()], 1)
-        plain = exits.fit_logistic(x, torch.ones(len(x), dtype=torch.float64), 1e-3, 200)
+        plain = calibrate.fit_logistic(x, torch.ones(len(x), dtype=torch.float64), 1e-3, 200)
         assert len(torch.sigmoid((x @ plain[:-1] + plain[-1]).float()).unique()) == 1  # one P_stop for all
         z = x @ fits[nid][:-1].double() + fits[nid][-1].double()
         q = torch.sigmoid(z.float())
@@ -311,7 +312,7 @@ def calibration_of(net):
 
 def test_calibrate_net_fits_on_the_loader_it_is_given_and_sets_the_operating_point(trained):
     net = copy.deepcopy(trained)
-    out = exits.calibrate_net(net, loader(seed=1), "cpu", tolerance=2.0, input_size=SIZE, quiet=True)
+    out = calibrate.calibrate_net(net, loader(seed=1), "cpu", stop_tolerance=2.0, input_size=SIZE, quiet=True)
     fit_a, t = calibration_of(net), net.options["stop_threshold"]
     assert set(fit_a) == set(out["calibration"]) and len(fit_a) >= 3 and out["stop_tolerance"] == 2.0
     for nid, c in fit_a.items():
@@ -320,27 +321,27 @@ def test_calibrate_net_fits_on_the_loader_it_is_given_and_sets_the_operating_poi
     # the same fit by hand: the exit table of that loader with the calibration at identity
     ref = copy.deepcopy(trained)
     assert not calibration_of(ref) and ref.options["stop_threshold"] is None
-    want = exits.calibrate(table_of(ref, seed=1))
+    want = calibrate.calibrate(table_of(ref, seed=1))
     assert set(want) == set(fit_a)
     for nid in want:
         assert torch.allclose(fit_a[nid], want[nid], atol=1e-6), nid
     # ... and the operating point is the one of the calibrated table, within the tolerance of full depth
     table = table_of(net, seed=1)
     assert table["stop_threshold"] == t
-    assert exits.operating_point(table, 2.0) == out["val_operating_point"]
+    assert calibrate.operating_point(table, 2.0) == out["val_operating_point"]
     full = exits.score(table, exits.juliet_exits(table, 1.0))["top1"]
     assert out["val_operating_point"]["top1"] >= full - 2.0 - 1e-9
     # another loader (other samples): other coefficients; calibrating again starts from identity
-    exits.calibrate_net(net, loader(seed=2), "cpu", tolerance=2.0, input_size=SIZE, quiet=True)
+    calibrate.calibrate_net(net, loader(seed=2), "cpu", stop_tolerance=2.0, input_size=SIZE, quiet=True)
     fit_b = calibration_of(net)
     assert any(not torch.allclose(fit_a[k], fit_b[k], atol=1e-3) for k in fit_a)
-    want_b = exits.calibrate(table_of(ref, seed=2))
+    want_b = calibrate.calibrate(table_of(ref, seed=2))
     assert all(torch.allclose(fit_b[k], want_b[k], atol=1e-6) for k in want_b)
 
 
 def test_the_operating_point_drives_eval_forward_only(trained):
     net = copy.deepcopy(trained)
-    exits.calibrate_net(net, loader(seed=1), "cpu", tolerance=1.0, input_size=SIZE, quiet=True)
+    calibrate.calibrate_net(net, loader(seed=1), "cpu", stop_tolerance=1.0, input_size=SIZE, quiet=True)
     t = net.options["stop_threshold"]
     x, y = colour_data(96, seed=3)
     table = exits.exit_table(net, DataLoader(TensorDataset(x, y), batch_size=32), "cpu", SIZE, quiet=True)
@@ -382,7 +383,7 @@ def test_training_ignores_the_operating_point(trained):
 def test_a_calibrated_trie_survives_structure_and_state_dict(trained):
     """What model.pt holds: the structure (with the operating point in its options) and the state dict."""
     net = copy.deepcopy(trained)
-    exits.calibrate_net(net, loader(seed=1), "cpu", tolerance=1.0, input_size=SIZE, quiet=True)
+    calibrate.calibrate_net(net, loader(seed=1), "cpu", stop_tolerance=1.0, input_size=SIZE, quiet=True)
     net.options["stop_threshold"] = 0.4  # not the stop rule's 1/2, so that losing it would show
     again = JulietNet.from_structure(net.structure(), net.backbone)
     again.load_state_dict(net.state_dict())

@@ -41,11 +41,11 @@ def sync_or_die(model, *rest):
 train_cifar.fit, distributed.sync_step, distributed.wrap = fit_and_dump, sync_or_die, wrap_and_note
 train_cifar.main(train_cifar.parse_args(sys.argv[1:]))
 """
-ARGS = ["--grow-prune", "both", "--dataset", "synthetic", "--synthetic-size", "200", "--batch-size", "16",
-        "--workers", "0", "--quiet", "--threads", "1", "--selector", "mlp", "--grow-every", "2", "--grow-threshold",
+ARGS = ["--grow-prune", "both", "--dataset", "synthetic", "--set", "synthetic_size=200", "--batch-size", "16",
+        "--workers", "0", "--quiet", "--threads", "1", "--selector", "mlp", "--grow-every", "2", "--theta-grow",
         "0", "--prune-every", "2",
-        "--grow-statistic", "sigma2", "--t-min", "1", "--seed", "3",
-        "--limit-batches", "4"]  # 4 steps an epoch; grow at even steps
+        "--set", "grow_statistic=sigma2", "--t-min", "1", "--seed", "3",
+        "--set", "limit_batches=4"]  # 4 steps an epoch; grow at even steps
 
 
 def torchrun(tmp_path, *argv, kill_at=0):

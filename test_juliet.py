@@ -2,7 +2,7 @@
 
 Equivalence tests in the micrograd/minGPT manner: a chain trie equals its backbone, batched routing
 equals each sample run alone, pruning an unused branch leaves logits unchanged, save/load after growth is
-exact, and trie.py + routers.py copied alone build, train, save and rebuild a trie. Nothing here imports a
+exact, and trie.py + routers.py (+ grow_prune.py) copied alone build, train, save and rebuild a trie. Nothing here imports a
 script or optuna; the repository's own checks (imports, file sizes, profile.py) are in test_repo.py.
 """
 
@@ -21,7 +21,8 @@ import torch.nn.functional as F
 from backbones import BACKBONES, make_backbone, static_model
 from conftest import REPO, grown_trie, routed_trie, train_step, varied_batch
 from grow_prune import GrowPruneConfig, end_epoch, grow, prune_sweep, sync_optimizer
-from losses import balance_loss, exit_loss, expected_cost_loss, freeze_selectors, route_loss, stage_macs
+from losses import balance_loss, exit_loss, expected_cost_loss, exits_of, route_loss
+from measure import node_visits
 from routers import SELECTORS
 from trie import JulietNet
 
@@ -76,12 +77,55 @@ def test_batched_routing_equals_each_sample_alone(r18, selector, min_paths):
         # each node's sub-module ran once, on exactly the samples routed to it
         assert all(len(v) == 1 for v in calls.values()), calls
         for node in net.nodes():
-            if node.choices and node.node_id in calls:
-                assert sum(calls.get(k.node_id, [0])[0] for k in node.choices) == calls[node.node_id][0]
+            if node.branches and node.node_id in calls:
+                assert sum(calls.get(k.node_id, [0])[0] for k in node.branches.values()) == calls[node.node_id][0]
         for i in range(len(x)):
             single, path = net(x[i:i + 1], return_paths=True)
             assert path == [paths[i]]
             torch.testing.assert_close(single[0], logits[i], rtol=0, atol=1e-5)
+
+
+def forward_pass(net, x, node, t, prev=None):
+    """Alg. 1 for one sample x (1, C, H, W), as the paper writes it: a plain recursion, no batching.
+    Returns (logits, leaf id). `t`: the stop threshold (None: Alg. 1's argmax); `prev`: the last
+    exit read on the path (what a calibrated selector reads)."""
+    f = node.sub(x)                                                        # line 2
+    if not node.branches:                                                  # line 3: a leaf
+        return net.exit(f), node.node_id
+    kids = list(node.branches.values())
+    if len(kids) == 1:                                                     # nothing to choose
+        return forward_pass(net, f, kids[0], t, prev)
+    read = net.exit(f) if net.reads_exit(node) else None                   # our exit's confidence
+    logits = node.selector(f, net.signatures(node), node.has_stop, read, prev)
+    P = logits.softmax(-1)[0]                                              # line 4, Eq. 1
+    if node.has_stop and t is not None:                                    # our stop rule
+        i = len(kids) - 1 if t < 1 and P[-1] >= t else int(P[:-1].argmax())
+    else:
+        i = int(P.argmax())                                                # line 5
+    return forward_pass(net, f, kids[i], t, prev if read is None else read)  # lines 6-7
+
+
+@pytest.mark.parametrize("t", [1.0, "operating point", "argmax"])
+def test_batched_routing_equals_the_per_sample_reference(r18, t):
+    """The batched forward pass is Alg. 1: on a grown trie (sibling stages at two depths, stop
+    branches, one calibrated selector) every sample reaches the leaf the plain recursion reaches,
+    with the same logits, at full depth, at an operating point and under the paper's argmax."""
+    net = routed_trie(r18, "transformer", seed=1, steps=50)
+    assert len(net.root.stage_branches) == 2 and len(net.node("0/0").stage_branches) == 2
+    assert all(n.has_stop for n in net.nodes() if n.branches)
+    net.node("0/0").selector.set_calibration(torch.tensor([1.2, 0.5, -0.3, 0.2, 0.4, 0.1, 0.3]))
+    if t == "operating point":
+        net.set_operating_point(0.45)
+    if t == "argmax":
+        net.options["stop_rule"] = "argmax"
+    x = varied_batch(48, torch.Generator().manual_seed(7))
+    with torch.no_grad():
+        logits, paths = net(x, return_paths=True, stop_threshold=1.0 if t == 1.0 else None)
+        rule = {1.0: 1.0, "operating point": 0.45, "argmax": None}[t]
+        ref = [forward_pass(net, x[i:i + 1], net.root, rule) for i in range(len(x))]
+    assert paths == [leaf for _, leaf in ref]
+    torch.testing.assert_close(logits, torch.cat([lg for lg, _ in ref]), rtol=1e-4, atol=1e-4)
+    assert len(set(paths)) >= 3  # the samples do take different paths
 
 
 @pytest.mark.parametrize("policy", ["top1", "gumbel"])
@@ -90,8 +134,10 @@ def test_selectors_get_gradient_through_the_top1_choice(r18, selector, policy):
     """The paper's routed training: the task loss alone reaches every selector that routed samples."""
     net = grown_trie(r18, selector=selector, policy=policy, train_depth="routed").train()
     x, y = torch.randn(16, 3, 32, 32), torch.randint(0, 10, (16,))
-    F.cross_entropy(net(x), y).backward()
-    routed = [n for n in net.nodes() if len(n.choices) > 1 and n.node_id in net.visits]
+    logits, record = net(x, return_record=True)
+    F.cross_entropy(logits, y).backward()
+    visits = node_visits(net, record.ran_leaf_counts)
+    routed = [n for n in net.nodes() if len(n.branches) > 1 and visits[n.node_id]]
     assert net.root in routed
     for node in routed:
         grads = [p.grad for p in node.selector.parameters()]
@@ -112,7 +158,8 @@ def test_full_depth_training_teaches_siblings_by_the_task_and_stops_by_route_los
     assert any(g is not None and g.abs().sum() > 0 for g in sibling_grad)
     net.zero_grad()
     route_loss(net, record, logits, y).backward()
-    for node, *_ in record.exits:
+    for r in exits_of(record):
+        node = r.node
         grads = [p.grad for p in node.selector.parameters()]
         assert any(g is not None and g.abs().sum() > 0 for g in grads), node.node_id
 
@@ -155,9 +202,10 @@ def test_statistics_update_in_training_only_and_sigma2_in_unit_interval(r18):
     # Alg. 1 line 6 on a batch: each child's alpha moves toward its share of the parent's samples
     beta = net.options["usage_beta"]
     for node in net.nodes():  # (in full-depth training, nodes that top-1 sent samples to)
-        if len(node.choices) > 1 and any(float(k.alpha) != alpha0[k.node_id] for k in node.choices):
-            new = [float(k.alpha) for k in node.choices]
-            old = [alpha0[k.node_id] for k in node.choices]
+        kids = list(node.branches.values())
+        if len(kids) > 1 and any(float(k.alpha) != alpha0[k.node_id] for k in kids):
+            new = [float(k.alpha) for k in kids]
+            old = [alpha0[k.node_id] for k in kids]
             shares = [(a - beta * b) / (1 - beta) for a, b in zip(new, old)]
             assert abs(sum(shares) - 1) < 1e-4 and min(shares) >= -1e-6
 
@@ -181,10 +229,10 @@ def test_auxiliary_losses(r18):
 
 
 def test_exit_loss_trains_every_exit_on_every_sample_that_reached_it(r18):
-    net = grown_trie(r18).train()
+    net = grown_trie(r18, stage_grad=1.0).train()  # joint training: the exits' gradient reaches the stages
     x, y = torch.randn(16, 3, 32, 32), torch.randint(0, 10, (16,))
     _, record = net(x, return_record=True)
-    exits = {len(idx) for _, idx, _, _ in record.exits}
+    exits = {len(r.idx) for r in exits_of(record)}
     assert 16 in exits  # the root's exit sees the whole batch, whatever the root chose
     loss = exit_loss(record, y)
     loss.backward()
@@ -201,41 +249,23 @@ def test_route_loss_is_the_gain_of_stopping_under_the_current_policy(r18):
     x, y = varied_batch(12, torch.Generator().manual_seed(1)), torch.randint(0, 10, (12,))
     price = 0.3
     logits, record = net(x, return_record=True)
-    for _, _, _, P in record.exits:
-        P.retain_grad()
+    for r in exits_of(record):
+        r.P.retain_grad()
     route_loss(net, record, logits, y, cost_weight=price).backward()
-    macs = stage_macs(net, (32, 32))
+    macs = net.backbone.stage_macs((32, 32))
     cost = [price * sum(macs[:d + 1]) / sum(macs) for d in range(len(macs))]
     with torch.no_grad():
-        exits = sorted(record.exits, key=lambda e: e[0].depth)  # one per depth 0..3, every sample in each
-        err = [(exit_logits.argmax(-1) != y).float() for _, _, exit_logits, _ in exits]
-        p_stop = [P[:, -1] for *_, P in exits]
+        exits = sorted(exits_of(record), key=lambda e: e.node.depth)  # one per depth 0..3, every sample in each
+        err = [(e.exit.argmax(-1) != y).float() for e in exits]
+        p_stop = [e.P[:, -1] for e in exits]
         for n in range(len(y)):
             V = float(logits[n].argmax() != y[n]) + cost[-1]
             for d in reversed(range(len(exits))):
                 here = float(err[d][n]) + cost[d]
                 g, p = V - here, float(p_stop[d][n])
                 want = (-max(g, 0) / p + max(-g, 0) / (1 - p)) / len(y)
-                torch.testing.assert_close(float(exits[d][3].grad[n, -1]), want, rtol=1e-4, atol=1e-6)
+                torch.testing.assert_close(float(exits[d].P.grad[n, -1]), want, rtol=1e-4, atol=1e-6)
                 V = p * here + (1 - p) * V
-
-
-def test_routing_warmup_freezes_selectors_only(r18):
-    net = grown_trie(r18, stop_bias=-2.0)
-    opt = torch.optim.Adam(net.parameters(), 1e-2)
-    x, y = torch.randn(8, 3, 32, 32), torch.randint(0, 10, (8,))
-    freeze_selectors(net, True)
-    sel0 = [p.detach().clone() for p in net.root.selector.parameters()]
-    stem0 = net.root.sub[0].weight.detach().clone()
-    train_step(net, opt, x, y)
-    assert all(torch.equal(a, b) for a, b in zip(sel0, net.root.selector.parameters()))
-    assert not torch.equal(stem0, net.root.sub[0].weight)
-    net.eval()
-    with torch.no_grad():  # a new trie with stop_bias -2 runs every sample at full depth
-        assert set(net(x, return_paths=True)[1]) <= {"0/0/0/0/0", "0/0/1", "0/1/0"}
-    freeze_selectors(net, False)
-    train_step(net, opt, x, y)
-    assert any(not torch.equal(a, b) for a, b in zip(sel0, net.root.selector.parameters()))
 
 
 # ----------------------------------------------------------------------------- growth and pruning
@@ -245,7 +275,7 @@ def test_growth_fires_above_theta_grow_only(r18):
     torch.manual_seed(0)
     net = JulietNet(r18, prebuild=2, stop=False)
     opt = torch.optim.Adam(net.parameters(), 1e-3)
-    cfg = GrowPruneConfig(theta_grow=0.4, grow_every=1)
+    cfg = GrowPruneConfig(grow_prune="both", grow_statistic="sigma2", theta_grow=0.4, grow_every=1)
     x, y = torch.randn(8, 3, 32, 32), torch.randint(0, 10, (8,))
     net.train()
     _, record = net(x, return_record=True)
@@ -262,13 +292,14 @@ def test_growth_fires_above_theta_grow_only(r18):
     w0 = [p.detach().clone() for p in new.parameters()]
     train_step(net, opt, x, y)  # the new child is the only route on: it must learn from this step
     assert any(not torch.equal(a, b) for a, b in zip(w0, new.parameters()))
-    assert grow(net, GrowPruneConfig(mode="prune-only", grow_every=1), 3, {"0/0/0": 8}, opt) == []  # mode gates
+    assert grow(net, GrowPruneConfig(grow_prune="prune-only", grow_every=1), 3, {"0/0/0": 8}, opt) == []  # mode gates
 
 
 def test_growth_respects_m_max_and_max_depth(r18):
     torch.manual_seed(0)
     net = JulietNet(r18, prebuild=2)
-    cfg = GrowPruneConfig(theta_grow=0.0, grow_every=1, m_max=2, max_depth=2)
+    cfg = GrowPruneConfig(grow_prune="both", grow_statistic="sigma2", theta_grow=0.0, grow_every=1, m_max=2,
+                          max_depth=2)
     net.train()
     events = []
     for step in range(1, 12):
@@ -293,11 +324,11 @@ def test_a_grown_sibling_is_a_fresh_stage(r18):
     torch.manual_seed(0)
     net = JulietNet(r18, prebuild=2)
     net.root.sigma2.fill_(1.0)
-    cfg = GrowPruneConfig(theta_grow=0.0, grow_every=1)
+    cfg = GrowPruneConfig(grow_prune="both", grow_statistic="sigma2", theta_grow=0.0, grow_every=1)
     assert [e["node"] for e in grow(net, cfg, 1, {"0/stop": 8})] == ["0/1"]  # at the root, beside 0/0
     w1, w0 = (net.node(k).sub.get_submodule(r18.stages[1].sig_name).weight.detach() for k in ("0/1", "0/0"))
     assert abs(float(torch.nn.functional.cosine_similarity(w1.flatten(), w0.flatten(), 0))) < 0.2
-    assert float(net.node("0/1").alpha) == 0.0 and not net.node("0/1").choices  # Alg. 2 line 3: alpha = 0
+    assert float(net.node("0/1").alpha) == 0.0 and not net.node("0/1").branches  # Alg. 2 line 3: alpha = 0
 
 
 def test_pruning_after_t_min_low_epochs_never_root_or_stop(r18):
@@ -306,7 +337,7 @@ def test_pruning_after_t_min_low_epochs_never_root_or_stop(r18):
     opt = torch.optim.Adam(net.parameters(), 1e-3)
     x, y = torch.randn(8, 3, 32, 32), torch.randint(0, 10, (8,))
     train_step(net, opt, x, y)  # creates Adam state for the params that got gradient
-    cfg = GrowPruneConfig(theta_prune=0.1, t_min=2, prune_every=1)
+    cfg = GrowPruneConfig(grow_prune="both", theta_prune=0.1, t_min=2, prune_every=1)
     for node in net.nodes():
         node.alpha.fill_(0.5)
     net.node("0/1").alpha.fill_(0.05)
@@ -398,7 +429,7 @@ def test_bad_names_list_the_valid_ones(r18):
     with pytest.raises(ValueError, match="top1, gumbel"):
         JulietNet(r18, policy="sample")
     with pytest.raises(ValueError, match="both, grow-only, prune-only, off"):
-        GrowPruneConfig(mode="sometimes")
+        GrowPruneConfig(grow_prune="sometimes")
     assert set(BACKBONES) == {"resnet18", "resnet101", "densenet121", "efficientnet_b0"}
 
 
@@ -412,7 +443,7 @@ def test_bad_values_name_the_parameter(r18):
     with pytest.raises(ValueError, match="prebuild"):
         JulietNet(r18, prebuild=6)
     with pytest.raises(ValueError, match="beta"):
-        JulietNet(r18, beta=1.0)
+        JulietNet(r18, ema_beta=1.0)
 
 
 TINY_BACKBONE = '''
@@ -433,8 +464,9 @@ backbone = types.SimpleNamespace(name="tiny", num_classes=4, stages=stages, head
 
 
 def test_trie_and_routers_alone_build_train_save_and_rebuild(tmp_path):
-    """trie.py + routers.py copied into an empty folder are a whole library: any backbone object will do."""
-    for name in ("trie.py", "routers.py"):
+    """trie.py + routers.py (+ grow_prune.py, whose statistics the forward pass records) copied into an empty
+    folder are a whole library: any backbone object will do."""
+    for name in ("trie.py", "routers.py", "grow_prune.py"):
         shutil.copy(os.path.join(REPO, name), tmp_path / name)
     code = TINY_BACKBONE + '''
 torch.manual_seed(0)
@@ -462,12 +494,12 @@ print("ok", sorted(n.node_id for n in net2.nodes()))
     assert out.stdout.startswith("ok") and "'0/1'" in out.stdout
 
 
-def test_signatures_are_cached_until_the_weights_change(r18):
+def test_signatures_follow_the_stage_branches_weights(r18):
+    """§4.1's weight signature of each stage branch: the mean of its sig conv's weights, read afresh as they learn."""
     net = grown_trie(r18)
     s0 = net.signatures(net.root)
-    assert net.signatures(net.root) is s0  # same weights: no second read of the children's convs
     train_step(net, torch.optim.SGD(net.parameters(), lr=0.5), torch.randn(8, 3, 32, 32), torch.randint(0, 10, (8,)))
     s1 = net.signatures(net.root)
     name = r18.stages[1].sig_name
-    want = torch.stack([k.sub.get_submodule(name).weight.detach().mean((1, 2, 3)) for k in net.root.stage_children])
-    assert s1 is not s0 and torch.equal(s1, want) and not torch.equal(s0, want)
+    want = torch.stack([k.sub.get_submodule(name).weight.detach().mean((1, 2, 3)) for k in net.root.stage_branches])
+    assert torch.equal(s1, want) and not torch.equal(s0, want)

@@ -10,8 +10,8 @@ from torch.utils.data import DataLoader, TensorDataset
 import data
 import exits
 from conftest import grown_trie, routed_trie, varied_batch
-from losses import route_loss
-from routers import choose, confidence_features, decide, make_selector
+from losses import exits_of, route_loss
+from routers import confidence_features, decide, stops
 from trie import STOP, JulietNet
 
 
@@ -151,7 +151,7 @@ def test_exit_confidence_starts_as_the_papers_selector_and_learns_from_route_los
     net.train()
     logits, record = net(x, return_record=True)
     route_loss(net, record, logits, y).backward()
-    assert all(n.selector.confidence.weight.grad.abs().sum() > 0 for n, *_ in record.exits)
+    assert all(n.selector.confidence.weight.grad.abs().sum() > 0 for n in (r.node for r in exits_of(record)))
     paper = JulietNet(r18, exit_confidence=False)
     assert paper.root.selector is None or paper.root.selector.confidence is None
     assert grown_trie(r18, exit_confidence=False).root.selector.confidence is None
@@ -165,7 +165,7 @@ def test_stop_rule_half_is_the_knob_at_one_half_and_argmax_the_papers_top1(route
     x, y = varied_batch(64, gen), torch.randint(0, 10, (64,), generator=gen)
     table = exits.exit_table(net, loader_of(x, y), "cpu", quiet=True)
     p_stop, p_stage = table["p_stop"][:, 0], table["p_stage"][:, 0]  # the root's decision
-    assert len(net.root.stage_children) > 1 and net.options["stop_rule"] == "half"
+    assert len(net.root.stage_branches) > 1 and net.options["stop_rule"] == "half"
     with torch.no_grad():
         _, half = net(x, return_paths=True)
         _, at_half = net(x, return_paths=True, stop_threshold=0.5)
@@ -181,9 +181,17 @@ def test_stop_rule_half_is_the_knob_at_one_half_and_argmax_the_papers_top1(route
 
 
 def test_the_inference_decision_is_the_choice_that_training_would_run():
+    """Outside full-depth training the branch that runs is the decision (top-1), and it is Alg. 1's rule: the
+    argmax over every branch without a threshold, else stop where P_stop >= t and the best stage branch where not."""
     gen = torch.Generator().manual_seed(2)
     logits = 3 * torch.randn(256, 3, generator=gen)
     for has_stop in (True, False):
         for t in (None, 0.0, 0.3, 0.5, 1.0):
-            want = choose(logits, has_stop, t, None, full=False)[0]
-            assert torch.equal(decide(logits, has_stop, t), want), (has_stop, t)
+            c = decide(logits, has_stop, t)
+            if not has_stop or t is None:
+                want = logits.argmax(-1)
+            else:
+                stop = stops(logits.softmax(-1)[:, -1], None, t)
+                want = torch.where(stop, logits.shape[1] - 1, logits[:, :-1].argmax(-1))
+            assert torch.equal(c.run, c.top1) and torch.equal(c.run, want), (has_stop, t)
+            assert torch.equal(c.P, logits.softmax(-1))

@@ -16,6 +16,7 @@ from PIL import Image
 
 import checkpoints
 import data
+import recipes
 import train_cifar
 import train_imagenet
 from backbones import make_backbone
@@ -87,8 +88,8 @@ def test_one_epoch_of_each_backbone_writes_the_run_directory(tmp_path, backbone)
     out = tmp_path / "run"
     final = train_cifar.main(cifar_args(out, "--dataset", "imagefolder", "--data-dir", str(data),
                                         "--backbone", backbone, "--grow-prune", "both", "--grow-every", "1",
-                                        "--grow-threshold", "0",
-                                        "--grow-statistic", "sigma2"))  # cheap growth
+                                        "--theta-grow", "0",
+                                        "--set", "grow_statistic=sigma2"))  # cheap growth
     for name in [*RUN_FILES, "node_usage.png", "trie.png"]:
         assert (out / name).exists(), name
     epoch = read_json(out / "epoch_1.json")
@@ -115,9 +116,9 @@ def test_one_epoch_of_each_backbone_writes_the_run_directory(tmp_path, backbone)
 
 
 def test_resume_is_exact(tmp_path):
-    common = ["--dataset", "synthetic", "--synthetic-size", "160", "--batch-size", "16", "--selector", "mlp",
-              "--grow-every", "2", "--grow-threshold", "0", "--prune-every", "1", "--t-min", "1", "--seed", "3",
-              "--route-warmup", "1", "--grow-prune", "both"]
+    common = ["--dataset", "synthetic", "--set", "synthetic_size=160", "--batch-size", "16", "--selector", "mlp",
+              "--grow-every", "2", "--theta-grow", "0", "--prune-every", "1", "--t-min", "1", "--seed", "3",
+              "--grow-prune", "both"]
     a, b = tmp_path / "a", tmp_path / "b"
     train_cifar.main(train_cifar.parse_args(["--out", str(a), "--epochs", "2", "--workers", "0", "--quiet", *common]))
     train_cifar.main(train_cifar.parse_args(["--out", str(b), "--epochs", "1", "--workers", "0", "--quiet", *common]))
@@ -135,20 +136,20 @@ def test_resume_is_exact(tmp_path):
 def test_kept_model_is_what_final_json_and_eval_only_describe(tmp_path):
     """model.pt holds the tested model (calibrated: --eval-only scores it again exactly); --keep last
     --no-calibrate keeps the last epoch as trained, and --stage-grad reaches the model."""
-    common = ["--dataset", "synthetic", "--synthetic-size", "60", "--batch-size", "10", "--selector", "mlp",
-              "--workers", "0", "--limit-batches", "2", "--quiet"]
+    common = ["--dataset", "synthetic", "--set", "synthetic_size=60", "--batch-size", "10", "--selector", "mlp",
+              "--workers", "0", "--set", "limit_batches=2", "--quiet"]
     a = tmp_path / "a"
     final = train_cifar.main(train_cifar.parse_args(["--out", str(a), "--epochs", "2", *common]))
     kept = final["evaluated_checkpoint"]
     best = max((1, 2), key=lambda e: (read_json(a / f"epoch_{e}.json")["val_full_depth_top1"], e))  # ties: later
     assert kept["keep"] == "best" and kept["epoch"] == best == torch.load(a / "model.pt")["epoch"]
-    again = train_cifar.main(train_cifar.parse_args(["--resume", str(a), "--eval-only", "--limit-batches", "2",
+    again = train_cifar.main(train_cifar.parse_args(["--resume", str(a), "--eval-only", "--set", "limit_batches=2",
                                                      "--quiet"]))
     for k in ("test_top1", "test_executed_macs_per_sample", "test_leaf_counts"):
         assert again[k] == final[k], k
     b = tmp_path / "b"
     final = train_cifar.main(train_cifar.parse_args(["--out", str(b), "--epochs", "2", "--keep", "last",
-                                                     "--no-calibrate", "--stage-grad", "0.5", *common]))
+                                                     "--no-calibrate", "--set", "stage_grad=0.5", *common]))
     assert final["evaluated_checkpoint"] == {"keep": "last", "epoch": 2}
     _, model = checkpoints.load_run(str(b))
     assert model.options["stop_threshold"] is None and model.options["stage_grad"] == 0.5
@@ -174,9 +175,10 @@ def run_cli(*argv, cwd=REPO):
 
 
 def test_cifar10_missing_says_how_to_download(tmp_path):
-    # downloading is the default (offline, see test_bad_input.py); --no-download forbids it
-    line = one_line_error(run_cli("--data-dir", str(tmp_path), "--epochs", "1", "--quiet", "--no-download"), code=1)
-    assert "--download" in line and str(tmp_path) in line
+    # downloading is the default (offline, see test_bad_input.py); --set download=false forbids it
+    argv = ("--data-dir", str(tmp_path), "--epochs", "1", "--quiet", "--set", "download=false")
+    line = one_line_error(run_cli(*argv), code=1)
+    assert "download=false" in line and str(tmp_path) in line
 
 
 def test_help_names_the_paper_source_of_defaults():
@@ -222,7 +224,7 @@ def test_recipe_paper_turns_every_deviation_off_and_explicit_flags_still_win(tmp
     ours = train_cifar.parse_args(["--out", str(tmp_path / "a")])
     paper = train_cifar.parse_args(["--recipe", "paper", "--out", str(tmp_path / "b")])
     assert (ours.train_depth, ours.stop_rule, ours.calibrate, ours.keep) == ("full", "half", True, "best")
-    for flag, value in train_cifar.RECIPES["paper"].items():
+    for flag, value in recipes.RECIPES["paper"].items():
         assert getattr(paper, flag) == value != getattr(ours, flag), flag
     # alpha forgets over --usage-horizon epochs (a quarter: 10 steps of a 40-step epoch); the paper's, per step
     assert train_cifar.build_model(ours, 10, 40).options["usage_beta"] == 1 - 1 / 10
@@ -231,3 +233,29 @@ def test_recipe_paper_turns_every_deviation_off_and_explicit_flags_still_win(tmp
     assert mixed.keep == "best" and mixed.stop_rule == "argmax" and "recipe" in mixed.explicit
     imagenet = train_imagenet.parse_args(["--recipe", "paper", "--out", str(tmp_path / "d")])
     assert imagenet.lr == 0.1 and imagenet.train_depth == "routed"  # Table 3's defaults stay
+
+
+def test_every_setting_has_a_single_default():
+    """The library's defaults are the command line's: each keyword argument of the library (trie,
+    routers, grow_prune, losses, calibrate) that shares a name with a setting of `train_cifar.py`
+    with no flags has that setting's value, so a copied module trains as the script does."""
+    import inspect
+
+    import calibrate
+    import grow_prune
+    import losses
+    import routers
+    import trie
+
+    args = vars(train_cifar.parse_args(["--out", "unused"]))  # `optimizer` below is an object, not a name
+    checked = {}
+    for module in (trie, routers, grow_prune, losses, calibrate):
+        for name, fn in inspect.getmembers(module, callable):
+            if getattr(fn, "__module__", None) != module.__name__:
+                continue
+            for p in inspect.signature(fn).parameters.values():
+                if p.name in args and p.name != "optimizer" and p.default is not inspect.Parameter.empty:
+                    assert p.default == args[p.name], (f"{module.__name__}.{name}", p.name)
+                    checked.setdefault(p.name, []).append(name)
+    assert {"selector", "stage_grad", "grow_prune", "grow_statistic", "split_weight", "exit_confidence",
+            "cost_weight", "d_model", "ema_beta", "prune_kept", "tau0"} <= checked.keys(), checked

@@ -18,7 +18,7 @@ from conftest import REPO
 
 State = optuna.trial.TrialState
 TINY = ["--epochs", "1", "--dataset", "synthetic", "--backbone", "resnet18", "--",
-        "--synthetic-size", "120", "--batch-size", "16", "--workers", "0", "--limit-batches", "2"]
+        "--set", "synthetic_size=120", "--batch-size", "16", "--workers", "0", "--set", "limit_batches=2"]
 
 
 @pytest.fixture

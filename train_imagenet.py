@@ -1,10 +1,11 @@
-"""train_imagenet.py: the paper's ImageNet protocol (§5.2, §6.3, Table 3) for ResNet-Juliet-101 and ResNet-101.
+"""train_imagenet.py: the paper's ImageNet protocol (§5.2, §6.3, Table 3) for ResNet-Juliet-101
+and ResNet-101.
 
-    python train_imagenet.py --data-dir /data/imagenet                  # ResNet-Juliet-101, 120 epochs
+    python train_imagenet.py --data-dir /data/imagenet                  # ResNet-Juliet-101 (§6.3)
     python train_imagenet.py --data-dir /data/imagenet --static         # the static ResNet-101
-    python train_imagenet.py --data-dir /data/imagenet --amp --compile  # §5.3 software stack on CUDA
+    python train_imagenet.py --data-dir /data/imagenet --amp --compile  # §5.3 software stack, CUDA
     python train_imagenet.py --resume runs/resnet101-juliet-20261124-101500
-    torchrun --standalone --nproc_per_node 8 train_imagenet.py --data-dir /data/imagenet  # 8 GPUs (distributed.py)
+    torchrun --standalone --nproc_per_node 8 train_imagenet.py --data-dir /data/imagenet  # 8 GPUs
 
 --data-dir holds ImageNet in ImageFolder layout: train/<wnid>/*.JPEG and val/<wnid>/*.JPEG. The
 defaults are Table 3: batch 256, 8 workers, pinned memory; RandomResizedCrop 224 + flip + ImageNet
@@ -13,12 +14,12 @@ CosineAnnealingLR(T_max=40); grow threshold 0.5 every 10 mini-batches, prune thr
 epochs; 120 epochs (§6.3); 10 prebuilt nodes (§5.3 "Initialisation"); TF32 on CUDA.
 
 Everything else is train_cifar.py's: the epoch loop, run directory, checkpoints, --resume, progress
-bars and logs. Each epoch_<k>.json carries what §5.2 "Metrics" lists: top-1/5, train/val energy in
-joules and J/image (NVML via measure.py; NaN and the reason without it), throughput (img/s, also per
-node), the executed-node distribution and the per-class traversal depth. The ImageNet val set serves
-as both the per-epoch validation and the final test, as in the paper. Extra plots: energy per epoch
-(Fig. 6) and Top-1 per GFLOP against the paper's published SkipNet, ConvNet-AIG and BlockDrop points
-(Fig. 4/5).
+bars and logs, and torchrun's data parallelism (distributed.py). Each epoch_<k>.json carries what
+§5.2 "Metrics" lists: top-1/5, train/val energy in joules and J/image (NVML via measure.py; NaN and
+the reason without it), throughput (img/s, also per node), the executed-node distribution and the
+per-class traversal depth. The ImageNet val set serves as both the per-epoch validation and the
+final test, as in the paper. Extra plots: energy per epoch (Fig. 6) and Top-1 per GFLOP against the
+paper's published SkipNet, ConvNet-AIG and BlockDrop points (Fig. 4/5).
 """
 
 import glob
@@ -27,35 +28,34 @@ import os
 import data
 import distributed
 import plots
+import recipes
 import runs
 import train_cifar
 
 # §6.3 as published: (top-1 %, GFLOPs per image). ConvNet-AIG: the 4.31 GFLOPs end of its range,
-# which gives the paper's 17.9 Top-1/GFLOP. BlockDrop: the paper says 14.7 GFLOPs but an efficiency of
-# 7.6, which would need ~10.1 GFLOPs; we plot the stated 14.7 and say so in the README.
-PUBLISHED = {"SkipNet-101": (77.37, 5.32), "ConvNet-AIG-101": (77.22, 4.31), "BlockDrop-101": (76.80, 14.7),
-             "Juliet-101 (paper)": (72.20, 2.66)}
+# which gives the paper's 17.9 Top-1/GFLOP. BlockDrop: the paper says 14.7 GFLOPs but an efficiency
+# of 7.6, which would need ~10.1 GFLOPs; we plot the stated 14.7 and say so in the README.
+PUBLISHED = {"SkipNet-101": (77.37, 5.32), "ConvNet-AIG-101": (77.22, 4.31),
+             "BlockDrop-101": (76.80, 14.7), "Juliet-101 (paper)": (72.20, 2.66)}
 
 
 def plot_imagenet(out: str, final: dict) -> None:
-    """energy.png (Fig. 6) and top1_per_gflop.png (Fig. 4/5: this run beside the published dynamic ResNet-101s)."""
-    logs = sorted((runs.read_json(p) for p in glob.glob(os.path.join(out, "epoch_*.json"))), key=lambda h: h["epoch"])
+    """energy.png (Fig. 6) and top1_per_gflop.png (Fig. 4/5: this run beside the published dynamic
+    ResNet-101s)."""
+    paths = glob.glob(os.path.join(out, "epoch_*.json"))
+    logs = sorted((runs.read_json(p) for p in paths), key=lambda h: h["epoch"])
     if logs:
         plots.plot_energy(os.path.join(out, "energy.png"), logs)
     groups = {name: {"published": point} for name, point in PUBLISHED.items()}
-    groups["this run"] = {"paper convention": (final["test_top1"], final["flops_paper_convention_macs"] / 1e9),
-                          "executed": (final["test_top1"], final["test_executed_macs_per_sample"] / 1e9)}
+    top1 = final["test_top1"]
+    groups["this run"] = {"paper convention": (top1, final["flops_paper_convention_macs"] / 1e9),
+                          "executed": (top1, final["test_executed_macs_per_sample"] / 1e9)}
     plots.plot_top1_per_gflop(os.path.join(out, "top1_per_gflop.png"), groups,
                               "efficiency vs. published dynamic ResNet-101s (§6.3)")
 
 
 def parse_args(argv=None):
-    p = train_cifar.build_parser(__doc__.split("\n")[0])
-    p.set_defaults(backbone="resnet101", dataset="imagenet", input_size=224, epochs=120, batch_size=256,
-                   workers=8, optimizer="sgd", lr=0.1, momentum=0.9, wd=1e-4, scheduler="cosine", t_max=40,
-                   grow_prune="both", grow_threshold=0.5, grow_every=10, prune_every=5, prune_threshold=0.1,
-                   prebuild=10, calibrate=False, keep="last")  # §6.3 tests on val: nothing may be fitted on it
-    return runs.finish_args(p, argv)
+    return recipes.parse_args(argv, __doc__.split("\n\n")[0], "imagenet")  # Table 3's defaults
 
 
 def main(args, on_epoch=None) -> dict:
