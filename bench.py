@@ -17,9 +17,9 @@ same process. Memory of one step: `step_peak_memory` (the CUDA allocator's peak 
 GPU; on CPU the peak of live tensors from torch.profiler's allocation events).
 """
 
-import collections
 import contextlib
 import copy
+import functools
 import itertools
 import os
 import statistics
@@ -36,46 +36,50 @@ from losses import juliet_loss
 from runs import UsageError
 from trie import STOP, JulietNet, run_sub
 
+MODES = ("train", "inference")
+
 # ----------------------------------------------------------------------------- a step, its memory
 
 
 def labels_for(model, x):
     """Seeded random labels of the model's class count, one per sample of x."""
-    if isinstance(model, JulietNet):  # a static torchvision model ends with its classifier
-        classes = model.backbone.num_classes
-    else:
-        classes = [m for m in model.modules() if isinstance(m, torch.nn.Linear)][-1].out_features
+    heads = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]  # static: the last one
+    classes = model.backbone.num_classes if isinstance(model, JulietNet) else heads[-1].out_features
     gen = torch.Generator().manual_seed(0)
     return torch.randint(0, classes, (x.shape[0],), generator=gen).to(x.device)
 
 
-def table2_adam(model) -> torch.optim.Adam:
-    """Table 2's optimizer: Adam, lr 1e-3, weight decay 1e-5."""
-    return torch.optim.Adam(model.parameters(), lr=1e-3, weight_decay=1e-5)
+def train_step(model, loss):
+    """(step, optimizer): one training step of `model` on `loss()` with Table 2's optimizer (Adam,
+    lr 1e-3, weight decay 1e-5)."""
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3, weight_decay=1e-5)
+
+    def step():
+        model.train()
+        opt.zero_grad(set_to_none=True)
+        loss().backward()
+        opt.step()
+    return step, opt
 
 
 def make_step(model, x, train):
     """One training step (forward, loss, backward, Table 2's Adam) or one no_grad inference batch.
     A Juliet step's loss is the default recipe's: task loss + exit_loss + route_loss."""
     if not train:
-        def infer():
-            model.eval()
-            with torch.no_grad():
-                model(x)
-        return infer, None
-    y, opt = labels_for(model, x), table2_adam(model)
+        return torch.no_grad()(lambda: model.eval()(x)), None
+    y = labels_for(model, x)
 
-    def step():
-        model.train()
-        opt.zero_grad(set_to_none=True)
+    def loss():
         if isinstance(model, JulietNet):
             logits, record = model(x, return_record=True)
-            loss = juliet_loss(model, record, logits, y)
-        else:
-            loss = F.cross_entropy(model(x), y)
-        loss.backward()
-        opt.step()
-    return step, opt
+            return juliet_loss(model, record, logits, y)
+        return F.cross_entropy(model(x), y)
+    return train_step(model, loss)
+
+
+def random_images(batch, size):
+    """The seeded N(0, 1) batch a model is measured on where no real images are at hand."""
+    return torch.randn(batch, 3, size, size, generator=torch.Generator().manual_seed(0))
 
 
 def leaf_groups(net, x, train: bool) -> dict[str, torch.Tensor]:
@@ -95,49 +99,36 @@ def oracle_step(net, x, train):
     parts = [(net.path(leaf.removesuffix("/" + STOP)), x[i].contiguous(), y[i])
              for leaf, i in groups.items()]
 
+    @torch.no_grad()
     def infer():  # -> {leaf: logits of its samples}, for the equivalence test
         net.eval()
-        out = {}
-        with torch.no_grad():
-            for leaf, (path, h, _) in zip(groups, parts):
-                for node in path:
-                    h = node.sub(h)  # (B_g, C_d, H_d, W_d)
-                out[leaf] = net.exit(h)
-        return out
+        return {leaf: net.exit(functools.reduce(lambda h, node: node.sub(h), path, h))
+                for leaf, (path, h, _) in zip(groups, parts)}
     if not train:
         return infer, None
-    opt = table2_adam(net)
 
-    def step():
-        net.train()
-        opt.zero_grad(set_to_none=True)
-        loss = 0.0
+    def loss():
+        total = 0.0
         for path, h, yg in parts:
             for node in path:
                 h = run_sub(node.sub, h, True)
                 if node.has_stop:  # the exit of deep supervision
-                    loss = loss + F.cross_entropy(net.exit(h), yg, reduction="sum")
-            loss = loss + F.cross_entropy(net.exit(h), yg, reduction="sum")
-        (loss / x.shape[0]).backward()
-        opt.step()
-    return step, opt
+                    total = total + F.cross_entropy(net.exit(h), yg, reduction="sum")
+            total = total + F.cross_entropy(net.exit(h), yg, reduction="sum")
+        return total / x.shape[0]
+    return train_step(net, loss)
 
 
-def held_bytes(model, opt, x):
-    """Tensors alive before a step: params, buffers, optimizer state, the input batch."""
-    held = [*model.parameters(), *model.buffers(), x]
-    state = opt.state.values() if opt else []
-    held += [t for s in state for t in s.values() if torch.is_tensor(t)]
-    return sum(t.numel() * t.element_size() for t in held)
-
-
-def profile_step(step, opt, device):
-    """torch.profiler over one warmed-up step: (profiler, peak bytes of the live tensors allocated
-    during the step)."""
+def profile_step(model, x, step, opt, device):
+    """torch.profiler over one warmed-up step of `model` on x: (profiler, peak bytes of the live
+    tensors allocated during the step, bytes of the tensors alive before it: params, buffers,
+    optimizer state, the input batch)."""
     from torch.profiler import ProfilerActivity, profile
 
     if opt is not None:
         opt.zero_grad(set_to_none=True)  # old grads are freed before the profiled step
+    state = [t for s in opt.state.values() for t in s.values() if torch.is_tensor(t)] if opt else []
+    held = sum(t.nbytes for t in [*model.parameters(), *model.buffers(), x, *state])
     cuda = str(device).startswith("cuda")
     if cuda:
         measure.sync(device)
@@ -150,35 +141,23 @@ def profile_step(step, opt, device):
         step()
         measure.sync(device)
     if cuda:
-        return prof, torch.cuda.max_memory_allocated(device) - before
+        return prof, torch.cuda.max_memory_allocated(device) - before, held
     # Each CPU allocation and free is a "[memory]" event with a signed size; their running sum in
     # time order is the live tensor memory relative to the step's start.
     cpu = torch.autograd.DeviceType.CPU
-    events = [e for e in prof.profiler.kineto_results.events()
-              if e.name() == "[memory]" and e.device_type() == cpu]
-    events.sort(key=lambda e: e.start_ns())
-    return prof, max(itertools.accumulate((e.nbytes() for e in events), initial=0))
-
-
-def conv_bwd_share(prof) -> float:
-    """Table 5's "conv-bwd share": aten::convolution_backward (with its children) over all self CPU
-    time."""
-    averages = prof.key_averages()
-    total = sum(a.self_cpu_time_total for a in averages)
-    bwd = sum(a.cpu_time_total for a in averages if a.key == "aten::convolution_backward")
-    return bwd / max(total, 1e-9)
+    memory = [e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"]
+    events = sorted((e for e in memory if e.device_type() == cpu), key=lambda e: e.start_ns())
+    return prof, max(itertools.accumulate((e.nbytes() for e in events), initial=0)), held
 
 
 def step_peak_memory(model, input_size=32, batch=128, train=True, device="cpu", warmup=2) -> dict:
     """Peak memory of one training step or inference batch of a copy of `model` (§6.1 Table 5)."""
     model = copy.deepcopy(model).to(device)
-    gen = torch.Generator().manual_seed(0)
-    x = torch.randn(batch, 3, input_size, input_size, generator=gen).to(device)
+    x = random_images(batch, input_size).to(device)
     step, opt = make_step(model, x, train)
     for _ in range(warmup):  # Adam state and allocator caches exist before the measured step
         step()
-    _, peak = profile_step(step, opt, device)
-    before = held_bytes(model, opt, x)
+    _, peak, before = profile_step(model, x, step, opt, device)
     what = ("activations saved for backward, temporaries, gradients (set to None before the step) "
             "and Adam update temporaries" if train else
             "activations and temporaries of a no_grad forward")
@@ -207,26 +186,17 @@ def _no_early_exit(net):
     def hook(selector, inputs, logits):
         if inputs[2]:
             return torch.cat([logits[:, :-1], torch.full_like(logits[:, -1:], float("-inf"))], 1)
-    for node in net.nodes():
-        if node.selector is not None:
-            node.selector.register_forward_hook(hook)
+    for selector in (node.selector for node in net.nodes() if node.selector is not None):
+        selector.register_forward_hook(hook)
     return net
 
 
-def _images(loader, n):
-    xs = []
-    for batch in loader:
-        xs.append(batch[0])
-        if sum(len(t) for t in xs) >= n:
-            return torch.cat(xs)[:n]
-    return None
-
-
 def timed(steps: dict, repeats: int, warmup: int, device) -> dict:
-    """Seconds of each step, interleaved (static, juliet, static, ...): drift hits all alike."""
+    """{key: _spread of the seconds of steps[key]}, interleaved (static, juliet, static, ...): drift
+    hits all alike."""
     from tqdm import trange
 
-    times = collections.defaultdict(list)
+    times = {key: [] for key in steps}
     for r in trange(warmup + repeats, desc="bench", leave=False):
         for key, (fn, _) in steps.items():
             measure.sync(device)
@@ -235,7 +205,7 @@ def timed(steps: dict, repeats: int, warmup: int, device) -> dict:
             measure.sync(device)
             if r >= warmup:
                 times[key].append(time.perf_counter() - t0)
-    return times
+    return {key: _spread(ts) for key, ts in times.items()}
 
 
 def benchmark(backbone_name, input_size=32, batch=128, repeats=15, warmup=3, device="cpu",
@@ -245,69 +215,58 @@ def benchmark(backbone_name, input_size=32, batch=128, repeats=15, warmup=3, dev
     case); juliet_run: `run_dir`'s trained trie, on its test images where its loader exists.
     Returns {"models": {name: {"train", "inference": _spread, "conv_bwd_share", "peak_train_mb",
     "top_ops"}}, "ratios": {name: {"train", "inference"}} (median / static median), settings}."""
-    x, models = None, {}
+    x = trained = None
     if run_dir is not None:
         config, trained = load_run(run_dir, device)
         if not isinstance(trained, JulietNet):
             raise UsageError(f"{run_dir} is a static run; --run needs a Juliet run")
-        backbone_name, num_classes = config["backbone"], config["num_classes"]
-        input_size = config.get("input_size", input_size)
+        backbone_name, num_classes, input_size = (
+            config[k] for k in ("backbone", "num_classes", "input_size"))
         with contextlib.suppress(UsageError):  # routing as learned needs real images
-            x = _images(run_test_loader(config), batch)
+            test = run_test_loader(config).dataset
+            x = torch.stack([test[i][0] for i in range(batch)]) if len(test) >= batch else None
     torch.manual_seed(0)
-    models["static"] = static_model(backbone_name, num_classes)
-    chain = JulietNet(make_backbone(backbone_name, num_classes), selector=selector)
+    models = {"static": static_model(backbone_name, num_classes).to(device)}
+    chain = JulietNet(make_backbone(backbone_name, num_classes), selector=selector).to(device)
     models["juliet_chain"] = _no_early_exit(chain)
-    if run_dir is not None:
+    if trained is not None:
         models["juliet_run"] = trained
     source = "random N(0,1)" if x is None else "the run's test set"
-    if x is None:
-        gen = torch.Generator().manual_seed(0)
-        x = torch.randn(batch, 3, input_size, input_size, generator=gen)
-    x = x.to(device)
+    x = (random_images(batch, input_size) if x is None else x).to(device)
     # Each train step trains its own copy: Adam steps on random labels would move a trained trie's
     # routing, and its inference (and the oracle's groups) would time another trie.
-    steps = {(name, mode): make_step(copy.deepcopy(m).to(device) if mode == "train" else
-                                     m.to(device), x, mode == "train")
-             for mode in ("train", "inference") for name, m in models.items()}
-    if run_dir is not None:  # the oracle trains its own copy: the trie's weights stay as trained
+    steps = {(name, mode): make_step(copy.deepcopy(m) if mode == "train" else m, x, mode == "train")
+             for mode in MODES for name, m in models.items()}
+    if trained is not None:  # the oracle trains its own copy: the trie's weights stay as trained
         models["oracle"] = copy.deepcopy(trained)
         steps[("oracle", "train")] = oracle_step(copy.deepcopy(trained), x, True)
         steps[("oracle", "inference")] = oracle_step(models["oracle"], x, False)
     times = timed(steps, repeats, warmup, device)
     out = {"backbone": backbone_name, "input_size": input_size, "batch": batch,
            "repeats": repeats, "warmup": warmup, "device": str(device),
-           "threads": torch.get_num_threads(), "input": source, "models": {}, "ratios": {}}
+           "threads": torch.get_num_threads(), "input": source, "models": {},
+           "ratios": {n: {m: times[(n, m)]["median_s"] / times[("static", m)]["median_s"]
+                          for m in MODES} for n in models}}
     for name, model in models.items():
-        out["models"][name] = summary(model, steps[(name, "train")], times, name, x, device)
-        median = lambda name, m: out["models"][name][m]["median_s"]  # noqa: E731
-        out["ratios"][name] = {m: median(name, m) / median("static", m)
-                               for m in ("train", "inference")}
-    if "oracle" in models:  # the price of routing, and what the executed MACs buy
-        out |= routing_price(out, trained, models["static"], x, times, input_size, repeats)
+        step, opt = steps[(name, "train")]
+        prof, peak, held = profile_step(model, x, step, opt, device)
+        ops = prof.key_averages()
+        # Table 5's "conv-bwd share": aten::convolution_backward (with its children) over all self
+        # CPU time
+        bwd = sum(a.cpu_time_total for a in ops if a.key == "aten::convolution_backward")
+        out["models"][name] = {m: times[(name, m)] for m in MODES} | {
+            "conv_bwd_share": bwd / max(sum(a.self_cpu_time_total for a in ops), 1e-9),
+            "peak_train_mb": (peak + held) / 1e6,
+            "top_ops": ops.table(sort_by="self_cpu_time_total", row_limit=8)}
+    if trained is not None:  # the price of routing, and what the executed MACs buy
+        q = out["ratios"]
+        q["juliet_over_oracle"] = {m: q["juliet_run"][m] / q["oracle"][m] for m in MODES}
+        counts = {leaf: len(i) for leaf, i in leaf_groups(trained, x, False).items()}
+        macs = measure.expected_macs(trained, counts, input_size)["expected_macs_per_sample"]
+        out["executed_macs"] = {"static": measure.paper_macs(models["static"], input_size)[0],
+                                "juliet_run": macs}
+        out["node_profile"] = node_profile(trained, x, repeats)
     return out
-
-
-def summary(model, step_opt, times, name, x, device) -> dict:
-    step, opt = step_opt
-    prof, peak = profile_step(step, opt, device)
-    return {"train": _spread(times[(name, "train")]),
-            "inference": _spread(times[(name, "inference")]),
-            "conv_bwd_share": conv_bwd_share(prof),
-            "peak_train_mb": (peak + held_bytes(model, opt, x)) / 1e6,
-            "top_ops": prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=8)}
-
-
-def routing_price(out, trained, static, x, times, input_size, repeats) -> dict:
-    """juliet / oracle, the executed MACs and the per-node profile."""
-    ratios = out["ratios"]
-    counts = {leaf: len(i) for leaf, i in leaf_groups(trained, x, False).items()}
-    macs = measure.expected_macs(trained, counts, input_size)["expected_macs_per_sample"]
-    ratios["juliet_over_oracle"] = {m: ratios["juliet_run"][m] / ratios["oracle"][m]
-                                    for m in ("train", "inference")}
-    return {"executed_macs": {"static": measure.paper_macs(static, input_size)[0],
-                              "juliet_run": macs},
-            "node_profile": node_profile(trained, x, repeats)}
 
 
 def node_profile(net, x, repeats=10) -> dict:
@@ -316,23 +275,12 @@ def node_profile(net, x, repeats=10) -> dict:
     parts = {f"{node.node_id} {part}": module for node in net.nodes()
              for part, module in (("stage", node.sub), ("selector", node.selector))
              if module is not None and not isinstance(module, torch.nn.Identity)}
-    totals = []
-    net.eval()
-    with torch.no_grad():
+    with measure.evaluating(net), torch.no_grad():
         net(x)  # warm-up
         with measure.module_timer(parts) as seconds:
-            for _ in range(repeats):
-                t0 = _now(x)
-                net(x)
-                totals.append(_now(x) - t0)
+            total = timed({"net": (lambda: net(x), None)}, repeats, 0, x.device)["net"]["median_s"]
     parts = {k: s / repeats for k, s in seconds.items()}  # a module may run twice per batch
-    total = statistics.median(totals)
     return {"total_s": total, "parts_s": parts, "rest_s": total - sum(parts.values())}
-
-
-def _now(x):
-    measure.sync(x.device)
-    return time.perf_counter()
 
 
 def format_bench(result) -> str:
@@ -350,8 +298,20 @@ def format_bench(result) -> str:
              f"{r['device']} ({r['threads']} threads), input {r['input']}; {r['repeats']} repeats "
              f"after {r['warmup']} warm-up, interleaved; median [min-max] (IQR)")
     lines = [title, ""] + ["| " + " | ".join(row) + " |" for row in rows]
-    if "juliet_over_oracle" in r["ratios"]:
-        lines += routing_lines(r)
+    if "juliet_over_oracle" not in r["ratios"]:
+        return "\n".join(lines)
+    q, m, p = r["ratios"], r["executed_macs"], r["node_profile"]
+    lines += ["", "| | train step | inference |", "|---|---|---|"]
+    lines += [f"| {label} | {q[k]['train']:.3f}x | {q[k]['inference']:.3f}x |" for k, label in
+              (("juliet_over_oracle", "juliet / oracle (routing overhead)"),
+               ("juliet_run", "juliet / static"), ("oracle", "oracle / static"))]
+    lines.append(f"| executed MACs, juliet / static | | {m['juliet_run'] / m['static']:.3f}x "
+                 f"({m['juliet_run'] / 1e6:.2f} M / {m['static'] / 1e6:.2f} M) |")
+    lines += ["", f"inference batch, where the time goes (ms; total {1e3 * p['total_s']:.2f}):", "",
+              "| node part | ms | share |", "|---|---|---|"]
+    lines += [f"| {k} | {1e3 * v:.2f} | {v / p['total_s']:.0%} |" for k, v in p["parts_s"].items()]
+    lines.append(f"| rest: partitioning, exits, bookkeeping, hooks | {1e3 * p['rest_s']:.2f} | "
+                 f"{p['rest_s'] / p['total_s']:.0%} |")
     return "\n".join(lines)
 
 
@@ -365,19 +325,3 @@ def bench_cells(r, n, key) -> list[str]:
     else:
         cell = f"{v:.1f}"
     return [cell] + ([f"{v / v0:.3f}x"] if n != "static" else [])
-
-
-def routing_lines(r) -> list[str]:
-    q, m, p = r["ratios"], r["executed_macs"], r["node_profile"]
-    lines = ["", "| | train step | inference |", "|---|---|---|"]
-    lines += [f"| {label} | {q[k]['train']:.3f}x | {q[k]['inference']:.3f}x |" for k, label in
-              (("juliet_over_oracle", "juliet / oracle (routing overhead)"),
-               ("juliet_run", "juliet / static"), ("oracle", "oracle / static"))]
-    lines.append(f"| executed MACs, juliet / static | | {m['juliet_run'] / m['static']:.3f}x "
-                 f"({m['juliet_run'] / 1e6:.2f} M / {m['static'] / 1e6:.2f} M) |")
-    lines += ["", f"inference batch, where the time goes (ms; total {1e3 * p['total_s']:.2f}):", "",
-              "| node part | ms | share |", "|---|---|---|"]
-    lines += [f"| {k} | {1e3 * v:.2f} | {v / p['total_s']:.0%} |" for k, v in p["parts_s"].items()]
-    lines.append(f"| rest: partitioning, exits, bookkeeping, hooks | {1e3 * p['rest_s']:.2f} | "
-                 f"{p['rest_s'] / p['total_s']:.0%} |")
-    return lines

@@ -19,9 +19,8 @@ from trie import JulietNet
 
 def _weights(model) -> dict:
     """The model's weights and its trie structure (None for a static backbone)."""
-    weights = model.state_dict()
-    structure = model.structure() if isinstance(model, JulietNet) else None
-    return {"model": weights, "structure": structure}
+    return {"model": model.state_dict(),
+            "structure": model.structure() if isinstance(model, JulietNet) else None}
 
 
 def save_checkpoint(out: str, model, state: dict, progress: dict, args) -> None:
@@ -42,8 +41,7 @@ def save_model(out: str, model, epoch: int) -> None:
 
 def load_model(run_dir: str, device="cpu"):
     """The model of a run's model.pt (safe loader; its trie rebuilt first)."""
-    path = os.path.join(run_dir, "model.pt")
-    ckpt = runs.load_checkpoint(path, device)
+    ckpt = runs.load_checkpoint(os.path.join(run_dir, "model.pt"), device)
     source = ckpt["structure"] or runs.read_config(run_dir)  # both name backbone and num_classes
     return model_from_checkpoint(ckpt, source["backbone"], source["num_classes"]).to(device)
 

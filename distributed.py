@@ -108,7 +108,7 @@ def setup(args) -> None:
     args.out = out[0]
     _job.update(out=args.out, pid=os.getpid())
     signal.signal(signal.SIGTERM, _on_sigterm)
-    sys.excepthook = _one_line_for_stopped(sys.excepthook)
+    sys.excepthook = _one_line_for_stopped
     if dist.get_rank():  # rank 0 speaks for the job; the others' errors still reach stderr
         args.quiet = True
         sys.stdout = open(os.devnull, "w")
@@ -116,9 +116,8 @@ def setup(args) -> None:
 
 def _stopped(reason: str) -> Stopped:
     _job["stopping"] = True  # a SIGTERM that follows a failed collective adds nothing
-    out = _job["out"]
-    return Stopped(f"rank {rank()}: {reason}; the last checkpoint is in {out}: continue with "
-                   f"--resume {out} (on any number of processes)")
+    return Stopped(f"rank {rank()}: {reason}; the last checkpoint is in {_job['out']}: continue "
+                   f"with --resume {_job['out']} (on any number of processes)")
 
 
 def _on_sigterm(signum, frame):
@@ -129,14 +128,11 @@ def _on_sigterm(signum, frame):
                        "of the job fails")
 
 
-def _one_line_for_stopped(default):
-    def hook(kind, value, tb):
-        if issubclass(kind, Stopped):
-            print(runs.error_line(str(value)), file=sys.stderr, flush=True)
-        else:
-            default(kind, value, tb)
-
-    return hook
+def _one_line_for_stopped(kind, value, tb, default=sys.excepthook):
+    if issubclass(kind, Stopped):
+        print(runs.error_line(str(value)), file=sys.stderr, flush=True)
+    else:
+        default(kind, value, tb)
 
 
 def _collective(fn, *args, **kwargs):
@@ -153,11 +149,11 @@ def _collective(fn, *args, **kwargs):
 # ----------------------------------------------------------------------------- the training step
 
 
-def _flat_in_place(tensors: list, fn) -> None:
-    """fn on one flat copy of `tensors` (one collective, not one per tensor), then copied back."""
+def _all_reduce(tensors: list, op) -> None:
+    """All-reduce `tensors` in place through one flat copy: one collective, not one per tensor."""
     if tensors:
         flat = torch.cat([t.reshape(-1) for t in tensors])  # (sum of numel,)
-        fn(flat)
+        _collective(dist.all_reduce, flat, op=op)
         for t, v in zip(tensors, flat.split([t.numel() for t in tensors])):
             t.copy_(v.view_as(t))
 
@@ -190,17 +186,12 @@ def sync_step(model, leaf_counts: dict) -> dict:
     # the node ids, in the same order on every rank
     ids = [node.node_id for node in model.nodes()] if isinstance(model, JulietNet) else []
     device = next(model.parameters()).device
-    local_counts = [leaf_counts.get(i, 0) for i in ids]
-    flat = torch.cat([*(b.reshape(-1).float() for b in floats),
-                      torch.tensor(local_counts, dtype=torch.float32, device=device)])
-    _collective(dist.all_reduce, flat)  # (buffers | counts,)
-    sizes = [b.numel() for b in floats]
-    *values, counts = flat.split(sizes + [len(ids)])
-    for b, v in zip(floats, values):
-        b.copy_(v.view_as(b) / world())
+    counts = torch.tensor([leaf_counts.get(i, 0) for i in ids], dtype=torch.float32, device=device)
+    _all_reduce([*floats, counts], dist.ReduceOp.SUM)
+    for b in floats:
+        b.div_(world())
     # BatchNorm's num_batches_tracked, Alg. 3's low_epochs (equal on every rank anyway)
-    _flat_in_place([b for b in model.buffers() if not b.is_floating_point()],
-                   lambda t: _collective(dist.all_reduce, t, op=dist.ReduceOp.MAX))
+    _all_reduce([b for b in model.buffers() if not b.is_floating_point()], dist.ReduceOp.MAX)
     return {i: int(c) for i, c in zip(ids, counts.tolist()) if c}
 
 
@@ -210,10 +201,8 @@ def broadcast_model(model) -> None:
     whose fresh children each rank drew from its own random stream."""
     if world() == 1:
         return
-    tensors = [t.detach() for t in [*model.parameters(), *model.buffers()]]
-    for dtype in sorted({t.dtype for t in tensors}, key=str):  # the same order on every rank
-        _flat_in_place([t for t in tensors if t.dtype == dtype],
-                       lambda f: _collective(dist.broadcast, f, 0))
+    for t in [*model.parameters(), *model.buffers()]:  # the same order on every rank
+        _collective(dist.broadcast, t.detach(), 0)
 
 
 # ----------------------------------------------------------------------------- data
@@ -231,12 +220,10 @@ def shard(loader: DataLoader, seed: int) -> DataLoader:
     n, r = world(), rank()
     if n == 1:
         return loader
-    if isinstance(loader.sampler, RandomSampler):
-        sampler = DistributedSampler(loader.dataset, n, r, shuffle=True, seed=seed)
-        batch = loader.batch_size // n
-    else:
-        sampler = range(r, len(loader.dataset), n)
-        batch = loader.batch_size
+    train = isinstance(loader.sampler, RandomSampler)  # a shuffling loader: the training one
+    sampler = DistributedSampler(loader.dataset, n, r, shuffle=True, seed=seed) if train else \
+        range(r, len(loader.dataset), n)
+    batch = loader.batch_size // n if train else loader.batch_size
     kept = {k: getattr(loader, k) for k in LOADER_SETTINGS}
     return DataLoader(loader.dataset, batch_size=batch, sampler=sampler, **kept)
 
@@ -257,20 +244,13 @@ SUMMED = ("_samples", "_leaf_counts", "_node_visits", "_class_samples", "_node_t
 AGREED = ("events", "structure")  # decisions that every rank takes from the same reduced statistics
 
 
-def _part(key: str) -> str | None:
-    """The part of a per-part field: train_loss, time_train_s, throughput_train_img_s -> train;
-    else None."""
-    parts = key.split("_")
-    return next((s for s in parts[:2] if s in ("train", "val")), None)
-
-
 def _combine(key: str, logs: list[dict]):
     values = [log[key] for log in logs]
     if key.endswith(SUMMED):  # before the test for equality: 10 samples on each rank are 20
         return sum(values) if not isinstance(values[0], dict) else _sum_dicts(values)
     if all(v == values[0] for v in values):
         return values[0]
-    s = _part(key)
+    s = next((s for s in key.split("_")[:2] if s in ("train", "val")), None)  # its part, if any
     if key.startswith("throughput_"):  # all the ranks' images over the slowest rank's time
         return sum(log[f"{s}_samples"] for log in logs) / max(log[f"time_{s}_s"] for log in logs)
     if key.startswith("time_") or key.endswith("_seconds") or key == "peak_memory_bytes":
@@ -281,27 +261,20 @@ def _combine(key: str, logs: list[dict]):
     if not isinstance(values[0], (int, float, dict)) or isinstance(values[0], bool):
         return values[0]  # e.g. an NVML status: rank 0's
     # per-sample means (loss, top-1, executed MACs, ...); per-class depths by class counts
-    if key.endswith("_class_depth"):
-        weights = [log[f"{s}_class_samples"] for log in logs]
-    else:
-        weights = [log.get(f"{s}_samples", 1) for log in logs]
+    count = f"{s}_class_samples" if key.endswith("_class_depth") else f"{s}_samples"
+    weights = [log.get(count, 1) for log in logs]
     if not isinstance(values[0], dict):
         return sum(v * w for v, w in zip(values, weights)) / max(1, sum(weights))
-    keys = _sum_dicts(values)
-    return {k: sum(v.get(k, 0) * _at(w, k) for v, w in zip(values, weights)) /
-            max(1, sum(_at(w, k) for v, w in zip(values, weights) if k in v)) for k in keys}
-
-
-def _at(weight, k):
-    return weight.get(k, 0) if isinstance(weight, dict) else weight
+    # per-key weights: a rank's count of the key's samples, or its sample count for each of its keys
+    weights = [w if isinstance(w, dict) else dict.fromkeys(v, w) for v, w in zip(values, weights)]
+    return {k: sum(v.get(k, 0) * w.get(k, 0) for v, w in zip(values, weights)) /
+            max(1, sum(w.get(k, 0) for v, w in zip(values, weights) if k in v))
+            for k in _sum_dicts(values)}
 
 
 def _sum_dicts(dicts: list[dict]) -> dict:
-    out = {}
-    for d in dicts:  # keys in order of first appearance, rank 0 first: the same on every rank
-        for k, v in d.items():
-            out[k] = out.get(k, 0) + v
-    return out
+    # keys in order of first appearance, rank 0 first: the same on every rank
+    return {k: sum(d.get(k, 0) for d in dicts) for k in dict.fromkeys(k for d in dicts for k in d)}
 
 
 def reduce_log(log: dict) -> dict:

@@ -41,19 +41,15 @@ def nvml_index(device) -> int:
         return 0
     import pynvml
 
-    props = torch.cuda.get_device_properties(device)
+    p = torch.cuda.get_device_properties(device)
     pynvml.nvmlInit()
-    try:
-        for i in range(pynvml.nvmlDeviceGetCount()):
-            pci = pynvml.nvmlDeviceGetPciInfo(pynvml.nvmlDeviceGetHandleByIndex(i))
-            ours = (props.pci_domain_id, props.pci_bus_id, props.pci_device_id)
-            if (pci.domain, pci.bus, pci.device) == ours:
-                return i
-    except pynvml.NVMLError:
-        pass
+    try:  # NVML reads a PCI address as domain:bus:device, in hexadecimal
+        pci = f"{p.pci_domain_id:x}:{p.pci_bus_id:x}:{p.pci_device_id:x}"
+        return pynvml.nvmlDeviceGetIndex(pynvml.nvmlDeviceGetHandleByPciBusId(pci))
+    except pynvml.NVMLError:  # not found
+        return device.index or 0
     finally:
         pynvml.nvmlShutdown()
-    return device.index or 0
 
 
 def trapezoid_joules(times_s, watts) -> float:
@@ -75,21 +71,17 @@ class EnergyMeter:
     def __init__(self, index=0, interval_s=0.05):
         self.index, self.interval_s = index, interval_s
         self.joules = self.counter_joules = self.seconds = float("nan")
-        self.status, self._handle, self._samples, self._stop = "", None, [], threading.Event()
+        self.status, self._nvml, self._samples, self._stop = "", None, [], threading.Event()
 
     def _counter_mj(self):
-        import pynvml
-
         try:
-            return pynvml.nvmlDeviceGetTotalEnergyConsumption(self._handle)  # mJ since loaded
-        except pynvml.NVMLError:
+            return self._nvml.nvmlDeviceGetTotalEnergyConsumption(self._handle)  # mJ since loaded
+        except self._nvml.NVMLError:
             return None  # not supported on this GPU
 
     def _sample(self):
-        import pynvml
-
-        with contextlib.suppress(pynvml.NVMLError):  # a missed sample only widens one trapezoid
-            watts = pynvml.nvmlDeviceGetPowerUsage(self._handle) / 1000
+        with contextlib.suppress(self._nvml.NVMLError):  # a missed sample only widens a trapezoid
+            watts = self._nvml.nvmlDeviceGetPowerUsage(self._handle) / 1000
             self._samples.append((time.perf_counter(), watts))
 
     def _loop(self):
@@ -104,7 +96,7 @@ class EnergyMeter:
 
             try:
                 pynvml.nvmlInit()
-                self._handle = pynvml.nvmlDeviceGetHandleByIndex(self.index)
+                self._nvml, self._handle = pynvml, pynvml.nvmlDeviceGetHandleByIndex(self.index)
             except pynvml.NVMLError as e:
                 self.status = f"NVML unavailable: {e}"
                 return self
@@ -116,9 +108,7 @@ class EnergyMeter:
 
     def __exit__(self, *exc):
         self.seconds = time.perf_counter() - self._t0
-        if self._handle is not None:
-            import pynvml
-
+        if self._nvml is not None:  # NVML was opened: close it
             self._stop.set()
             self._thread.join()
             self._sample()
@@ -127,13 +117,11 @@ class EnergyMeter:
                 self.joules = trapezoid_joules(*zip(*self._samples))
             if self._c0 is not None and c1 is not None:
                 self.counter_joules = (c1 - self._c0) / 1000
-            with contextlib.suppress(pynvml.NVMLError):
-                pynvml.nvmlShutdown()
-        return False
+            with contextlib.suppress(self._nvml.NVMLError):
+                self._nvml.nvmlShutdown()
 
     def as_dict(self, images=None) -> dict:
         """Fields of an epoch log. NaN stays NaN: Python's json writes it as NaN (allow_nan)."""
-        per_image = self.joules / images if images else float("nan")
         return {"energy_j": self.joules, "energy_counter_j": self.counter_joules,
                 "energy_status": self.status, "energy_seconds": self.seconds,
-                "energy_j_per_image": per_image}
+                "energy_j_per_image": self.joules / images if images else float("nan")}

@@ -26,32 +26,22 @@ torch imports. Top-level imports stay plain `import x` and the sibling modules a
 the functions that use them: this module may run while torch itself is still importing.
 """
 
-import importlib.util
 import json
 import os
+import runpy
 import sys
 import sysconfig
 
-
-def _load_stdlib_profile():
-    path = os.path.join(sysconfig.get_paths()["stdlib"], "profile.py")
-    spec = importlib.util.spec_from_file_location("_stdlib_profile", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-_stdlib_profile = _load_stdlib_profile()
-run, runctx, Profile, _Utils = (_stdlib_profile.run, _stdlib_profile.runctx,
-                                _stdlib_profile.Profile, _stdlib_profile._Utils)
+_stdlib = runpy.run_path(os.path.join(sysconfig.get_paths()["stdlib"], "profile.py"),
+                         run_name="_stdlib_profile")
+run, runctx, Profile, _Utils = (_stdlib[name] for name in ("run", "runctx", "Profile", "_Utils"))
 if __name__ == "__main__":  # torch's `import cProfile` -> `import profile` must find this copy
     sys.modules.setdefault("profile", sys.modules[__name__])
 
 import torch  # noqa: E402  (may be half-imported here: touch no torch attribute at import time)
 
-_NAMES = {"resnet18": ("ResNet", "ResNet-{}18"), "resnet101": ("ResNet", "ResNet-{}101"),
-          "densenet121": ("DenseNet", "DenseNet-{}121"),
-          "efficientnet_b0": ("EfficientNet", "EfficientNet-{}B0")}
+_NAMES = {"resnet18": ("ResNet", "-{}18"), "resnet101": ("ResNet", "-{}101"),  # Table 4's names
+          "densenet121": ("DenseNet", "-{}121"), "efficientnet_b0": ("EfficientNet", "-{}B0")}
 
 
 # ----------------------------------------------------------------------------- runs and models
@@ -66,15 +56,14 @@ def profile_run(run_dir, device="cpu", max_batches=None) -> dict:
     from data import run_test_loader
 
     config, model = checkpoints.load_run(run_dir, device)  # checked before anything is written
-    size = config["input_size"]
     with runs.claim_run_dir(run_dir, new=False):  # one writer: not while training holds the run
         path = os.path.join(run_dir, "model_profile.json")
         saved = runs.read_json(path, {})
-        profile = measure.model_profile(model, config["dataset"], size, config["num_classes"])
-        out = {"backbone": config["backbone"], **profile}
+        out = {"backbone": config["backbone"], **measure.model_profile(
+            model, config["dataset"], config["input_size"], config["num_classes"])}
         if out["proxy"]:
             counts = measure.count_leaves(model, run_test_loader(config), device, max_batches)
-            exp = measure.expected_macs(model, counts, size)
+            exp = measure.expected_macs(model, counts, config["input_size"])
             out.update(expected_macs_per_sample=exp["expected_macs_per_sample"],
                        expected_macs_samples=exp["samples"], paths=exp["paths"],
                        nodes=exp["nodes"], params_executed=measure.executed_params(model, counts))
@@ -85,72 +74,6 @@ def profile_run(run_dir, device="cpu", max_batches=None) -> dict:
     return out
 
 
-def validation_loader(config):
-    """The validation set of a run, from its config.json (with evaluation transforms)."""
-    import data
-
-    datasets = data.imagenet_datasets if config["dataset"] == "imagenet" else data.cifar_datasets
-    return data.make_loader(datasets(config)[1], config, shuffle=False)
-
-
-def curve_run(run_dir, baseline=None, budget=None, device="cpu", max_batches=None) -> dict:
-    """The compute knob of one trained checkpoint: test accuracy vs executed MACs over stop
-    thresholds, against the fixed-depth exits, the confidence exit and the static backbone
-    (`baseline`: its run directory, for its test top-1). With `budget` (MACs per sample) the
-    threshold is chosen on the validation set and its test point reported. Writes curve.json and
-    curve.png."""
-    import checkpoints
-    import data
-    import exits
-    import measure
-    import plots
-    import runs
-    from backbones import static_model
-
-    config, model = checkpoints.load_run(run_dir, device)
-    if not hasattr(model, "root"):
-        raise runs.UsageError(f"{run_dir} is a static run: the curve needs a Juliet run")
-    size = config.get("input_size", 32)
-    top1 = runs.read_json(os.path.join(baseline, "final.json"), need=("test_top1",))["test_top1"] \
-        if baseline else None
-    static = {"macs": measure.paper_macs(static_model(config["backbone"], config["num_classes"]),
-                                         size)[0], "top1": top1}
-    table = exits.exit_table(model, data.run_test_loader(config), device, size, max_batches)
-    rep = exits.curve_report(table, static)
-    if budget is not None:
-        val = exits.exit_table(model, validation_loader(config), device, size, max_batches)
-        try:
-            t = exits.threshold_for_budget(val, budget)
-        except ValueError as e:
-            raise runs.UsageError(str(e)) from None
-        rep["budget"] = {"budget_macs": budget, "t": t,
-                         "val": exits.score(val, exits.juliet_exits(val, t)),
-                         "test": exits.score(table, exits.juliet_exits(table, t))}
-    rep["run_dir"] = run_dir
-    with runs.claim_run_dir(run_dir, new=False):  # one writer: not while training holds the run
-        runs.write_json(os.path.join(run_dir, "curve.json"), rep)
-        plots.plot_curve(os.path.join(run_dir, "curve.png"), rep)
-    return rep
-
-
-def calibrate_run(run_dir, stop_tolerance, device="cpu") -> dict:
-    """Refit a trained trie's stop decisions and operating point on its validation set
-    (calibrate.calibrate_net), e.g. for another tolerance, and rewrite its model.pt with them."""
-    import calibrate
-    import checkpoints
-    import runs
-
-    config, model = checkpoints.load_run(run_dir, device)
-    if not hasattr(model, "root"):
-        raise runs.UsageError(f"{run_dir} is a static run: it has no stop decisions to calibrate")
-    out = calibrate.calibrate_net(model, validation_loader(config), device, stop_tolerance,
-                                  config.get("input_size", 32))
-    with runs.claim_run_dir(run_dir, new=False):
-        final = runs.read_json(os.path.join(run_dir, "final.json"), {})
-        checkpoints.save_model(run_dir, model, final.get("evaluated_checkpoint", {}).get("epoch"))
-    return out
-
-
 def table_rows(run_dirs) -> list[dict]:
     """One Table 4 row per run. Training FLOPs = 3 x F_inf x |D_train| per epoch (§5.1); Table 4
     also multiplies by the epochs (ResNet-18: 3 x 37.22 M x 45,000 x 60 = 301.5 T), so do we."""
@@ -158,10 +81,8 @@ def table_rows(run_dirs) -> list[dict]:
 
     checked, keys = [], ("expected_macs_per_sample", "params", "flops_paper_convention_macs")
     for run_dir in run_dirs:  # every run's small files first: a damaged one fails before any work
-        final = {**runs.read_config(run_dir),
-                 **runs.read_json(os.path.join(run_dir, "final.json"), {})}
-        path = os.path.join(run_dir, "model_profile.json")
-        ckpt = os.path.join(run_dir, "checkpoint.pt")
+        final = runs.read_config(run_dir) | runs.read_json(os.path.join(run_dir, "final.json"), {})
+        path, ckpt = (os.path.join(run_dir, f) for f in ("model_profile.json", "checkpoint.pt"))
         p = runs.read_json(path, {}) if os.path.exists(ckpt) else {}
         numbers = (final.get("test_top1") or 0, final.get("train_size", 0), final.get("epochs", 1),
                    *(p.get(k, 0) for k in keys))
@@ -170,32 +91,19 @@ def table_rows(run_dirs) -> list[dict]:
                                   "is not a number")
         stale = not all(k in p for k in (*keys, "proxy")) or \
             os.path.getmtime(ckpt) > os.path.getmtime(path)  # no profile yet, or a newer checkpoint
-        checked.append((run_dir, final, p, stale))
-    return [table_row(run_dir, final, profile_run(run_dir) if stale else p)
-            for run_dir, final, p, stale in checked]
+        checked.append((run_dir, final, None if stale else p))
+    return [table_row(run_dir, final, p or profile_run(run_dir)) for run_dir, final, p in checked]
 
 
 def table_row(run_dir: str, final: dict, p: dict) -> dict:
-    family, variant = _NAMES.get(final["backbone"], (final["backbone"], final["backbone"] + " {}"))
+    family, v = _NAMES.get(final["backbone"], (final["backbone"], " {}"))  # v: "-{}18"
     scale = 3 * final.get("train_size", float("nan")) * final.get("epochs", 1) / 1e12
-    return {"run": run_dir, "family": family, "variant": variant.format("Juliet-" * p["proxy"]),
+    return {"run": run_dir, "family": family, "variant": family + v.format("Juliet-" * p["proxy"]),
             "params_m": p["params"] / 1e6, "paper_macs_m": p["flops_paper_convention_macs"] / 1e6,
             "expected_macs_m": p["expected_macs_per_sample"] / 1e6,
             "train_t_paper": scale * p["flops_paper_convention_macs"],
             "train_t_expected": scale * p["expected_macs_per_sample"],
             "top1": final.get("test_top1")}
-
-
-def format_table(rows) -> str:
-    out = ["| family | variant | params (M) | inference FLOPs (M; paper convention: THOP MACs, "
-           "one dummy) | expected executed MACs (M) | training FLOPs (T; paper conv.) | "
-           "training (T; executed) | test top-1 (%) |", "|---|---|---|---|---|---|---|---|"]
-    for r in rows:
-        top1 = "n/a" if r["top1"] is None else f"{r['top1']:.2f}"
-        out.append(f"| {r['family']} | {r['variant']} | {r['params_m']:.2f} | "
-                   f"{r['paper_macs_m']:.2f} | {r['expected_macs_m']:.2f} | "
-                   f"{r['train_t_paper']:.2f} | {r['train_t_expected']:.2f} | {top1} |")
-    return "\n".join(out)
 
 
 def profile_fresh(backbone, static=False, input_size=32, num_classes=10, selector="transformer",
@@ -214,10 +122,9 @@ def profile_fresh(backbone, static=False, input_size=32, num_classes=10, selecto
            **measure.model_profile(model, None, input_size, num_classes)}
     if not static:
         flop = measure.node_macs(model, input_size, measure.flop_counter_macs)
-        thop = measure.path_macs_table(model, input_size)
-        out["paths"] = {leaf: {"thop_macs": macs, "flop_counter_macs":
-                               measure.path_macs(model, leaf, input_size, flop)}
-                        for leaf, macs in thop.items()}
+        flop = measure.path_macs_table(model, input_size, flop)
+        out["paths"] = {leaf: {"thop_macs": macs, "flop_counter_macs": flop[leaf]}
+                        for leaf, macs in measure.path_macs_table(model, input_size).items()}
     out["memory"] = {mode: step_peak_memory(model, input_size, batch, mode == "train", device)
                      for mode in ("train", "inference")}
     return out
@@ -313,20 +220,17 @@ def _dispatch(args):
     if args.table:
         return _table(args)
     if args.bench:
-        return _bench(args)
-    if (args.calibrate or args.curve) and args.run_dir is None:
-        flag = "--calibrate" if args.calibrate else "--curve"
-        raise UsageError(f"{flag} needs a run directory: python profile.py runs/<name> {flag}")
-    notes = ""
-    if args.calibrate:
-        cal = calibrate_run(args.run_dir, args.stop_tolerance, args.device)
-        p = cal["val_operating_point"]
-        notes = (f"calibrated on val: operating point t = {p['t']:.4f} ({p['macs'] / 1e6:.2f} M "
-                 f"MACs, {p['top1']:.2f}% val top-1, tolerance {args.stop_tolerance} points)\n")
-        if not args.curve:
-            return cal, notes.rstrip()
-    if args.curve:
-        return _curve(args, notes)
+        from bench import benchmark, format_bench
+
+        if args.backbone is None and args.bench_run is None:
+            raise UsageError("--bench needs --backbone or --run")
+        r = benchmark(args.backbone, args.input_size, args.batch, args.repeats, args.warmup,
+                      args.device, args.bench_run, args.num_classes, args.selector)
+        ops = [f"\n{name}: one train step, top operators by self CPU time\n{m['top_ops']}"
+               for name, m in r["models"].items()]
+        return r, "\n".join([format_bench(r), *ops])
+    if args.calibrate or args.curve:
+        return _knob(args)
     if args.run_dir is not None:
         p = profile_run(args.run_dir, args.device, args.max_batches)
     elif args.backbone is not None:
@@ -344,36 +248,84 @@ def _table(args):
     groups = {r["variant"]: {"paper convention": (r["top1"], r["paper_macs_m"] / 1e3),
                              "executed": (r["top1"], r["expected_macs_m"] / 1e3)}
               for r in rows if r["top1"]}
-    png = args.out or os.path.join(args.table[0], "top1_per_gflop.png")
-    png = plot_top1_per_gflop(png, groups)
-    return {"rows": rows, "plot": png}, f"{format_table(rows)}\n\nplot: {png}"
+    png = plot_top1_per_gflop(args.out or os.path.join(args.table[0], "top1_per_gflop.png"), groups)
+    out = ["| family | variant | params (M) | inference FLOPs (M; paper convention: THOP MACs, "
+           "one dummy) | expected executed MACs (M) | training FLOPs (T; paper conv.) | "
+           "training (T; executed) | test top-1 (%) |", "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        top1 = "n/a" if r["top1"] is None else f"{r['top1']:.2f}"
+        out.append(f"| {r['family']} | {r['variant']} | {r['params_m']:.2f} | "
+                   f"{r['paper_macs_m']:.2f} | {r['expected_macs_m']:.2f} | "
+                   f"{r['train_t_paper']:.2f} | {r['train_t_expected']:.2f} | {top1} |")
+    return {"rows": rows, "plot": png}, "\n".join(out) + f"\n\nplot: {png}"
 
 
-def _bench(args):
-    from bench import benchmark, format_bench
-    from runs import UsageError
-
-    if args.backbone is None and args.bench_run is None:
-        raise UsageError("--bench needs --backbone or --run")
-    r = benchmark(args.backbone, args.input_size, args.batch, args.repeats, args.warmup,
-                  args.device, args.bench_run, args.num_classes, args.selector)
-    ops = [f"\n{name}: one train step, top operators by self CPU time\n{m['top_ops']}"
-           for name, m in r["models"].items()]
-    return r, "\n".join([format_bench(r), *ops])
-
-
-def _curve(args, notes: str):
+def _knob(args):
+    """--calibrate: refit a trained trie's stop decisions and operating point on its validation set
+    (calibrate.calibrate_net), e.g. for another tolerance, and rewrite its model.pt with them.
+    --curve: the compute knob of the checkpoint: test accuracy vs executed MACs over stop
+    thresholds, against the fixed-depth exits, the confidence exit and the static backbone
+    (--baseline: its run directory, for its test top-1). With --budget (M MACs per sample) the
+    threshold is chosen on the validation set and its test point reported. Writes curve.json and
+    curve.png."""
+    import calibrate
+    import checkpoints
+    import data
     import exits
+    import measure
+    import plots
+    import runs
+    from backbones import static_model
 
-    budget = None if args.budget is None else args.budget * 1e6
-    rep = curve_run(args.run_dir, args.baseline, budget, args.device, args.max_batches)
-    text = exits.format_curve(rep)
-    if "budget" in rep:
-        b = rep["budget"]
+    flag = "--calibrate" if args.calibrate else "--curve"
+    run_dir, device = args.run_dir, args.device
+    if run_dir is None:
+        raise runs.UsageError(f"{flag} needs a run directory: python profile.py runs/<name> {flag}")
+    config, model = checkpoints.load_run(run_dir, device)  # checked before anything is written
+    if not hasattr(model, "root"):
+        why = ("it has no stop decisions to calibrate" if args.calibrate else
+               "the curve needs a Juliet run")
+        raise runs.UsageError(f"{run_dir} is a static run: {why}")
+
+    def validation_loader():  # the run's validation set, with evaluation transforms
+        sets = data.imagenet_datasets if config["dataset"] == "imagenet" else data.cifar_datasets
+        return data.make_loader(sets(config)[1], config, shuffle=False)
+    size, text = config["input_size"], ""
+    if args.calibrate:
+        cal = calibrate.calibrate_net(model, validation_loader(), device, args.stop_tolerance, size)
+        with runs.claim_run_dir(run_dir, new=False):
+            final = runs.read_json(os.path.join(run_dir, "final.json"), {})
+            epoch = final.get("evaluated_checkpoint", {}).get("epoch")
+            checkpoints.save_model(run_dir, model, epoch)
+        p = cal["val_operating_point"]
+        text = (f"calibrated on val: operating point t = {p['t']:.4f} ({p['macs'] / 1e6:.2f} M "
+                f"MACs, {p['top1']:.2f}% val top-1, tolerance {args.stop_tolerance} points)\n")
+        if not args.curve:
+            return cal, text.rstrip()
+    top1 = runs.read_json(os.path.join(args.baseline, "final.json"), need=("test_top1",))[
+        "test_top1"] if args.baseline else None
+    static = {"macs": measure.paper_macs(static_model(config["backbone"], config["num_classes"]),
+                                         size)[0], "top1": top1}
+    table = exits.exit_table(model, data.run_test_loader(config), device, size, args.max_batches)
+    rep = exits.curve_report(table, static)
+    text += exits.format_curve(rep)
+    if args.budget is not None:
+        val = exits.exit_table(model, validation_loader(), device, size, args.max_batches)
+        try:
+            t = exits.threshold_for_budget(val, args.budget * 1e6)
+        except ValueError as e:
+            raise runs.UsageError(str(e)) from None
+        b = rep["budget"] = {"budget_macs": args.budget * 1e6, "t": t,
+                             "val": exits.score(val, exits.juliet_exits(val, t)),
+                             "test": exits.score(table, exits.juliet_exits(table, t))}
         text += (f"\nbudget {b['budget_macs'] / 1e6:.2f} M MACs: t = {b['t']} on val "
                  f"({b['val']['macs'] / 1e6:.2f} M, {b['val']['top1']:.2f}%) -> "
                  f"test {b['test']['macs'] / 1e6:.2f} M, {b['test']['top1']:.2f}%")
-    return rep, notes + text + f"\nwrote {os.path.join(args.run_dir, 'curve.json')} and curve.png"
+    rep["run_dir"] = run_dir
+    with runs.claim_run_dir(run_dir, new=False):  # one writer: not while training holds the run
+        runs.write_json(os.path.join(run_dir, "curve.json"), rep)
+        plots.plot_curve(os.path.join(run_dir, "curve.png"), rep)
+    return rep, text + f"\nwrote {os.path.join(run_dir, 'curve.json')} and curve.png"
 
 
 if __name__ == "__main__":

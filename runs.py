@@ -2,23 +2,19 @@
 (paper §5.3 "Profiling outputs").
 
     runs/<name>/config.json          the run's flags, dataset sizes, torch version
-    runs/<name>/model_profile.json   dataset, input size, params, FLOPs (paper convention), proxy
-                                     flag, NVML status
+    runs/<name>/model_profile.json   dataset, input size, params, paper FLOPs, proxy flag, NVML
     runs/<name>/epoch_<k>.json       one record per epoch (the log line's fields and many more)
-    runs/<name>/checkpoint.pt        model, optimizer, scheduler, scaler, progress, args, RNG state,
-                                     trie structure
+    runs/<name>/checkpoint.pt        model, optimizer, scheduler, scaler, progress, args, RNG, trie
     runs/<name>/final.json           test-set numbers
     runs/<name>/*.png                accuracy curves, node usage, the trie, routing (plots.py)
-    runs/<name>/eval_<k>/            what `--eval-only` wrote (final.json, plots): a run's own
-                                     files stay as they are
+    runs/<name>/eval_<k>/            `--eval-only` results (final.json, plots), never over the above
 
 Nothing is lost: a new run needs a new or empty directory, one process at a time writes a run
 directory (it holds DIR/.lock), files are written atomically (write, then rename). Nothing read can
 run code: checkpoints hold tensors and plain containers and load with `weights_only=True`
 (`load_checkpoint`; checkpoints.py writes them and rebuilds their models); JSON is checked when
 read. Bad input is a `UsageError`: `cli` ends with it as one line on stderr (`fail`) and exit 1,
-before any work or file.
-"""
+before any work or file."""
 
 import argparse
 import contextlib
@@ -39,9 +35,8 @@ from tqdm import tqdm
 from backbones import BACKBONES
 
 # MKL, torch's CPU BLAS, picks kernels by memory alignment unless asked for reproducible results:
-# the same step could differ in its last bits between two processes (or two runs in one), and
-# --resume would not be exact. MKL reads this at its first call, so it holds unless something ran a
-# matmul before this module was imported.
+# the same step could differ in its last bits between two processes (or runs), and --resume would
+# not be exact. MKL reads this at its first call: it holds unless a matmul ran before this import.
 os.environ.setdefault("MKL_CBWR", "AUTO")
 
 
@@ -57,15 +52,13 @@ class NonFiniteLoss(Exception):
 
 
 def error_line(message: str, prog: str | None = None) -> str:
-    """`PROG: error: MESSAGE`, the one shape of every error a command here prints (PROG: the script
-    run)."""
+    """`PROG: error: MESSAGE`, the one shape of every error a command here prints."""
     return f"{prog or os.path.basename(sys.argv[0])}: error: {message}"
 
 
 def fail(message: str, prog: str | None = None, code: int = 1):
     """The one way a command ends on bad input: one line on stderr, then exit `code` (2: a flag, as
-    argparse does; 1: what the flags point at). Printed here, not by sys.exit, so that in-process
-    callers see it too."""
+    argparse does; 1: what the flags point at). Printed here, so in-process callers see it too."""
     print(error_line(message, prog), file=sys.stderr, flush=True)
     sys.exit(code)
 
@@ -76,16 +69,12 @@ class Parser(argparse.ArgumentParser):
 
 
 def _ranged(kind, ok, what: str):
-    """An argparse type: a finite number of `kind` for which ok(v) holds, else one line saying what
-    it must be."""
+    """An argparse type: a finite `kind` with ok(v), else one line saying what it must be."""
     def parse(s: str):
-        try:
-            v = kind(s)
-        except ValueError:
-            v = None
-        if v is None or not math.isfinite(v) or not ok(v):
-            raise argparse.ArgumentTypeError(f"must be {what}, got {s!r}")
-        return v
+        with contextlib.suppress(ValueError):
+            if math.isfinite(v := kind(s)) and ok(v):
+                return v
+        raise argparse.ArgumentTypeError(f"must be {what}, got {s!r}")
     return parse
 
 
@@ -101,10 +90,8 @@ seed_int = _ranged(int, lambda v: 0 <= v < 2**31, "an integer in [0, 2^31)")
 def add_run_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("the run")
     g.add_argument("--seed", type=seed_int, default=0)
-    g.add_argument("--out", default=None, help="new or empty run directory; None: "
-                   "runs/<backbone>-<variant>-<time>")
-    g.add_argument("--resume", default=None, metavar="DIR", help="continue the run in DIR from "
-                   "its last checkpoint")
+    g.add_argument("--out", help="new or empty run dir; None: runs/<backbone>-<variant>-<time>")
+    g.add_argument("--resume", metavar="DIR", help="continue the run in DIR from its checkpoint")
     g.add_argument("--eval-only", action="store_true", help="only evaluate the checkpoint of "
                    "--resume DIR on test; results go to DIR/eval_<k>/")
     g.add_argument("--device", default="auto", help="auto (CUDA if available), cpu, cuda:1, ...")
@@ -140,8 +127,7 @@ LOCK = ".lock"
 def open_run(args):
     """Check the run directory before any work. New run: --out must be new or empty.
     --resume/--eval-only: DIR's checkpoint (safe loader) and its settings, with the runtime flags
-    given now; a flag that would change the run itself (backbone, data, lr, ...) is refused, naming
-    it."""
+    given now; a flag that would change the run itself (backbone, data, lr, ...) is refused."""
     if not (args.resume or args.eval_only):
         check_unused(args.out)
         return args, None
@@ -152,9 +138,7 @@ def open_run(args):
     if not os.path.isdir(run_dir):
         raise UsageError(f"--resume {run_dir}: no such run directory")
     ckpt = load_checkpoint(os.path.join(run_dir, "checkpoint.pt"), need=CHECKPOINT_KEYS)
-    if os.path.exists(os.path.join(run_dir, "config.json")):
-        # damaged: refuse rather than carry on beside it
-        read_json(os.path.join(run_dir, "config.json"))
+    read_json(os.path.join(run_dir, "config.json"), default={})  # damaged: refuse, not carry on
     saved = ckpt["args"]
     changed = [f"--{k.replace('_', '-')} {getattr(args, k)} (the run's: {saved.get(k)})"
                for k in args.explicit
@@ -163,32 +147,30 @@ def open_run(args):
         raise UsageError(f"--resume continues {run_dir} with its own settings; these flags would "
                          f"change them: {', '.join(changed)}; drop them, or start a new run "
                          "with --out")
-    # flags newer than the run keep today's defaults
-    merged = argparse.Namespace(**{**vars(args), **saved})
-    for k in RUNTIME_FLAGS:
-        if k in args.explicit:
-            setattr(merged, k, getattr(args, k))
-    merged.out, merged.resume = run_dir, args.resume
-    # the run's record of what its user chose, plus the runtime flags given now
-    merged.explicit = sorted(set(saved.get("explicit", []))
-                             | (set(args.explicit) & set(RUNTIME_FLAGS)))
+    # flags newer than the run keep today's defaults; the runtime flags given now win, and join
+    # the run's record of what its user chose
+    now = {k: getattr(args, k) for k in RUNTIME_FLAGS if k in args.explicit}
+    merged = argparse.Namespace(**{**vars(args), **saved, **now, "out": run_dir, "resume": run_dir})
+    merged.explicit = sorted(set(saved.get("explicit", [])) | set(now))
     return merged, ckpt
 
 
+def _flock(lock, out: str) -> None:
+    """The exclusive flock on out/.lock (open as `lock`), or one line: another process has it."""
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        raise UsageError(f"another process is writing {out}; wait for it to end or "
+                         "pick another --out") from None
+
+
 def check_unused(out: str) -> None:
-    """A new run's directory: new or empty (a lock file left by a finished process is no run), and
-    creatable."""
+    """A new run's directory: new or empty (a leftover lock file is no run), and creatable."""
     if os.path.isdir(out):
-        held = sorted(set(os.listdir(out)) - {LOCK})
-        # a run being written now: say so, not "move its files away"
-        if held and LOCK in os.listdir(out):
-            with open(os.path.join(out, LOCK), "a") as lock:
-                try:
-                    fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                except BlockingIOError:
-                    raise UsageError(f"another process is writing {out}; wait for it to end or "
-                                     "pick another --out") from None
-        if held:
+        if held := sorted(set(os.listdir(out)) - {LOCK}):
+            if LOCK in os.listdir(out):  # a run being written now: say so, not "move files away"
+                with open(os.path.join(out, LOCK), "a") as lock:
+                    _flock(lock, out)
             hint = (f"a run: continue it with --resume {out}" if "checkpoint.pt" in held
                     else "files: move them away")
             raise UsageError(f"{out} already holds {', '.join(held[:3])}{' ...' * (len(held) > 3)}"
@@ -205,20 +187,15 @@ def check_unused(out: str) -> None:
 
 @contextlib.contextmanager
 def claim_run_dir(out: str, ckpt=None, new=True):
-    """Hold `out` for this process: an exclusive flock on out/.lock that the kernel drops however
-    the process ends. Under it a new run finds `out` still unused, a resumed one (ckpt) its
-    checkpoint as it was loaded."""
+    """Hold `out`: an exclusive flock on out/.lock that the kernel drops however the process ends.
+    Under it a new run finds `out` still unused, a resumed one (ckpt) its checkpoint as loaded."""
     try:
         os.makedirs(out, exist_ok=True)
         lock = open(os.path.join(out, LOCK), "a")  # "a": never truncates what another process holds
     except OSError as e:
         raise UsageError(f"cannot write the run directory {out}: {e.strerror}") from None
     with lock:
-        try:
-            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise UsageError(f"another process is writing {out}; wait for it to end or "
-                             "pick another --out") from None
+        _flock(lock, out)
         if new and ckpt is None:
             check_unused(out)
         elif ckpt is not None and file_signature(ckpt["loaded_from"][0]) != ckpt["loaded_from"][1]:
@@ -228,13 +205,12 @@ def claim_run_dir(out: str, ckpt=None, new=True):
 
 
 def new_eval_dir(run_dir: str) -> str:
-    """run_dir/eval_<k>, the first k not taken: --eval-only results never replace a run's own
-    files."""
+    """run_dir/eval_<k>, the first k free: --eval-only results never replace a run's own files."""
     k = 1
     while os.path.exists(os.path.join(run_dir, f"eval_{k}")):
         k += 1
-    os.mkdir(os.path.join(run_dir, f"eval_{k}"))  # under the run's lock: nobody takes k meanwhile
-    return os.path.join(run_dir, f"eval_{k}")
+    os.mkdir(path := os.path.join(run_dir, f"eval_{k}"))  # under the run's lock: k stays free
+    return path
 
 
 def setup_device(args) -> None:
@@ -245,12 +221,12 @@ def setup_device(args) -> None:
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         raise UsageError("--device cuda: no CUDA device is available here")
-    if args.amp and not args.device.startswith("cuda"):
-        tqdm.write("note: --amp is ignored on CPU (no autocast on CPU)")
-        args.amp = False
     if args.device.startswith("cuda"):
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
         torch.backends.cudnn.benchmark = not args.deterministic
+    elif args.amp:
+        tqdm.write("note: --amp is ignored on CPU (no autocast on CPU)")
+        args.amp = False
     if args.deterministic:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
         torch.use_deterministic_algorithms(True)
@@ -274,8 +250,7 @@ def seed_epoch(seed: int, epoch: int, loader) -> None:
 
 
 def atomic_write(path: str, write) -> None:
-    """write(f) to this process's temporary file, fsync, rename: a crash or a concurrent writer
-    leaves a whole file."""
+    """write(f) to this process's temporary file, fsync, rename: crashes leave whole files."""
     tmp = f"{path}.{os.getpid()}.tmp"
     with open(tmp, "wb") as f:
         write(f)
@@ -302,8 +277,7 @@ def read_json(path: str, default=None, need=()) -> dict:
         raise UsageError(f"{path} is damaged, not valid JSON ({str(e).splitlines()[0]})") from None
     if not isinstance(obj, dict):
         raise UsageError(f"{path} holds a JSON {type(obj).__name__}, not the object a run writes")
-    missing = [k for k in need if k not in obj]
-    if missing:
+    if missing := [k for k in need if k not in obj]:
         raise UsageError(f"{path} lacks {', '.join(missing)}")
     return obj
 
@@ -324,8 +298,7 @@ CHECKPOINT_KEYS = ("model", "structure", "optimizer", "scheduler", "scaler", "ru
 
 
 def rng_state() -> dict:
-    """Every generator's state as tensors and plain values: what the safe loader accepts (no numpy
-    arrays)."""
+    """Every generator's state as tensors and plain values (no numpy arrays): safe to load."""
     version, keys, gauss = random.getstate()
     _, mt, pos, has_gauss, cached = np.random.get_state()
     return {"python": [version, torch.tensor(keys, dtype=torch.int64), gauss],
@@ -337,8 +310,7 @@ def rng_state() -> dict:
 def set_rng_state(s: dict) -> None:
     version, keys, gauss = s["python"]
     random.setstate((version, tuple(keys.tolist()), gauss))
-    mt, pos, has_gauss, cached = s["numpy"]
-    np.random.set_state(("MT19937", mt.numpy().astype(np.uint32), pos, has_gauss, cached))
+    np.random.set_state(("MT19937", s["numpy"][0].numpy().astype(np.uint32), *s["numpy"][1:]))
     torch.set_rng_state(s["torch"])
     if s["cuda"] and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(s["cuda"])
@@ -352,8 +324,7 @@ class Meter:
         self.t0 = time.perf_counter()
 
     def add(self, logits: torch.Tensor, y: torch.Tensor, loss: torch.Tensor) -> None:
-        top = logits.topk(min(5, logits.shape[1]), dim=1).indices  # (B, 5)
-        hit = top == y[:, None]
+        hit = logits.topk(min(5, logits.shape[1]), dim=1).indices == y[:, None]  # (B, 5)
         self.loss += float(loss.detach()) * len(y)
         self.top1 += int(hit[:, 0].sum())
         self.top5 += int(hit.any(1).sum())
@@ -372,27 +343,22 @@ def file_signature(path: str):
 
 
 def load_checkpoint(path: str, device="cpu", need=("model", "structure")) -> dict:
-    """A checkpoint through torch's safe loader: a file that would need unsafe unpickling (which can
-    run code, e.g. one that a shared run directory was given) is refused, and so is a truncated or
-    foreign one."""
+    """A checkpoint through torch's safe loader: one that needs unsafe unpickling (which can run
+    code, e.g. planted in a shared run directory) is refused, as is a truncated or foreign one."""
     if not os.path.isfile(path):
         raise UsageError(f"no checkpoint at {path}")
     signature = file_signature(path)
     try:
-        # e.g. "Detected pickle protocol 4": the error below says it all
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
+        with warnings.catch_warnings(action="ignore"):  # e.g. "Detected pickle protocol 4"
             ckpt = torch.load(path, map_location=device, weights_only=True)
     except Exception as e:  # zip, EOF, unpickling and storage errors all mean: not usable
-        what = re.search(r"Unsupported (global: GLOBAL \S+|operand \d+)", str(e))
-        if what:
-            found = (what.group(1).replace("global: GLOBAL", "the global")
+        if what := re.search(r"Unsupported (global: GLOBAL \S+|operand \d+)", str(e)):
+            found = (what[1].replace("global: GLOBAL", "the global")
                      .replace("operand", "pickle operand"))
             raise UsageError(f"{path} refused: the safe loader (weights_only) meets {found}, "
                              "which our checkpoints never hold; a full unpickle of it could "
                              "run code") from None
-        reason = (f"{type(e).__name__}: {str(e).splitlines()[0][:120]}" if str(e)
-                  else type(e).__name__)
+        reason = type(e).__name__ + (f": {str(e).splitlines()[0][:120]}" if str(e) else "")
         raise UsageError(f"{path} is not a readable checkpoint (truncated or damaged?): "
                          f"{reason}") from None
     missing = [k for k in need if k not in ckpt] if isinstance(ckpt, dict) else list(need)
@@ -404,8 +370,7 @@ def load_checkpoint(path: str, device="cpu", need=("model", "structure")) -> dic
 
 
 def write_start(out: str, config: dict, profile: dict) -> None:
-    """config.json (a new run, an eval, or a resume that lost it) and model_profile.json, then the
-    run's first line."""
+    """config.json (unless the run has it) and model_profile.json, then the run's first line."""
     if not os.path.exists(os.path.join(out, "config.json")):
         write_json(os.path.join(out, "config.json"), config | {"out": out})
     write_json(os.path.join(out, "model_profile.json"), profile)
@@ -432,5 +397,4 @@ def write_epoch(out: str, log: dict, quiet: bool) -> None:
     if "val_executed_macs_per_sample" in log:
         fields += [f"exec_MMACs={log['val_executed_macs_per_sample'] / 1e6:.2f}",
                    f"nodes={log['n_nodes']}", f"events={len(log['events'])}"]
-    fields.append(f"time={log['time_epoch_s']:.1f}s")
-    tqdm.write(" ".join(fields))
+    tqdm.write(" ".join([*fields, f"time={log['time_epoch_s']:.1f}s"]))

@@ -93,7 +93,7 @@ def test_lines_functions_and_files_a_reader_can_hold():
     paper). Budgets met by removing what the code does not need, never by packing statements."""
     for f in SOURCE:
         lines = open(os.path.join(REPO, f), encoding="utf8").read().splitlines()
-        assert len(lines) <= 470, f"{f} has {len(lines)} lines"
+        assert len(lines) <= 400, f"{f} has {len(lines)} lines"
         long = [i + 1 for i, line in enumerate(lines) if len(line) > 100]
         assert not long, f"{f}: lines over 100 characters: {long}"
         assert not any(";" in t.string for t in tokenize.generate_tokens(
@@ -103,7 +103,7 @@ def test_lines_functions_and_files_a_reader_can_hold():
             size = fn.end_lineno - fn.lineno + 1
             assert size <= 40, f"{f}: {fn.name} is {size} lines"
     code = {f: code_lines(os.path.join(REPO, f)) for f in SOURCE}
-    assert sum(code.values()) <= 3700, f"{sum(code.values())} lines of code: {code}"
+    assert sum(code.values()) <= 3450, f"{sum(code.values())} lines of code: {code}"
 
 
 GROWTH_SPLIT = {"split_share", "split_sides", "split_loss", "split_weight", "grow_split",
