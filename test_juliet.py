@@ -503,3 +503,16 @@ def test_signatures_follow_the_stage_branches_weights(r18):
     name = r18.stages[1].sig_name
     want = torch.stack([k.sub.get_submodule(name).weight.detach().mean((1, 2, 3)) for k in net.root.stage_branches])
     assert torch.equal(s1, want) and not torch.equal(s0, want)
+
+
+def test_the_readme_snippet_runs_on_the_five_model_files_copied_alone(tmp_path):
+    """The README's usage snippet, run in an empty folder holding only trie.py, routers.py,
+    grow_prune.py, losses.py and backbones.py: the library a user copies is whole."""
+    readme = open(os.path.join(REPO, "README.md"), encoding="utf8").read()
+    block = readme.split("<!-- usage snippet")[1].split("```python\n")[1].split("```")[0]
+    for name in ("trie.py", "routers.py", "grow_prune.py", "losses.py", "backbones.py"):
+        shutil.copy(os.path.join(REPO, name), tmp_path / name)
+    out = subprocess.run([sys.executable, "-c", block], cwd=tmp_path, capture_output=True, text=True,
+                         env={k: v for k, v in os.environ.items() if k != "PYTHONPATH"}, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.startswith("[") and "0/0" in out.stdout
