@@ -23,7 +23,7 @@ from conftest import REPO, grown_trie, routed_trie, train_step, varied_batch
 from grow_prune import GrowPruneConfig, end_epoch, grow, prune_sweep, sync_optimizer
 from losses import balance_loss, exit_loss, expected_cost_loss, exits_of, route_loss
 from measure import node_visits
-from routers import SELECTORS
+from routers import SELECTORS, decide
 from trie import JulietNet
 
 # ----------------------------------------------------------------------------- backbones
@@ -179,35 +179,53 @@ def test_straight_through_gate_is_exactly_one_in_the_forward_pass(r18):
         torch.testing.assert_close(net.head(net.adapt(h.mean((2, 3))))[0], logits[i], rtol=0, atol=1e-5)
 
 
-def test_gumbel_policy_is_top1_at_eval(r18):
-    net = grown_trie(r18, policy="gumbel").eval()
-    ref = copy.deepcopy(net)
-    ref.options["policy"] = "top1"
-    x = torch.randn(16, 3, 32, 32)
-    with torch.no_grad():
-        assert net(x, return_paths=True)[1] == ref(x, return_paths=True)[1]
+def test_gumbel_policy_samples_in_training_and_is_top1_at_eval(r18):
+    """§5.3's Gumbel policy: in training a hard Gumbel-softmax sample (it differs from the argmax
+    on some rows, and between two draws), at eval the plain top-1 of Alg. 1."""
+    logits = torch.randn(512, 3, generator=torch.Generator().manual_seed(0))
+    torch.manual_seed(1)
+    a, b = decide(logits, False, None, gumbel_tau=1.0), decide(logits, False, None, gumbel_tau=1.0)
+    assert (a.run != logits.argmax(-1)).any() and (a.run != b.run).any()
+    assert torch.equal(decide(logits, False, None).run, logits.argmax(-1))
+    net = grown_trie(r18, policy="gumbel")
+    net.tau = 1.0
+    calls = []
+    import routers as routers_module
+    real = routers_module.decide
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(sys.modules["trie"], "decide", lambda *a, **k: calls.append(a[3:]) or real(*a, **k))
+        net.train()(torch.randn(8, 3, 32, 32))
+        assert calls and all(c[0] == 1.0 for c in calls)  # training samples at tau
+        calls.clear()
+        ref = copy.deepcopy(net)
+        ref.options["policy"] = "top1"
+        x = torch.randn(16, 3, 32, 32)
+        with torch.no_grad():
+            assert net.eval()(x, return_paths=True)[1] == ref.eval()(x, return_paths=True)[1]
+        assert calls and all(c[0] is None for c in calls)  # eval: no Gumbel noise at all
 
 
 def test_statistics_update_in_training_only_and_sigma2_in_unit_interval(r18):
-    net = grown_trie(r18, usage_beta=0.5)  # alpha's own EMA decay (train_cifar's --usage-horizon), not beta's
+    net = grown_trie(r18, usage_beta=0.5)  # alpha's own EMA decay (train_cifar's --usage-horizon)
     x = torch.randn(16, 3, 32, 32)
     before = copy.deepcopy(net.state_dict())
     with torch.no_grad():
         net.eval()(x)
     assert all(torch.equal(before[k], v) for k, v in net.state_dict().items())
+    for n in net.nodes():
+        n.alpha.zero_()  # so that every branch's alpha moves by exactly (1 - beta) x its share
     alpha0 = {n.node_id: float(n.alpha) for n in net.nodes()}
     net.train()(x)
     sig = torch.stack([n.sigma2 for n in net.nodes()])
     assert (sig >= 0).all() and (sig <= 1).all() and (sig > 0).any()
-    # Alg. 1 line 6 on a batch: each child's alpha moves toward its share of the parent's samples
+    # Alg. 1 line 6 on a batch: at the root, whose decision every sample takes, each branch's alpha
+    # moves toward its share of the samples, and the shares sum to one
     beta = net.options["usage_beta"]
-    for node in net.nodes():  # (in full-depth training, nodes that top-1 sent samples to)
-        kids = list(node.branches.values())
-        if len(kids) > 1 and any(float(k.alpha) != alpha0[k.node_id] for k in kids):
-            new = [float(k.alpha) for k in kids]
-            old = [alpha0[k.node_id] for k in kids]
-            shares = [(a - beta * b) / (1 - beta) for a, b in zip(new, old)]
-            assert abs(sum(shares) - 1) < 1e-4 and min(shares) >= -1e-6
+    kids = list(net.root.branches.values())
+    new, old = [float(k.alpha) for k in kids], [alpha0[k.node_id] for k in kids]
+    shares = [(a - beta * b) / (1 - beta) for a, b in zip(new, old)]
+    assert abs(sum(shares) - 1) < 1e-4 and min(shares) >= -1e-6
+    assert all(abs(16 * s - round(16 * s)) < 1e-4 for s in shares)  # whole samples of 16
 
 
 def test_lone_sample_in_training_mode(r18):
@@ -217,26 +235,49 @@ def test_lone_sample_in_training_mode(r18):
 
 
 def test_auxiliary_losses(r18):
+    """balance_loss is §2.2's M sum_m (f_m - 1/M)^2 over sibling stage branches, and
+    expected_cost_loss the expected stage MACs under P over the backbone's, both by hand."""
     net = grown_trie(r18).train()
     x = torch.randn(16, 3, 32, 32)
     _, record = net(x, return_record=True)
     cost, balance = expected_cost_loss(net, record), balance_loss(record)
-    assert 0 < float(cost) <= 1 and float(balance) >= 0
+    macs = r18.stage_macs((32, 32))
+    want_cost, want_balance = macs[0] * 16, []
+    for r in record.routed:
+        kids = list(r.node.branches.values())
+        want_cost += sum(float(r.P[:, j].sum()) * macs[k.depth] for j, k in enumerate(kids)
+                         if not k.is_stop)
+        M = len(r.node.stage_branches)
+        if M > 1:
+            f = [float((r.P[:, m] / r.P[:, :M].sum(1)).mean()) for m in range(M)]
+            want_balance.append(M * sum((fm - 1 / M) ** 2 for fm in f))
+    assert float(cost) == pytest.approx(want_cost / (16 * sum(macs)), rel=1e-5)
+    n = len(want_balance)  # the root and 0/0 have sibling stage branches
+    assert n == 2 and float(balance) == pytest.approx(sum(want_balance) / n, rel=1e-4, abs=1e-7)
     (cost + balance).backward()
     assert net.root.selector.sig_proj[1].weight.grad.abs().sum() > 0
-    # a net that may stop at the stem costs less than the full backbone in expectation
-    assert float(cost) < 1
 
 
 def test_exit_loss_trains_every_exit_on_every_sample_that_reached_it(r18):
+    """exit_loss is the mean over exits of the cross-entropy of each exit on exactly the samples
+    that reached its node (in full-depth training: every sample, at every routed node)."""
     net = grown_trie(r18, stage_grad=1.0).train()  # joint training: the exits' gradient reaches the stages
     x, y = torch.randn(16, 3, 32, 32), torch.randint(0, 10, (16,))
     _, record = net(x, return_record=True)
-    exits = {len(r.idx) for r in exits_of(record)}
-    assert 16 in exits  # the root's exit sees the whole batch, whatever the root chose
+    ex = exits_of(record)
+    assert [r.node.node_id for r in ex] == [r.node.node_id for r in record.routed
+                                           if r.node.has_stop]
+    assert ex[0].node is net.root and torch.equal(ex[0].idx, torch.arange(16))
+    reached = {}  # node id -> the samples that ran its sub-module, by hooks
+    for n in net.nodes():
+        n.sub.register_forward_hook(lambda m, i, o, nid=n.node_id: reached.update({nid: len(i[0])}))
+    net(x, return_record=True)
+    assert all(len(r.idx) == reached[r.node.node_id] for r in ex)
+    want = torch.stack([F.cross_entropy(r.exit, y[r.idx]) for r in ex]).mean()
     loss = exit_loss(record, y)
+    torch.testing.assert_close(loss, want)
     loss.backward()
-    assert float(loss) > 0 and net.adapters["64"].weight.grad.abs().sum() > 0
+    assert net.adapters["64"].weight.grad.abs().sum() > 0
     assert net.root.sub[0].weight.grad.abs().sum() > 0  # deep supervision reaches the stem
 
 
