@@ -556,4 +556,4 @@ def test_the_readme_snippet_runs_on_the_five_model_files_copied_alone(tmp_path):
     out = subprocess.run([sys.executable, "-c", block], cwd=tmp_path, capture_output=True, text=True,
                          env={k: v for k, v in os.environ.items() if k != "PYTHONPATH"}, timeout=300)
     assert out.returncode == 0, out.stderr
-    assert out.stdout.startswith("[") and "0/0" in out.stdout
+    assert out.stdout.startswith("['0/")  # the leaves reached: ids under the root
