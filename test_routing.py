@@ -123,10 +123,23 @@ def test_report_gives_every_exit_per_group_and_the_depth_of_each_group(r18, tabl
 
 
 def test_demo_set_labels_groups_and_honours_its_parameters():
-    a = data.SyntheticImages(300, seed=1)
-    assert set(a.group) <= {"easy", "hard"} and a.group.count("hard") == int(a.hard.sum())
+    """Easy samples carry their class's colour (the mean colour names the class by nearest class
+    mean); hard ones do not. hard_fraction, size and seed do what they say."""
+    a = data.SyntheticImages(1000, seed=1)
+    y, hard = torch.tensor(a.targets), a.hard
+    assert a.group == ["hard" if h else "easy" for h in hard.tolist()]
+    assert 0.4 < float(hard.float().mean()) < 0.6  # hard_fraction 0.5
+    rgb = torch.as_tensor(a.data).float().mean((1, 2))  # (n, 3) each image's mean colour
+    means = torch.stack([rgb[~hard & (y == c)].mean(0) for c in range(10)])  # (10, 3)
+    guess = torch.cdist(rgb, means).argmin(1)
+    easy_acc, hard_acc = [float((guess == y)[m].float().mean()) for m in (~hard, hard)]
+    assert easy_acc > 0.9 and hard_acc < 0.4, (easy_acc, hard_acc)
+    assert not data.SyntheticImages(200, seed=1, hard_fraction=0.0).hard.any()
     small = data.SyntheticImages(20, seed=1, size=16)
     assert small.data.shape == (20, 16, 16, 3)
+    same, other = data.SyntheticImages(20, seed=1), data.SyntheticImages(20, seed=2)
+    assert (same.data == data.SyntheticImages(20, seed=1).data).all()
+    assert not (same.data == other.data).all()
 
 
 def test_exit_confidence_starts_as_the_papers_selector_and_learns_from_route_loss(r18):
