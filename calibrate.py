@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from exits import exit_table, juliet_exits, knob, score
 from routers import IDENTITY
 
+
 def stop_targets(table: dict) -> torch.Tensor:
     """(N, D): 1 where exiting at depth d loses nothing against the sample's own leaf (the exit is
     right, or the leaf is wrong too): the event a stop decision bets on."""

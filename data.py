@@ -268,7 +268,8 @@ def imagenet_datasets(config: dict):
 
 
 def make_test_set(config: dict) -> Subset:
-    """The test set of a run's dataset, with evaluation transforms (ImageNet: its val set, §6.3)."""
+    """The test set of a run's dataset, with evaluation transforms (ImageNet: its val set,
+    §6.3)."""
     base = base_set(config, train=False)
     return Subset(base, range(len(base)), transform(config, train=False))
 

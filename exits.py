@@ -317,7 +317,7 @@ def report(table: dict) -> dict:
     leaves, groups, out["test_groups"] = leaf_ids(table, depth), table["group"], {}
     for g in sorted(set(groups)):
         mask = torch.tensor([x == g for x in groups])
-        hits = lambda d: 100 * float(table["correct"][n, d][mask].float().mean())  # noqa: E731
+        hits = lambda d, mask=mask: 100 * float(table["correct"][n, d][mask].float().mean())
         out["test_groups"][g] = {
             "samples": int(mask.sum()), "mean_depth": float(depth[mask].float().mean()),
             "top1": hits(depth), "exits_top1": [hits(last.clamp(max=p["depth"])) for p in fixed],

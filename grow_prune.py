@@ -181,8 +181,8 @@ def update_sigma2(node: "TrieNode", f: torch.Tensor, beta: float) -> None:
 
 def update_split(node: "TrieNode", x: torch.Tensor, beta: float) -> None:
     """Ours: the share of the node's input variance one 2-way split explains, EMA'd into
-    `split_share` (in [0, 1]): unit-norm GAP inputs u split by the sign of (u - mean)·v, v their top
-    direction (Oja: one power step a batch)."""
+    `split_share` (in [0, 1]): unit-norm GAP inputs u split by the sign of (u - mean)·v, v their
+    top direction (Oja: one power step a batch)."""
     u = F.normalize(x.float().mean((2, 3)), dim=1)  # (B_n, C)
     d = u - u.mean(0)
     mean, v = node.principal

@@ -1,5 +1,5 @@
-"""profile.py: Juliet's profiler (paper §5.1, §5.2, §5.3, §6.1, Tables 4-5), and a superset of the
-standard library's `profile`.
+"""profile.py: Juliet's profiler (paper §5.1, §5.2, §5.3, §6.1, Tables 4-5), and a superset of
+the standard library's `profile`.
 
     python profile.py --backbone resnet18 --static [--input-size 32] [--json]   # a static model
     python profile.py --backbone resnet18 [--selector mlp] [--json]             # a fresh chain
@@ -175,7 +175,8 @@ def build_parser():
     p.add_argument("--input-size", type=runs.positive, default=32, help="32: CIFAR-10 (§5.1); "
                    "224: ImageNet (§5.2)")
     p.add_argument("--num-classes", type=runs.positive, default=10)
-    p.add_argument("--selector", default="transformer", help="transformer (§4.1), mlp, conv (§5.3)")
+    p.add_argument("--selector", default="transformer",
+                   help="transformer (§4.1), mlp, conv (§5.3)")
     p.add_argument("--batch", type=runs.positive, default=128, help="batch of memory and --bench")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--max-batches", type=runs.positive, help="RUN: count paths on N batches")

@@ -96,7 +96,7 @@ def main_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--lr", type=runs.positive_float, help="Table 2: Adam 1e-3; Table 3: SGD 0.1")
     g.add_argument("--wd", type=runs.nonneg_float, help="weight decay: Table 2 1e-5, Table 3 1e-4")
     g = p.add_argument_group("selectors and routing (§3.1.2, §4.1, §5.3)")
-    g.add_argument("--selector", choices=list(SELECTORS), help="N.PS: §4.1's, or §5.3's ablations")
+    g.add_argument("--selector", choices=list(SELECTORS), help="N.PS: §4.1's or §5.3's")
     g.add_argument("--policy", choices=POLICIES, help="§4.1's top-1 or §5.3's annealed Gumbel")
     g.add_argument("--prebuild", type=optional(runs.positive), help="nodes in the first chain "
                    "(§5.3: 5; 10 for ResNet-101); None: every stage")

@@ -1,4 +1,4 @@
-"""Path selectors and the routing decision (paper §3.1.2, §4.1, §5.3; Eq. 1; Alg. 1 lines 4, 5, 7).
+"""Path selectors and the routing decision (§3.1.2, §4.1, §5.3; Eq. 1; Alg. 1 lines 4, 5, 7).
 
 Every selector has one interface, `selector(f, signatures, stop, exit_logits, prev_logits)`,
 which returns one logit per branch, (B, K):

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from backbones import BACKBONES, make_backbone, static_model
 from conftest import REPO, grown_trie, routed_trie, train_step, varied_batch
 from grow_prune import GrowPruneConfig, end_epoch, grow, prune_sweep, sync_optimizer
-from losses import balance_loss, exit_loss, expected_cost_loss, exits_of, route_loss
+from losses import balance_loss, exit_loss, exits_of, expected_cost_loss, route_loss
 from measure import node_visits
 from routers import SELECTORS, decide
 from trie import JulietNet
@@ -177,11 +177,9 @@ def test_gumbel_policy_samples_in_training_and_is_top1_at_eval(r18):
     assert torch.equal(decide(logits, False, None).run, logits.argmax(-1))
     net = grown_trie(r18, policy="gumbel")
     net.tau = 1.0
-    calls = []
-    import routers as routers_module
-    real = routers_module.decide
+    calls = []  # the Gumbel temperature of each decision (decide's 4th argument)
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(sys.modules["trie"], "decide", lambda *a, **k: calls.append(a[3:]) or real(*a, **k))
+        mp.setattr("trie.decide", lambda *a, **k: calls.append(a[3:]) or decide(*a, **k))
         net.train()(torch.randn(8, 3, 32, 32))
         assert calls and all(c[0] == 1.0 for c in calls)  # training samples at tau
         calls.clear()

@@ -32,9 +32,9 @@ from typing import NamedTuple
 import torch
 import torch.nn as nn
 
+import routers
 from grow_prune import split_sides, track_growth, update_alpha
-from routers import (SELECTORS, STOP, STOP_RULES, Record, Routed, Rows, decide, make_selector,
-                     partition, straight_through)
+from routers import STOP, Record, Routed, Rows, decide, partition, straight_through
 
 POLICIES = ("top1", "gumbel")  # §4.1's deterministic top-1; §5.3's annealed Gumbel
 TRAIN_DEPTHS = ("full", "routed")  # ours: every training sample runs to a leaf; the paper's
@@ -79,8 +79,8 @@ class TrieNode(nn.Module):
 
 def check_options(backbone, prebuild, **o) -> None:
     """JulietNet's arguments, each bad one named in a ValueError."""
-    names = {"selector": SELECTORS, "policy": POLICIES, "train_depth": TRAIN_DEPTHS,
-             "stop_rule": STOP_RULES}
+    names = {"selector": routers.SELECTORS, "policy": POLICIES, "train_depth": TRAIN_DEPTHS,
+             "stop_rule": routers.STOP_RULES}
     for name, allowed in names.items():
         if o[name] not in allowed:
             raise ValueError(f"unknown {name} {o[name]!r}; choose one of: {', '.join(allowed)}")
@@ -241,7 +241,7 @@ class JulietNet(nn.Module):
     @property
     def rule(self) -> float | None:
         """The stop rule's threshold (None: Alg. 1's argmax)."""
-        return STOP_RULES[self.options["stop_rule"]]
+        return routers.STOP_RULES[self.options["stop_rule"]]
 
     def set_operating_point(self, t: float | None) -> None:
         """The threshold inference uses (calibrate.calibrate_net chooses it on held-out data)."""
@@ -323,9 +323,9 @@ class JulietNet(nn.Module):
             parent.branches[STOP] = stop.to(device)
         if parent.selector is None and len(parent.branches) > 1:
             o, stages = self.options, self.backbone.stages
-            selector = make_selector(o["selector"], stages[parent.depth].channels,
-                                     stages[d].sig_dim, o["d_model"], o["n_head"],
-                                     o["exit_confidence"])
+            selector = routers.make_selector(o["selector"], stages[parent.depth].channels,
+                                             stages[d].sig_dim, o["d_model"], o["n_head"],
+                                             o["exit_confidence"])
             parent.selector = selector.to(device)
         return child
 
