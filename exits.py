@@ -30,6 +30,7 @@ import torch
 from tqdm import tqdm
 
 import measure
+from losses import exits_of
 from routers import STOP, STOP_RULES, calibration_features, stops
 
 # ----------------------------------------------------------------------------- one pass, every exit
@@ -73,7 +74,7 @@ def table_rows(net, x, y, nodes: list[str]) -> dict:
     t = {k: torch.full((B, D), v, dtype=dt) for k, v, dt in COLUMNS}
     t["features"] = torch.full((B, D, 5), float("nan"))  # the exit's calibration_features
     last = torch.full((B, logits.shape[1]), float("nan"), device=x.device)  # the path's last exit
-    for r in (r for r in record.routed if r.exit is not None):  # pre-order; P's stop branch last
+    for r in exits_of(record):  # pre-order; P's stop branch last
         conf, pred = r.exit.float().softmax(-1).max(-1)  # the exit's prediction
         i, d = r.idx.cpu(), r.node.depth
         t["p_stop"][i, d], t["p_stage"][i, d] = r.P[:, -1].cpu(), r.P[:, :-1].max(-1).values.cpu()
