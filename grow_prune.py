@@ -88,6 +88,11 @@ class GrowPruneConfig:
         if not 0.0 <= self.usage_horizon < math.inf:
             raise ValueError(f"usage_horizon must be >= 0, got {self.usage_horizon}")
 
+    @property
+    def prunes(self) -> bool:
+        """Whether Alg. 3 runs in this mode (§5.3)."""
+        return self.grow_prune in ("both", "prune-only")
+
 
 def usage_decay(cfg: GrowPruneConfig, steps_per_epoch: int) -> float | None:
     """alpha's EMA decay per step, for JulietNet(usage_beta=): 1 - 1 / (usage_horizon x steps per
@@ -227,7 +232,7 @@ def end_epoch(net: "JulietNet", cfg: GrowPruneConfig, epoch: int, step: int, opt
         if node is not net.root and not node.is_stop:
             low = bool(node.alpha < cfg.theta_prune)
             node.low_epochs.copy_(node.low_epochs + 1 if low else torch.zeros_like(node.low_epochs))
-    if cfg.grow_prune not in ("both", "prune-only") or epoch % cfg.prune_every:
+    if not cfg.prunes or epoch % cfg.prune_every:
         return []
     return prune_sweep(net, cfg, step, optimizer)
 
@@ -260,7 +265,7 @@ def prune_unvisited(net: "JulietNet", cfg: GrowPruneConfig, reach: dict, step: i
     `reach` (a validation split's samples through each node) goes with its subtree. A node nobody
     passed is left alone (no evidence), and a lone stage branch is never deleted."""
     events = []
-    if not (cfg.prune_kept and cfg.grow_prune in ("both", "prune-only")):
+    if not (cfg.prune_kept and cfg.prunes):
         return events
 
     def sweep(node: "TrieNode") -> None:

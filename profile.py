@@ -283,6 +283,10 @@ def _knob(args):
     if run_dir is None:
         raise runs.UsageError(f"{flag} needs a run directory: python profile.py runs/<name> {flag}")
     config, model = checkpoints.load_run(run_dir, device)  # checked before anything is written
+    if (args.calibrate or args.budget is not None) and data.val_is_test(config):
+        fits = "--calibrate" if args.calibrate else "--budget"
+        raise runs.UsageError(f"{run_dir} validates on its test set (ImageNet with holdout 0), so "
+                              f"{fits} would fit on the test set; train with --set holdout=50000")
     if not hasattr(model, "root"):
         why = ("it has no stop decisions to calibrate" if args.calibrate else
                "the curve needs a Juliet run")

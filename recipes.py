@@ -44,7 +44,7 @@ NET = ("selector", "policy", "prebuild", "stop", "d_model", "n_head", "ema_beta"
        "exit_confidence", "stop_rule", "stage_grad")  # JulietNet's settings of a run
 LIBRARY = {**defaults_of(JulietNet.__init__, NET), **dataclasses.asdict(GrowPruneConfig()),
            **defaults_of(juliet_loss), **defaults_of(gumbel_tau, ("tau0", "tau_min"))}  # ours
-SCRIPT = dict(calibrate=True, stop_tolerance=0.5, keep="best", data_dir="./data",
+SCRIPT = dict(calibrate=True, stop_tolerance=0.5, keep="best", data_dir="./data", holdout=0,
               synthetic_size=10000, data_seed=0, val_seed=0, download=True, deterministic=False,
               limit_batches=0)  # the training script's own settings (calibrate.py: ours)
 TABLE2 = dict(dataset="cifar10", backbone="resnet18", input_size=32, epochs=60, batch_size=128,
@@ -53,14 +53,15 @@ TABLE2 = dict(dataset="cifar10", backbone="resnet18", input_size=32, epochs=60, 
 TABLE3 = TABLE2 | dict(dataset="imagenet", backbone="resnet101", input_size=224, epochs=120,
                        batch_size=256, workers=8, optimizer="sgd", lr=0.1, wd=1e-4,
                        scheduler="cosine", theta_grow=0.5, prune_every=5, prebuild=10,
-                       grow_prune="both", calibrate=False, keep="last")  # §6.3: val is the test
+                       grow_prune="both", holdout=50000)  # §6.3 tests on val: MSDNet's split
+                                                          # of train/ validates
 PROTOCOLS = {"cifar": TABLE2, "imagenet": TABLE3}
 RECIPES = {
     "ours": {},
     "paper": dict(train_depth="routed", exit_confidence=False, stop_rule="argmax", stage_grad=1.0,
                   exit_weight=0.0, route_weight=0.0, split_weight=0.0, grow_prune="both",
                   grow_statistic="sigma2", usage_horizon=0.0, prune_kept=False, calibrate=False,
-                  keep="last"),
+                  keep="last", holdout=0),
 }
 
 
@@ -152,6 +153,8 @@ KNOBS = {  # name: (type, or the allowed values; meaning)
     "lr_patience": (runs.nonneg, "plateau's patience (Table 2: 3)"),
     "t_max": (runs.positive, "cosine's T_max (Table 3: 40)"),
     "val_fraction": (runs.open_unit, "the training set's validation share (Table 2: 0.1)"),
+    "holdout": (runs.nonneg, "ImageNet's validation images, held out of train/ (MSDNet: 50,000; "
+                "0: §6.3's, validating on the test set)"),
     "val_seed": (runs.seed_int, "seed of the train/validation split"),
     "synthetic_size": (runs.positive, "synthetic train + validation images"),
     "data_seed": (runs.seed_int, "seed of the synthetic images"),

@@ -6,6 +6,7 @@ into one --out, CIFAR download failing without a network, --eval-only beside a f
 
 import fcntl
 import hashlib
+import json
 import os
 import pickle
 import random
@@ -26,6 +27,7 @@ import train_imagenet
 from conftest import REPO, one_line_error, read_json, write_image_folder
 
 TINY = ["--epochs", "1", "--batch-size", "8", "--workers", "0", "--quiet"]
+INET = ["--data-dir", "{t}/inet", "--input-size", "32", "--set", "holdout=3", *TINY]  # 12 train images
 SYN = ["--dataset", "synthetic", "--set", "synthetic_size=40", *TINY]
 
 
@@ -115,6 +117,12 @@ def resume_dir(t, run, name, content):
     (d / name).write_bytes(content)
 
 
+def imagenet_config(t, run, _holder):
+    """The run as an ImageNet run that validated on its test set (holdout 0, §6.3's protocol)."""
+    config = read_json(run / "config.json") | {"dataset": "imagenet", "holdout": 0}
+    resume_dir(t, run, "config.json", json.dumps(config).encode())
+
+
 def fake_checkpoint(t, run, args):
     """A checkpoint that passes the safe loader, with `args` (None: without them)."""
     ckpt = {k: {} for k in runs.CHECKPOINT_KEYS if k != "args"} | ({} if args is None else {"args": args})
@@ -196,16 +204,22 @@ CASES = [
      lambda t, r, h: edit(imgs(t) / "train" / "class1" / "3.png", b""), ""),
     ("png-fake", T, ["--dataset", "imagefolder", "--data-dir", "{t}/imgs", *TINY], 1, "class2/0.png",
      lambda t, r, h: edit(imgs(t) / "test" / "class2" / "0.png", b"<html>not an image</html>"), ""),
-    ("imagenet-val-lacks-class", IN, ["--data-dir", "{t}/inet", "--input-size", "32", *TINY], 1, "val/ lacks n02",
+    ("imagenet-val-lacks-class", IN, INET, 1, "val/ lacks n02",
      lambda t, r, h: imagenet(t, lacks=True), ""),
-    ("imagenet-val-class-empty", IN, ["--data-dir", "{t}/inet", "--input-size", "32", *TINY], 1, "n02",
+    ("imagenet-val-class-empty", IN, INET, 1, "n02",
      lambda t, r, h: imagenet(t, empty=True), ""),
-    ("imagenet-val-missing", IN, ["--data-dir", "{t}/inet", "--input-size", "32", *TINY], 1, "val does not exist",
+    ("imagenet-val-missing", IN, INET, 1, "val does not exist",
      lambda t, r, h: imagenet(t, no_val=True), ""),
+    ("imagenet-holdout-leaves-none", IN, [*INET, "--set", "holdout=12"], 1, "holdout 12 holds out 12 of 12",
+     lambda t, r, h: imagenet(t), ""),
+    ("imagenet-holdout-0-would-fit-on-test", IN, [*INET, "--set", "holdout=0"], 1,
+     "--keep best, --calibrate, --set prune_kept=true would fit on it", lambda t, r, h: imagenet(t), ""),
+    ("imagenet-holdout-0-static-keep-best", IN, [*INET, "--set", "holdout=0", "--static"], 1,
+     "and --keep best would fit on it", lambda t, r, h: imagenet(t), ""),
     ("imagenet-missing", IN, ["--data-dir", "{t}/nothing", "--input-size", "32", *TINY], 1, "train does not exist",
      None, ""),
-    ("imagenet-jpeg-truncated-in-a-worker", IN, ["--data-dir", "{t}/inet", "--input-size", "32", "--backbone",
-     "resnet18", "--static", "--out", "{t}/out", *TINY, "--batch-size", "2", "--workers", "1"], 1,
+    ("imagenet-jpeg-truncated-in-a-worker", IN, [*INET, "--backbone", "resnet18", "--static", "--out", "{t}/out",
+     "--batch-size", "2", "--workers", "1"], 1,
      "n01/0.JPEG",
      lambda t, r, h: imagenet(t, bad=True), "files"),  # decoded lazily: the run directory exists by then
     # run directories: nothing a user has is replaced
@@ -254,6 +268,10 @@ CASES = [
      lambda t, r, h: evil_run(t, r), ""),
     ("profile-curve-malicious-checkpoint", P, ["{t}/evil", "--curve"], 2, "refused",
      lambda t, r, h: evil_run(t, r), ""),
+    ("profile-calibrate-on-a-test-set", P, ["{t}/r", "--calibrate"], 2, "--calibrate would fit on the test set",
+     imagenet_config, ""),
+    ("profile-budget-on-a-test-set", P, ["{t}/r", "--curve", "--budget", "5"], 2, "--budget would fit on the test",
+     imagenet_config, ""),
     ("profile-curve-budget-negative", P, ["{run}", "--curve", "--budget", "-1"], 2, "--budget", None, ""),
     ("profile-garbage-config", P, ["{t}/r"], 2, "config.json",
      lambda t, r, h: resume_dir(t, r, "config.json", bytes(range(256))), ""),

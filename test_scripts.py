@@ -206,9 +206,14 @@ def test_imagenet_one_epoch_writes_the_run_directory(tmp_path):
     data, out = write_imagenet(tmp_path / "inet"), tmp_path / "run"
     args = train_imagenet.parse_args(["--data-dir", str(data), "--input-size", "32", "--epochs", "1",
                                       "--batch-size", "4", "--workers", "0", "--lr", "0.01", "--out", str(out),
-                                      "--quiet"])
+                                      "--quiet", "--set", "holdout=9"])
     assert (args.backbone, args.optimizer, args.scheduler, args.prebuild) == ("resnet101", "sgd", "cosine", 10)
     final = train_imagenet.main(args)
+    # validation is 9 held-out training images, the test set ImageNet's val/; the kept model is calibrated
+    config = read_json(out / "config.json")
+    assert (config["train_size"], config["val_size"], config["test_size"]) == (9, 9, 9)
+    kept = final["evaluated_checkpoint"]
+    assert kept["keep"] == "best" and kept["calibration"] and "val_operating_point" in kept
     for name in [*RUN_FILES, "energy.png", "top1_per_gflop.png", "trie.png"]:
         assert (out / name).exists(), name
     epoch = read_json(out / "epoch_1.json")
@@ -225,8 +230,9 @@ def test_recipe_paper_turns_every_deviation_off_and_explicit_flags_still_win(tmp
     ours = train_cifar.parse_args(["--out", str(tmp_path / "a")])
     paper = train_cifar.parse_args(["--recipe", "paper", "--out", str(tmp_path / "b")])
     assert (ours.train_depth, ours.stop_rule, ours.calibrate, ours.keep) == ("full", "half", True, "best")
+    ours_imagenet = train_imagenet.parse_args(["--out", str(tmp_path / "e")])  # ImageNet's alone holds out
     for flag, value in recipes.RECIPES["paper"].items():
-        assert getattr(paper, flag) == value != getattr(ours, flag), flag
+        assert getattr(paper, flag) == value != getattr(ours_imagenet if flag == "holdout" else ours, flag), flag
     # alpha forgets over --usage-horizon epochs (a quarter: 10 steps of a 40-step epoch); the paper's, per step
     assert train_cifar.build_model(ours, 10, 40).options["usage_beta"] == 1 - 1 / 10
     assert train_cifar.build_model(paper, 10, 40).options["usage_beta"] == paper.ema_beta == 0.99

@@ -52,6 +52,23 @@ def grow_prune_config(args) -> GrowPruneConfig:
         raise UsageError(str(e)) from None
 
 
+def check_held_out(args, cfg: GrowPruneConfig) -> None:
+    """Nothing is kept, pruned, calibrated or scheduled on a test set: where validation is the
+    test set (ImageNet with holdout 0, §6.3's protocol), the settings that would fit on it are
+    refused."""
+    if not data.val_is_test(vars(args)) or args.eval_only:
+        return
+    juliet = not args.static
+    fits = [name for name, on in [
+        ("--keep best", args.keep == "best"), ("--calibrate", juliet and args.calibrate),
+        ("--set prune_kept=true", juliet and cfg.prune_kept and cfg.prunes),
+        ("--set scheduler=plateau", args.scheduler == "plateau")] if on]
+    if fits:
+        raise UsageError(f"with holdout 0 the validation set is ImageNet's test set, and "
+                         f"{', '.join(fits)} would fit on it: hold out training images "
+                         f"(--set holdout=50000) or turn {'it' if len(fits) == 1 else 'them'} off")
+
+
 def build_model(args, num_classes: int, steps_per_epoch: int):
     if args.static:
         return static_model(args.backbone, num_classes)
@@ -282,7 +299,7 @@ def keep_and_calibrate(model, val_loader, args, progress: dict):
         model = checkpoints.load_model(args.out, args.device)
         kept["epoch"] = progress.get("best_epoch", kept["epoch"])
     cfg = grow_prune_config(args)
-    if isinstance(model, JulietNet) and cfg.prune_kept and cfg.grow_prune in ("both", "prune-only"):
+    if isinstance(model, JulietNet) and cfg.prune_kept and cfg.prunes:
         counts = measure.count_leaves(model, val_loader, args.device, quiet=args.quiet)
         pruned = prune_unvisited(model, cfg, measure.node_visits(model, counts), progress["step"])
         kept["pruned"] = [e["node"] for e in pruned]
@@ -302,7 +319,7 @@ def prepare(args, make_datasets):
     args, ckpt = runs.open_run(args)
     runs.setup_device(args)
     distributed.setup(args)  # under torchrun: this rank's device and the process group
-    grow_prune_config(args)
+    check_held_out(args, grow_prune_config(args))
     train_ds, val_ds, test_ds, num_classes = make_datasets(vars(args))
     if len(train_ds) < args.batch_size:
         raise UsageError(f"the training split has {len(train_ds)} images, fewer than --batch-size "

@@ -17,9 +17,11 @@ Everything else is train_cifar.py's: the epoch loop, run directory, checkpoints,
 bars and logs, and torchrun's data parallelism (distributed.py). Each epoch_<k>.json carries what
 §5.2 "Metrics" lists: top-1/5, train/val energy in joules and J/image (NVML via measure.py; NaN and
 the reason without it), throughput (img/s, also per node), the executed-node distribution and the
-per-class traversal depth. The ImageNet val set serves as both the per-epoch validation and the
-final test, as in the paper. Extra plots: energy per epoch (Fig. 6) and Top-1 per GFLOP against the
-paper's published SkipNet, ConvNet-AIG and BlockDrop points (Fig. 4/5).
+per-class traversal depth. The ImageNet val set is the final test, as in the paper; the per-epoch
+validation, and with it the kept epoch, pruning and calibration, is 50,000 held-out training images
+(MSDNet's protocol; `--set holdout=0`, as `--recipe paper` sets it, validates on val). Extra
+plots: energy per epoch (Fig. 6) and Top-1 per GFLOP against the paper's published SkipNet,
+ConvNet-AIG and BlockDrop points (Fig. 4/5).
 """
 
 import glob
