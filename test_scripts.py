@@ -1,6 +1,7 @@
 """Script behaviour: train_cifar.py and train_imagenet.py end to end on tiny datasets written to disk in the
 real formats (CIFAR-10 pickles, ImageFolder PNG/JPEG), the run directory, resume (bad input: test_bad_input.py)."""
 
+import functools
 import hashlib
 import math
 import os
@@ -116,18 +117,64 @@ def test_one_epoch_of_each_backbone_writes_the_run_directory(tmp_path, backbone)
     assert not set(kept["pruned"]) & {n.node_id for n in model.nodes()}
 
 
-def test_resume_is_exact(tmp_path):
-    common = ["--dataset", "synthetic", "--set", "synthetic_size=160", "--batch-size", "16", "--selector", "mlp",
-              "--grow-every", "2", "--theta-grow", "0", "--prune-every", "1", "--t-min", "1", "--seed", "3",
-              "--grow-prune", "both"]
+def assert_same(a, b, where="checkpoint"):
+    """Nested containers of tensors and plain values equal bit for bit."""
+    if isinstance(a, dict):
+        assert a.keys() == b.keys(), where
+        for k in a:
+            assert_same(a[k], b[k], f"{where}[{k!r}]")
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b), where
+        for i, (x, y) in enumerate(zip(a, b)):
+            assert_same(x, y, f"{where}[{i}]")
+    elif isinstance(a, torch.Tensor):
+        assert a.dtype == b.dtype and torch.equal(a, b), where
+    else:
+        assert a == b or (a != a and b != b), where  # NaN equals NaN here
+
+
+RESUME = ["--dataset", "synthetic", "--set", "synthetic_size=160", "--batch-size", "16", "--selector", "mlp",
+          "--grow-every", "2", "--theta-grow", "0", "--prune-every", "1", "--t-min", "1", "--seed", "3",
+          "--grow-prune", "both", "--workers", "0", "--quiet"]  # the default statistic, sibling and horizon
+
+
+def resumed_state(out) -> dict:
+    """What a resumed run must carry on from: weights, trie, optimizer, scheduler, scaler, RNG and
+    the run's counters (not its logs' wall times)."""
+    ckpt = torch.load(out / "checkpoint.pt", weights_only=True)
+    run = {k: ckpt["run"][k] for k in ("epoch", "step", "best_val_top1", "best_epoch", "best_score")}
+    return {k: ckpt[k] for k in ("model", "structure", "optimizer", "scheduler", "scaler", "rng")} | {"run": run}
+
+
+@pytest.mark.parametrize("stop", ["epoch boundary", "mid-epoch kill"])
+def test_resume_is_exact(tmp_path, monkeypatch, stop):
+    """Stopped after epoch 1, or killed halfway through epoch 2's steps, then resumed, a run that grows
+    and prunes ends with the uninterrupted run's model, optimizer, scheduler and RNG state bit for bit."""
     a, b = tmp_path / "a", tmp_path / "b"
-    train_cifar.main(train_cifar.parse_args(["--out", str(a), "--epochs", "2", "--workers", "0", "--quiet", *common]))
-    train_cifar.main(train_cifar.parse_args(["--out", str(b), "--epochs", "1", "--workers", "0", "--quiet", *common]))
+    train_cifar.main(train_cifar.parse_args(["--out", str(a), "--epochs", "2", *RESUME]))
+    if stop == "epoch boundary":
+        train_cifar.main(train_cifar.parse_args(["--out", str(b), "--epochs", "1", *RESUME]))
+    else:  # Ctrl-C in the 5th of 9 steps, after epoch 2 grew a child and before its end-of-epoch sweep
+        calls, loss = [0], train_cifar.juliet_loss
+
+        @functools.wraps(loss)  # the same signature: the loss weights are read from it
+        def interrupted(*a, **k):
+            calls[0] += 1
+            if calls[0] == 9 + 5:
+                raise KeyboardInterrupt
+            return loss(*a, **k)
+
+        monkeypatch.setattr(train_cifar, "juliet_loss", interrupted)
+        with pytest.raises(KeyboardInterrupt):
+            train_cifar.main(train_cifar.parse_args(["--out", str(b), "--epochs", "2", *RESUME]))
+        monkeypatch.setattr(train_cifar, "juliet_loss", loss)
+        assert (b / "epoch_1.json").exists() and not (b / "epoch_2.json").exists()
     train_cifar.main(train_cifar.parse_args(["--resume", str(b), "--epochs", "2", "--quiet"]))
-    ea, eb = read_json(a / "epoch_2.json"), read_json(b / "epoch_2.json")
+    ea = read_json(a / "epoch_2.json")
     assert {e["kind"] for e in ea["events"]} == {"grow", "prune"}, "resume must restore a grown, pruned trie"
-    for k in ["train_loss", "val_loss", "val_top1", "train_top1", "lr", "structure", "events", "val_leaf_counts"]:
-        assert ea[k] == eb[k], k
+    assert_same(resumed_state(a), resumed_state(b))
+    for k in ["train_loss", "val_loss", "val_top1", "lr", "structure", "events", "val_leaf_counts"]:
+        assert ea[k] == read_json(b / "epoch_2.json")[k], k
     assert read_json(a / "final.json")["test_top1"] == read_json(b / "final.json")["test_top1"]
     # the resumed checkpoint still records the flags its user chose, plus the runtime flag given at resume
     explicit = torch.load(b / "checkpoint.pt", weights_only=True)["args"]["explicit"]
