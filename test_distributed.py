@@ -43,9 +43,8 @@ train_cifar.main(train_cifar.parse_args(sys.argv[1:]))
 """
 ARGS = ["--grow-prune", "both", "--dataset", "synthetic", "--set", "synthetic_size=200", "--batch-size", "16",
         "--workers", "0", "--quiet", "--threads", "1", "--selector", "mlp", "--grow-every", "2", "--theta-grow",
-        "0", "--prune-every", "2",
-        "--set", "grow_statistic=sigma2", "--t-min", "1", "--seed", "3",
-        "--set", "limit_batches=4"]  # 4 steps an epoch; grow at even steps
+        "0", "--prune-every", "2", "--t-min", "1", "--seed", "3",
+        "--set", "limit_batches=4"]  # 4 steps an epoch; grow at even steps. The default statistic and sibling
 
 
 def torchrun(tmp_path, *argv, kill_at=0):
@@ -75,6 +74,7 @@ def test_two_ranks_grow_and_prune_the_same_trie_and_end_bit_identical(tmp_path):
     # epoch 1 grows, epoch 2 prunes (Alg. 3 every 2 epochs), epoch 3 grows children that live to the end
     events = [e for k in (1, 2, 3) for e in read_json(out / f"epoch_{k}.json")["events"]]
     assert {e["kind"] for e in events} == {"grow", "prune"}, events
+    assert {e["statistic"] for e in events if e["kind"] == "grow"} == {"split_share"}  # the default recipe's
     survivors = {e["node"] for e in events if e["kind"] == "grow"} & set(node_ids(a["structure"]["root"]))
     assert survivors, events  # so the comparison below covers weights that were drawn after the start
     assert a["structure"] == b["structure"]
