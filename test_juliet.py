@@ -67,9 +67,9 @@ def test_batched_routing_equals_each_sample_alone(r18, selector, min_paths):
         for node in net.nodes():
             if node.branches and node.node_id in calls:
                 assert sum(calls.get(k.node_id, [0])[0] for k in node.branches.values()) == calls[node.node_id][0]
-        for i in range(len(x)):
+        for i in range(len(x)):  # alone through the batched code, and through Alg. 1's plain recursion
             single, path = net(x[i:i + 1], return_paths=True)
-            assert path == [paths[i]]
+            assert path == [paths[i]] == [forward_pass(net, x[i:i + 1], net.root, 0.5)[1]]  # stop_rule "half"
             torch.testing.assert_close(single[0], logits[i], rtol=0, atol=1e-5)
 
 
