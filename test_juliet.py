@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from backbones import BACKBONES, make_backbone, static_model
 from conftest import REPO, grown_trie, routed_trie, train_step, varied_batch
 from grow_prune import GrowPruneConfig, end_epoch, grow, prune_sweep, sync_optimizer
-from losses import balance_loss, exit_loss, exits_of, expected_cost_loss, route_loss
+from losses import balance_loss, exit_loss, exits_of, expected_cost_loss, juliet_loss, route_loss
 from measure import node_visits
 from routers import SELECTORS, decide
 from trie import JulietNet
@@ -39,6 +39,22 @@ def test_chain_trie_equals_its_backbone(name):
     with torch.no_grad():
         torch.testing.assert_close(net(x), static(x), rtol=0, atol=1e-5)
     assert [n.node_id for n in net.nodes()] == ["0", "0/0", "0/0/0", "0/0/0/0", "0/0/0/0/0"]
+
+
+@pytest.mark.parametrize("name", ["efficientnet_b0", "densenet121", "resnet101"])
+def test_a_grown_trie_trains_and_grows_on_every_backbone(name):
+    """Siblings at two depths, our full training loss and Alg. 2 at threshold 0, on the backbones
+    other than ResNet-18 (which the rest of this file uses)."""
+    net = grown_trie(make_backbone(name), selector="mlp", prebuild=None if name != "resnet101" else 4)
+    x, y = varied_batch(8, torch.Generator().manual_seed(0)), torch.arange(8) % 10
+    logits, record = net(x, return_record=True)
+    juliet_loss(net, record, logits, y).backward()
+    grads = [p.grad for n in net.nodes() for p in n.sub.parameters() if p.grad is not None]
+    assert logits.shape == (8, 10) and all(g.isfinite().all() for g in grads)
+    assert all(p.grad is not None for p in net.root.sub.parameters())
+    before = len(list(net.nodes()))
+    cfg = GrowPruneConfig(grow_prune="both", theta_grow=0.0, grow_statistic="sigma2")
+    assert grow(net, cfg, 10, record.leaf_counts) and len(list(net.nodes())) > before
 
 
 def test_resnet101_prebuilds_a_chain_of_10_nodes():
