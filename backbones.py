@@ -56,23 +56,6 @@ def _efficientnet_stages(model: nn.Module) -> list[nn.Module]:
             nn.Sequential(f[6], f[7], f[8])]
 
 
-def _resnet_head(model: nn.Module) -> nn.Module:
-    return model.fc
-
-
-def _classifier_head(model: nn.Module) -> nn.Module:
-    # DenseNet: Linear; EfficientNet: Sequential(Dropout, Linear).
-    return model.classifier
-
-
-def last_conv_name(module: nn.Module) -> str:
-    """Name of the last Conv2d in `module`: the weight signature the selectors read (§4.1)."""
-    names = [n for n, m in module.named_modules() if isinstance(m, nn.Conv2d)]
-    if not names:
-        raise ValueError("stage module has no Conv2d to take a weight signature from")
-    return names[-1]
-
-
 # ----------------------------------------------------------------------------- the backbone
 
 
@@ -125,11 +108,13 @@ class Backbone:
         return self.macs[hw]
 
 
+# (constructor, cut into stages, head); DenseNet's classifier is a Linear, EfficientNet's a
+# Sequential(Dropout, Linear)
 _SPECS = {
-    "resnet18": (tvm.resnet18, _resnet_stages, _resnet_head),
-    "resnet101": (tvm.resnet101, lambda m: _resnet_stages(m, layer3_chunks=6), _resnet_head),
-    "densenet121": (tvm.densenet121, _densenet_stages, _classifier_head),
-    "efficientnet_b0": (tvm.efficientnet_b0, _efficientnet_stages, _classifier_head),
+    "resnet18": (tvm.resnet18, _resnet_stages, lambda m: m.fc),
+    "resnet101": (tvm.resnet101, lambda m: _resnet_stages(m, layer3_chunks=6), lambda m: m.fc),
+    "densenet121": (tvm.densenet121, _densenet_stages, lambda m: m.classifier),
+    "efficientnet_b0": (tvm.efficientnet_b0, _efficientnet_stages, lambda m: m.classifier),
 }
 BACKBONES = tuple(_SPECS)
 
@@ -156,12 +141,10 @@ def make_backbone(name: str, num_classes: int = 10) -> Backbone:
     stages = []
     for i, module in enumerate(modules):
         x = module(x)  # (1, C_i, H_i, W_i)
-        sig = last_conv_name(module)
-
-        def make(i=i):
-            return cut(build())[i]
-
+        # the last Conv2d of the stage: the weight signature the selectors read (§4.1)
+        sig = [n for n, m in module.named_modules() if isinstance(m, nn.Conv2d)][-1]
         sig_dim = module.get_submodule(sig).out_channels
-        stages.append(Stage(make=make, channels=x.shape[1], sig_name=sig, sig_dim=sig_dim))
+        stages.append(Stage(make=lambda i=i: cut(build())[i], channels=x.shape[1], sig_name=sig,
+                            sig_dim=sig_dim))
     return Backbone(name, num_classes, stages, build, cut, head_of)
 

@@ -77,11 +77,6 @@ def make_step(model, x, train):
     return train_step(model, loss)
 
 
-def random_images(batch, size):
-    """The seeded N(0, 1) batch a model is measured on where no real images are at hand."""
-    return torch.randn(batch, 3, size, size, generator=torch.Generator().manual_seed(0))
-
-
 def leaf_groups(net, x, train: bool) -> dict[str, torch.Tensor]:
     """{leaf: sample indices}: where a trained trie sends each sample of x (inference), or which
     stage leaf each runs in a training step (full depth), measured on a copy: no statistic moves."""
@@ -153,7 +148,7 @@ def profile_step(model, x, step, opt, device):
 def step_peak_memory(model, input_size=32, batch=128, train=True, device="cpu", warmup=2) -> dict:
     """Peak memory of one training step or inference batch of a copy of `model` (§6.1 Table 5)."""
     model = copy.deepcopy(model).to(device)
-    x = random_images(batch, input_size).to(device)
+    x = measure.random_images(batch, input_size, device=device)
     step, opt = make_step(model, x, train)
     for _ in range(warmup):  # Adam state and allocator caches exist before the measured step
         step()
@@ -232,7 +227,7 @@ def benchmark(backbone_name, input_size=32, batch=128, repeats=15, warmup=3, dev
     if trained is not None:
         models["juliet_run"] = trained
     source = "random N(0,1)" if x is None else "the run's test set"
-    x = (random_images(batch, input_size) if x is None else x).to(device)
+    x = (measure.random_images(batch, input_size) if x is None else x).to(device)
     # Each train step trains its own copy: Adam steps on random labels would move a trained trie's
     # routing, and its inference (and the oracle's groups) would time another trie.
     steps = {(name, mode): make_step(copy.deepcopy(m) if mode == "train" else m, x, mode == "train")

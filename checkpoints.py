@@ -70,9 +70,9 @@ def load_run(run_dir: str, device="cpu"):
     if not os.path.isdir(run_dir):
         raise runs.UsageError(f"{run_dir}: no such run directory")
     config = runs.read_config(run_dir)
-    # model.pt: the kept (and calibrated) model that final.json describes
-    if os.path.exists(os.path.join(run_dir, "model.pt")):
-        return config, load_model(run_dir, device).eval()
-    ckpt = runs.load_checkpoint(os.path.join(run_dir, "checkpoint.pt"), device)
+    # model.pt: the kept (and calibrated) model that final.json describes; a trie's checkpoint
+    # names its own backbone, a static one is the config's
+    name = "model.pt" if os.path.exists(os.path.join(run_dir, "model.pt")) else "checkpoint.pt"
+    ckpt = runs.load_checkpoint(os.path.join(run_dir, name), device)
     model = model_from_checkpoint(ckpt, config["backbone"], config["num_classes"])
     return config, model.to(device).eval()

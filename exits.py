@@ -202,20 +202,14 @@ def upper_hull(points: list[dict]) -> list[dict]:
     return hull
 
 
-def interp(points: list[dict], macs: float) -> float | None:
-    """Top-1 of the piecewise-linear curve through `points` at `macs`; None outside its span."""
-    pts = sorted(points, key=lambda p: p["macs"])
-    xs, ys = [p["macs"] for p in pts], [p["top1"] for p in pts]
-    if not xs or macs < xs[0] - 1e-6 or macs > xs[-1] + 1e-6:
-        return None
-    return float(np.interp(macs, xs, ys))
-
-
 def hull_top1(points: list[dict], macs: float) -> float | None:
-    """Top-1 that mixing the points at random reaches at `macs`: their upper hull, flat beyond its
-    best point (more compute can always be wasted); None below the cheapest point."""
-    hull = upper_hull(points)
-    return hull[-1]["top1"] if hull and macs > hull[-1]["macs"] else interp(hull, macs)
+    """Top-1 that mixing the points at random reaches at `macs`: their upper hull (piecewise
+    linear), flat beyond its best point (more compute can always be wasted); None below the
+    cheapest point."""
+    hull = upper_hull(points)  # in order of MACs
+    if not hull or macs < hull[0]["macs"] - 1e-6:
+        return None
+    return float(np.interp(macs, [p["macs"] for p in hull], [p["top1"] for p in hull]))
 
 
 def threshold_for_budget(table: dict, budget: float, steps: int = 201) -> float:
@@ -329,10 +323,8 @@ def report(table: dict) -> dict:
 def collapse_message(leaf_counts: dict, n_leaves: int, share: float = 0.95) -> str | None:
     """One line when one leaf takes >= `share` of the samples while the trie has several leaves."""
     n = sum(leaf_counts.values())
-    if n_leaves < 2 or not n:
-        return None
-    leaf, top = max(leaf_counts.items(), key=lambda kv: kv[1])
-    if top / n < share:
+    leaf, top = max(leaf_counts.items(), key=lambda kv: kv[1], default=(None, 0))
+    if n_leaves < 2 or not n or top / n < share:
         return None
     return (f"routing has collapsed: {100 * top / n:.1f}% of {n} samples end at {leaf} "
             f"while the trie has {n_leaves} leaves")

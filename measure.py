@@ -71,15 +71,8 @@ def evaluating(model):
 
 def count_mha(m, inputs, output):
     """THOP's rule for nn.MultiheadAttention (THOP 0.1.1 counts 0): MACs for the actual lengths L
-    (query) and S (key)."""
-    q, k = inputs[0], inputs[1] if len(inputs) > 1 else inputs[0]
-    if q.dim() == 2:
-        B, L, S = 1, q.shape[0], k.shape[0]
-    elif m.batch_first:
-        B, L, S = q.shape[0], q.shape[1], k.shape[1]
-    else:
-        B, L, S = q.shape[1], q.shape[0], k.shape[0]
-    E = m.embed_dim
+    (query) and S (key). The selectors' attention is batch_first, called as (query, key, value)."""
+    (B, L, E), S = inputs[0].shape, inputs[1].shape[1]
     macs = B * (L * E * E + S * m.kdim * E + S * m.vdim * E  # Q, K, V in-projections
                 + L * S * E                                 # scores Q K^T: h heads x L x S x E/h
                 + L * S * E                                 # weighted sum A V
@@ -95,11 +88,11 @@ def device_of(model) -> torch.device:
     return next(model.parameters()).device
 
 
-def _dummy(input_size, in_channels=3, device="cpu"):
-    """The one dummy input of the paper's convention, seeded: the path it takes is reproducible."""
+def random_images(batch, size, in_channels=3, device="cpu"):
+    """A seeded N(0, 1) batch: the one dummy input of the paper's convention (batch 1: the path it
+    takes is reproducible), and what bench.py measures on where no real images are at hand."""
     gen = torch.Generator().manual_seed(0)
-    x = torch.randn(1, in_channels, input_size, input_size, generator=gen)
-    return x.to(device)
+    return torch.randn(batch, in_channels, size, size, generator=gen).to(device)
 
 
 def _thop(model, *inputs):
@@ -115,13 +108,14 @@ def _thop(model, *inputs):
 def paper_macs(model, input_size=32, in_channels=3, x=None) -> tuple[float, float]:
     """(MACs, params) by THOP on one dummy 1xCxSxS input in eval (§5.1): the paper's 'FLOPs' and
     params. For a JulietNet both follow the dummy's path only (THOP counts a module that runs)."""
-    return _thop(model, _dummy(input_size, in_channels, device_of(model)) if x is None else x)
+    x = random_images(1, input_size, in_channels, device_of(model)) if x is None else x
+    return _thop(model, x)
 
 
 def dummy_path(net, input_size=32, stop_threshold=None) -> str:
     """The leaf the paper convention's dummy input reaches (`stop_threshold=1`: the deepest)."""
     with evaluating(net), torch.no_grad():
-        x = _dummy(input_size, net.backbone.in_channels, device_of(net))
+        x = random_images(1, input_size, net.backbone.in_channels, device_of(net))
         _, paths = net(x, return_paths=True, stop_threshold=stop_threshold)
     return paths[0]
 
@@ -150,7 +144,7 @@ def node_macs(net, input_size=32, count=None) -> dict[str, dict[str, float]]:
             rec(kid, f)
 
     with evaluating(net), torch.no_grad():
-        rec(net.root, _dummy(input_size, net.backbone.in_channels, device_of(net)))
+        rec(net.root, random_images(1, input_size, net.backbone.in_channels, device_of(net)))
     return out
 
 
@@ -201,14 +195,11 @@ def node_visits(net, leaf_counts: dict[str, int]) -> collections.Counter:
     return visits
 
 
-def expected_macs(net, leaf_counts: dict[str, int], input_size=32, table=None) -> dict:
-    """E[C] = sum_leaf freq x path MACs (§2.1), with per-path and per-node breakdowns."""
-    table = path_macs_table(net, input_size) if table is None else table
+def expected_macs(net, leaf_counts: dict[str, int], input_size=32) -> dict:
+    """E[C] = sum_leaf freq x path MACs (§2.1), with per-path and per-node breakdowns; leaf_counts:
+    samples per leaf of this trie (count_leaves), at least one."""
+    table = path_macs_table(net, input_size)
     n = sum(leaf_counts.values())
-    unknown = sorted(set(leaf_counts) - set(table))
-    if n == 0 or unknown:
-        raise ValueError(f"leaf counts must be non-empty leaves of this trie; got {n} samples, "
-                         f"unknown {unknown}")
     paths = {leaf: {"count": leaf_counts.get(leaf, 0), "freq": leaf_counts.get(leaf, 0) / n,
                     "macs": macs} for leaf, macs in table.items()}
     visits = node_visits(net, leaf_counts)

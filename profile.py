@@ -166,11 +166,11 @@ def _summary(p) -> str:
 
 def build_parser():
     import runs
+    from backbones import BACKBONES
 
     p = runs.Parser(prog="profile.py", description=__doc__.split("\n\n")[0])  # bad flags: 1 line
     p.add_argument("run_dir", nargs="?", metavar="RUN", help="a finished run (runs/<name>)")
-    p.add_argument("--backbone", help="a fresh model: resnet18, resnet101, densenet121, "
-                   "efficientnet_b0")
+    p.add_argument("--backbone", choices=BACKBONES, help="a fresh model")
     p.add_argument("--static", action="store_true", help="the static baseline, not a Juliet chain")
     p.add_argument("--input-size", type=runs.positive, default=32, help="32: CIFAR-10 (§5.1); "
                    "224: ImageNet (§5.2)")
@@ -212,12 +212,8 @@ def main(argv=None):
 
 
 def _dispatch(args):
-    from backbones import BACKBONES
     from runs import UsageError
 
-    if args.backbone is not None and args.backbone not in BACKBONES:
-        raise UsageError(f"unknown backbone {args.backbone!r}; choose one of: "
-                         f"{', '.join(BACKBONES)}")
     if args.table:
         return _table(args)
     if args.bench:
