@@ -229,33 +229,39 @@ def benchmark(backbone_name, input_size=32, batch=128, repeats=15, warmup=3, dev
     source = "random N(0,1)" if x is None else "the run's test set"
     x = (measure.random_images(batch, input_size) if x is None else x).to(device)
     # Each train step trains its own copy: Adam steps on random labels would move a trained trie's
-    # routing, and its inference (and the oracle's groups) would time another trie.
+    # routing, and its inference (and the oracle's groups) would time another trie. At batch 1
+    # there is no train step: BatchNorm cannot normalise one sample by its batch statistics.
+    modes = MODES if batch > 1 else ("inference",)
     steps = {(name, mode): make_step(copy.deepcopy(m) if mode == "train" else m, x, mode == "train")
-             for mode in MODES for name, m in models.items()}
+             for mode in modes for name, m in models.items()}
     if trained is not None:  # the oracle trains its own copy: the trie's weights stay as trained
         models["oracle"] = copy.deepcopy(trained)
-        steps[("oracle", "train")] = oracle_step(copy.deepcopy(trained), x, True)
+        if batch > 1:
+            steps[("oracle", "train")] = oracle_step(copy.deepcopy(trained), x, True)
         steps[("oracle", "inference")] = oracle_step(models["oracle"], x, False)
     times = timed(steps, repeats, warmup, device)
     out = {"backbone": backbone_name, "input_size": input_size, "batch": batch,
            "repeats": repeats, "warmup": warmup, "device": str(device),
            "threads": torch.get_num_threads(), "input": source, "models": {},
            "ratios": {n: {m: times[(n, m)]["median_s"] / times[("static", m)]["median_s"]
-                          for m in MODES} for n in models}}
+                          for m in modes} for n in models}}
     for name, model in models.items():
+        out["models"][name] = {m: times[(name, m)] for m in modes}
+        if batch == 1:
+            continue
         step, opt = steps[(name, "train")]
         prof, peak, held = profile_step(model, x, step, opt, device)
         ops = prof.key_averages()
         # Table 5's "conv-bwd share": aten::convolution_backward (with its children) over all self
         # CPU time
         bwd = sum(a.cpu_time_total for a in ops if a.key == "aten::convolution_backward")
-        out["models"][name] = {m: times[(name, m)] for m in MODES} | {
+        out["models"][name] |= {
             "conv_bwd_share": bwd / max(sum(a.self_cpu_time_total for a in ops), 1e-9),
             "peak_train_mb": (peak + held) / 1e6,
             "top_ops": ops.table(sort_by="self_cpu_time_total", row_limit=8)}
     if trained is not None:  # the price of routing, and what the executed MACs buy
         q = out["ratios"]
-        q["juliet_over_oracle"] = {m: q["juliet_run"][m] / q["oracle"][m] for m in MODES}
+        q["juliet_over_oracle"] = {m: q["juliet_run"][m] / q["oracle"][m] for m in modes}
         counts = {leaf: len(i) for leaf, i in leaf_groups(trained, x, False).items()}
         macs = measure.expected_macs(trained, counts, input_size)["expected_macs_per_sample"]
         out["executed_macs"] = {"static": measure.paper_macs(models["static"], input_size)[0],
@@ -288,7 +294,8 @@ def format_bench(result) -> str:
     for key, label in (("train", "train step (s)"), ("inference", "inference batch (s)"),
                        ("conv_bwd_share", "conv-bwd share of train-step CPU time"),
                        ("peak_train_mb", "peak train-step live tensors (MB)")):
-        rows.append([label] + [cell for n in names for cell in bench_cells(r, n, key)])
+        if key in r["models"]["static"]:  # batch 1: inference only
+            rows.append([label] + [cell for n in names for cell in bench_cells(r, n, key)])
     title = (f"{r['backbone']}, batch {r['batch']}, {r['input_size']}x{r['input_size']}, "
              f"{r['device']} ({r['threads']} threads), input {r['input']}; {r['repeats']} repeats "
              f"after {r['warmup']} warm-up, interleaved; median [min-max] (IQR)")
@@ -297,9 +304,10 @@ def format_bench(result) -> str:
         return "\n".join(lines)
     q, m, p = r["ratios"], r["executed_macs"], r["node_profile"]
     lines += ["", "| | train step | inference |", "|---|---|---|"]
-    lines += [f"| {label} | {q[k]['train']:.3f}x | {q[k]['inference']:.3f}x |" for k, label in
-              (("juliet_over_oracle", "juliet / oracle (routing overhead)"),
-               ("juliet_run", "juliet / static"), ("oracle", "oracle / static"))]
+    ratio = lambda k, m: f"{q[k][m]:.3f}x" if m in q[k] else "n/a (batch 1)"
+    lines += [f"| {label} | {ratio(k, 'train')} | {ratio(k, 'inference')} |"
+              for k, label in (("juliet_over_oracle", "juliet / oracle (routing overhead)"),
+                               ("juliet_run", "juliet / static"), ("oracle", "oracle / static"))]
     lines.append(f"| executed MACs, juliet / static | | {m['juliet_run'] / m['static']:.3f}x "
                  f"({m['juliet_run'] / 1e6:.2f} M / {m['static'] / 1e6:.2f} M) |")
     lines += ["", f"inference batch, where the time goes (ms; total {1e3 * p['total_s']:.2f}):", "",

@@ -224,7 +224,7 @@ def _dispatch(args):
         r = benchmark(args.backbone, args.input_size, args.batch, args.repeats, args.warmup,
                       args.device, args.bench_run, args.num_classes, args.selector)
         ops = [f"\n{name}: one train step, top operators by self CPU time\n{m['top_ops']}"
-               for name, m in r["models"].items()]
+               for name, m in r["models"].items() if "top_ops" in m]  # batch 1: no train step
         return r, "\n".join([format_bench(r), *ops])
     if args.calibrate or args.curve:
         return _knob(args)

@@ -161,6 +161,25 @@ def test_bench_tiny_and_its_markdown():
     assert len(lines) == 6
 
 
+def test_bench_at_batch_1_times_inference_alone(capsys):
+    """One image at a time is how a deployed model is called; BatchNorm cannot train on one sample,
+    so --bench --batch 1 times inference only, and says so."""
+    prof.main(["--bench", "--backbone", "resnet18", "--batch", "1", "--repeats", "1", "--warmup", "1"])
+    out = capsys.readouterr().out
+    assert "batch 1" in out and "| inference batch (s) |" in out and "train step" not in out
+
+
+def test_inference_mode_gives_the_no_grad_logits_and_paths(routed):
+    """torch.inference_mode(), the usual way to serve a model, runs the trie as no_grad does."""
+    net, x, _ = routed
+    with measure.evaluating(net):
+        with torch.no_grad():
+            a, pa = net(x, return_paths=True)
+        with torch.inference_mode():
+            b, pb = net(x, return_paths=True)
+    assert pa == pb and torch.equal(a, b) and len(set(pa)) >= 3
+
+
 def test_the_oracle_runs_each_leafs_samples_down_its_path_and_agrees_with_the_trie(routed):
     """The oracle of --bench: plain sequential code per leaf group gives the trie's own logits."""
     net, x, paths = routed
@@ -309,6 +328,8 @@ def test_profile_of_a_finished_run_and_table4(tmp_path, capsys):
     assert b["val"]["macs"] <= 5e6 and 0 <= b["t"] <= 1
 
     # --bench on the run: static, the chain, the trained trie and its oracle, with the node profile
+    one = bench.benchmark("resnet18", batch=1, repeats=1, warmup=1, run_dir=str(juliet))
+    assert set(one["models"]["juliet_run"]) == {"inference"} and "n/a (batch 1)" in bench.format_bench(one)
     r = bench.benchmark("resnet18", batch=8, repeats=1, warmup=1, run_dir=str(juliet))
     assert set(r["models"]) == {"static", "juliet_chain", "juliet_run", "oracle"}
     q = r["ratios"]
