@@ -92,7 +92,8 @@ def split_loss(record) -> torch.Tensor:
     for r in (r for r in record.routed if r.sides is not None):
         M = len(r.sides)
         share = r.P[:, :M] / r.P[:, :M].sum(1, keepdim=True)  # (B_n, M) over the stage branches
-        terms += [F.binary_cross_entropy(share[:, k].clamp(1e-6, 1 - 1e-6), side)
+        p = share.clamp(1e-6, 1 - 1e-6)  # a NaN share stays NaN: the step reports a non-finite loss
+        terms += [-(side * p[:, k].log() + (1 - side) * (1 - p[:, k]).log()).mean()
                   for k, side in enumerate(r.sides) if side is not None]
     return torch.stack(terms).mean() if terms else torch.zeros((), device=record.leaf_depth.device)
 

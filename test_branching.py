@@ -3,6 +3,8 @@
 Two "domains" are inputs a 2-way split tells apart (contrast and offset); one domain is one Gaussian blob.
 """
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 
@@ -104,6 +106,19 @@ def test_split_loss_teaches_the_parent_which_samples_are_the_specialists(r18):
     agree = max(float((took == domain).float().mean()), float((took != domain).float().mean()))
     assert 0.2 < float(took.float().mean()) < 0.8 and agree > 0.9, (float(took.float().mean()), agree)
     assert parent.selector is not None
+
+
+def test_split_loss_is_the_binary_cross_entropy_and_lets_a_diverged_step_report_nan():
+    """Its formula on a hand-made record, and a NaN share gives a NaN loss (the training step then
+    stops with one line) instead of F.binary_cross_entropy's RuntimeError on inputs outside [0, 1]."""
+    side = torch.tensor([1.0, 0.0, 1.0])
+    P = torch.tensor([[0.6, 0.2, 0.2], [0.3, 0.3, 0.4], [0.1, 0.1, 0.8]])  # stage, stage, stop
+    record = SimpleNamespace(routed=[SimpleNamespace(sides=[None, side], P=P)], leaf_depth=torch.zeros(3))
+    share = P[:, 1] / P[:, :2].sum(1)
+    want = -(side * share.log() + (1 - side) * (1 - share).log()).mean()
+    torch.testing.assert_close(split_loss(record), want)
+    record.routed[0] = SimpleNamespace(sides=[None, side], P=torch.full((3, 3), float("nan")))
+    assert split_loss(record).isnan()
 
 
 def test_a_split_trie_saves_loads_and_an_unused_specialist_is_pruned(r18, tmp_path):
