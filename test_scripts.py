@@ -146,12 +146,18 @@ def resumed_state(out) -> dict:
     return {k: ckpt[k] for k in ("model", "structure", "optimizer", "scheduler", "scaler", "rng")} | {"run": run}
 
 
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    out = tmp_path_factory.mktemp("resume") / "a"
+    train_cifar.main(train_cifar.parse_args(["--out", str(out), "--epochs", "2", *RESUME]))
+    return out
+
+
 @pytest.mark.parametrize("stop", ["epoch boundary", "mid-epoch kill"])
-def test_resume_is_exact(tmp_path, monkeypatch, stop):
+def test_resume_is_exact(tmp_path, monkeypatch, uninterrupted, stop):
     """Stopped after epoch 1, or killed halfway through epoch 2's steps, then resumed, a run that grows
     and prunes ends with the uninterrupted run's model, optimizer, scheduler and RNG state bit for bit."""
-    a, b = tmp_path / "a", tmp_path / "b"
-    train_cifar.main(train_cifar.parse_args(["--out", str(a), "--epochs", "2", *RESUME]))
+    a, b = uninterrupted, tmp_path / "b"
     if stop == "epoch boundary":
         train_cifar.main(train_cifar.parse_args(["--out", str(b), "--epochs", "1", *RESUME]))
     else:  # Ctrl-C in the 5th of 9 steps, after epoch 2 grew a child and before its end-of-epoch sweep
