@@ -236,9 +236,9 @@ def benchmark(backbone_name, input_size=32, batch=128, repeats=15, warmup=3, dev
              for mode in modes for name, m in models.items()}
     if trained is not None:  # the oracle trains its own copy: the trie's weights stay as trained
         models["oracle"] = copy.deepcopy(trained)
-        if batch > 1:
-            steps[("oracle", "train")] = oracle_step(copy.deepcopy(trained), x, True)
-        steps[("oracle", "inference")] = oracle_step(models["oracle"], x, False)
+        for mode in modes:
+            own = copy.deepcopy(trained) if mode == "train" else models["oracle"]
+            steps[("oracle", mode)] = oracle_step(own, x, mode == "train")
     times = timed(steps, repeats, warmup, device)
     out = {"backbone": backbone_name, "input_size": input_size, "batch": batch,
            "repeats": repeats, "warmup": warmup, "device": str(device),

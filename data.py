@@ -252,8 +252,7 @@ def cifar_datasets(config: dict):
     """Train, val (a seeded 90/10 partition of the train set, Table 2) and test; the class count."""
     base = base_set(config, train=True)
     fraction = config["val_fraction"]
-    n_val = int(round(len(base) * fraction))
-    train, val = hold_out(base, n_val, config, f"val_fraction {fraction}")
+    train, val = hold_out(base, round(len(base) * fraction), config, f"val_fraction {fraction}")
     test = make_test_set(config)
     same_classes(base, test.base, ("train", "test"), config["data_dir"])
     return train, val, test, len(base.classes)

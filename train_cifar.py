@@ -58,10 +58,9 @@ def check_held_out(args, cfg: GrowPruneConfig) -> None:
     refused."""
     if not data.val_is_test(vars(args)) or args.eval_only:
         return
-    juliet = not args.static
     fits = [name for name, on in [
-        ("--keep best", args.keep == "best"), ("--calibrate", juliet and args.calibrate),
-        ("--set prune_kept=true", juliet and cfg.prune_kept and cfg.prunes),
+        ("--keep best", args.keep == "best"), ("--calibrate", not args.static and args.calibrate),
+        ("--set prune_kept=true", not args.static and cfg.prune_kept and cfg.prunes),
         ("--set scheduler=plateau", args.scheduler == "plateau")] if on]
     if fits:
         raise UsageError(f"with holdout 0 the validation set is ImageNet's test set, and "
