@@ -260,6 +260,22 @@ def test_auxiliary_losses(r18):
     assert net.root.selector.sig_proj[1].weight.grad.abs().sum() > 0
 
 
+def test_juliet_loss_is_the_task_loss_plus_each_weighted_loss(r18):
+    """The training objective, term by term with distinct weights (route_loss at the given lambda_c);
+    a mutation run found that a flipped sign or a dropped cost_weight survived the per-loss tests."""
+    net = grown_trie(r18).train()
+    x, y = varied_batch(16, torch.Generator().manual_seed(3)), torch.arange(16) % 10
+    logits, record = net(x, return_record=True)
+    w = dict(exit_weight=0.7, route_weight=1.3, cost_weight=0.2, split_weight=0.0, balance_weight=0.4,
+             expected_cost_weight=0.9)
+    want = (F.cross_entropy(logits, y) + 0.7 * exit_loss(record, y)
+            + 1.3 * route_loss(net, record, logits, y, cost_weight=0.2) + 0.4 * balance_loss(record)
+            + 0.9 * expected_cost_loss(net, record))
+    torch.testing.assert_close(juliet_loss(net, record, logits, y, **w), want)
+    assert not torch.isclose(route_loss(net, record, logits, y, cost_weight=0.2),
+                             route_loss(net, record, logits, y))  # the cost weight matters here
+
+
 def test_exit_loss_trains_every_exit_on_every_sample_that_reached_it(r18):
     """exit_loss is the mean over exits of the cross-entropy of each exit on exactly the samples
     that reached its node (in full-depth training: every sample, at every routed node)."""
