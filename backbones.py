@@ -28,6 +28,26 @@ from torch.utils.flop_counter import FlopCounterMode
 # ----------------------------------------------------------------------------- helpers
 
 
+class MaxPool2d(nn.MaxPool2d):
+    """The stems' max-pool, run in channels_last on CPU: the same values, 3-5x faster there (torch
+    2.14's NCHW kernel: 26 ms for ResNet-18's (128, 64, 16, 16) activations, 5 ms this way, the
+    layout round trip included). The static model and the trie's root run it alike."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.device.type != "cpu":
+            return super().forward(x)
+        return super().forward(x.contiguous(memory_format=torch.channels_last)).contiguous()
+
+
+def _fast_pool(model: nn.Module) -> nn.Module:
+    """`model` with its stem's max-pool (ResNet's maxpool, DenseNet's pool0) as `MaxPool2d`."""
+    for parent, name in ((model, "maxpool"), (getattr(model, "features", None), "pool0")):
+        old = getattr(parent, name, None)
+        if isinstance(old, nn.MaxPool2d):
+            setattr(parent, name, MaxPool2d(old.kernel_size, old.stride, old.padding))
+    return model
+
+
 def _resnet_stages(model: nn.Module, layer3_chunks: int = 1) -> list[nn.Module]:
     """stem, layer1, layer2, layer3 (optionally cut into chunks), layer4."""
     stem = nn.Sequential(model.conv1, model.bn1, model.relu, model.maxpool)
@@ -127,7 +147,7 @@ def _check_name(name: str) -> None:
 def static_model(name: str, num_classes: int = 10) -> nn.Module:
     """The plain torchvision model with a `num_classes` head: the static baseline of Table 4."""
     _check_name(name)
-    return _SPECS[name][0](num_classes=num_classes)
+    return _fast_pool(_SPECS[name][0](num_classes=num_classes))
 
 
 @torch.no_grad()
@@ -135,7 +155,7 @@ def make_backbone(name: str, num_classes: int = 10) -> Backbone:
     """Cut torchvision's `name` into stages; channel counts come from one dummy forward pass."""
     _check_name(name)
     ctor, cut, head_of = _SPECS[name]
-    build = lambda: ctor(num_classes=num_classes)  # noqa: E731
+    build = lambda: _fast_pool(ctor(num_classes=num_classes))  # noqa: E731
     modules = cut(build().eval())
     x = torch.zeros(1, 3, 64, 64)
     stages = []
