@@ -26,10 +26,11 @@ def r18():
     return make_backbone("resnet18")
 
 
-def grown_trie(backbone, selector="transformer", seed=0, **kw):
-    """A trie with siblings at depths 1 and 2, so that samples of one batch take different paths."""
+def grown_trie(backbone, selector="transformer", seed=0, stop_go="selector", **kw):
+    """A trie with siblings at depths 1 and 2, so that samples of one batch take different paths
+    (every node's selector reads its features: an untrained exit's confidence spreads nothing)."""
     torch.manual_seed(seed)
-    net = JulietNet(backbone, selector=selector, **kw)
+    net = JulietNet(backbone, selector=selector, stop_go=stop_go, **kw)
     net.add_child(net.root)                  # 0/1: a second stage-1 specialist
     net.add_child(net.node("0/0"))           # 0/0/1
     net.add_child(net.node("0/1"))           # 0/1/0: 0/1 was a leaf; it gains a stop child too

@@ -29,7 +29,7 @@ import runs
 from backbones import BACKBONES
 from grow_prune import MODES, STATISTICS, GrowPruneConfig
 from losses import gumbel_tau, juliet_loss
-from routers import SELECTORS, STOP_RULES
+from routers import SELECTORS, STOP_GO, STOP_RULES
 from trie import POLICIES, TRAIN_DEPTHS, JulietNet
 
 
@@ -41,7 +41,7 @@ def defaults_of(fn, names=None) -> dict:
 
 
 NET = ("selector", "policy", "prebuild", "stop", "d_model", "n_head", "ema_beta", "train_depth",
-       "exit_confidence", "stop_rule", "stage_grad")  # JulietNet's settings of a run
+       "exit_confidence", "stop_rule", "stop_go", "stage_grad")  # JulietNet's settings of a run
 LIBRARY = {**defaults_of(JulietNet.__init__, NET), **dataclasses.asdict(GrowPruneConfig()),
            **defaults_of(juliet_loss), **defaults_of(gumbel_tau, ("tau0", "tau_min"))}  # ours
 SCRIPT = dict(calibrate=True, stop_tolerance=0.5, keep="best", data_dir="./data", holdout=0,
@@ -58,8 +58,8 @@ TABLE3 = TABLE2 | dict(dataset="imagenet", backbone="resnet101", input_size=224,
 PROTOCOLS = {"cifar": TABLE2, "imagenet": TABLE3}
 RECIPES = {
     "ours": {},
-    "paper": dict(train_depth="routed", exit_confidence=False, stop_rule="argmax", stage_grad=1.0,
-                  exit_weight=0.0, route_weight=0.0, split_weight=0.0, grow_prune="both",
+    "paper": dict(train_depth="routed", exit_confidence=False, stop_rule="argmax", stop_go="selector",
+                  stage_grad=1.0, exit_weight=0.0, route_weight=0.0, split_weight=0.0, grow_prune="both",
                   grow_statistic="sigma2", usage_horizon=0.0, prune_kept=False, calibrate=False,
                   keep="last", holdout=0),
 }
@@ -134,6 +134,8 @@ KNOBS = {  # name: (type, or the allowed values; meaning)
                    "the stages (ours: 0; the paper: 1)"),
     "exit_confidence": (boolean, "stop logits read the exit's confidence (ours)"),
     "stop_rule": (tuple(STOP_RULES), "half: P_stop >= 1/2 stops (ours); argmax: Alg. 1"),
+    "stop_go": (STOP_GO, "a stop-or-go node decides on its exit's confidence (ours), or by the "
+                "selector"),
     "stop": (boolean, "every internal node has a stop branch (ours)"),
     "exit_weight": (runs.nonneg_float, "of losses.exit_loss (ours; the paper: 0)"),
     "route_weight": (runs.nonneg_float, "of losses.route_loss (ours; the paper: 0)"),

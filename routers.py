@@ -76,8 +76,9 @@ class Selector(nn.Module):
     def __init__(self, channels: int, sig_dim: int, d_model: int, exit_confidence: bool = True):
         super().__init__()
         self.d_model = d_model
-        self.sig_proj = nn.Sequential(nn.LayerNorm(sig_dim), nn.Linear(sig_dim, d_model))
-        self.stop_token = nn.Parameter(0.02 * torch.randn(d_model))
+        if sig_dim:  # branch tokens (ConfidenceSelector has none)
+            self.sig_proj = nn.Sequential(nn.LayerNorm(sig_dim), nn.Linear(sig_dim, d_model))
+            self.stop_token = nn.Parameter(0.02 * torch.randn(d_model))
         self.stop_bias = nn.Parameter(torch.tensor(0.0))
         self.confidence = nn.Linear(3, 1) if exit_confidence else None
         if self.confidence is not None:  # zero: a new selector is the paper's
@@ -171,14 +172,28 @@ class ConvSelector(Selector):
         return self.score(self.proj(pooled), signatures, stop)  # (B, K)
 
 
+class ConfidenceSelector(Selector):
+    """Ours, where the only choice is stop or go on (`JulietNet(stop_go="confidence")`): P_stop =
+    sigmoid(b + w . confidence_features(exit)), a learned confidence exit (Shallow-Deep Networks);
+    no transformer to pay per call. The stage branch's logit is 0; the exit is always read."""
+
+    def __init__(self, channels, sig_dim, d_model=64, n_head=4, exit_confidence=True):
+        super().__init__(channels, 0, d_model, exit_confidence=True)
+
+    def logits(self, f: torch.Tensor, signatures: torch.Tensor, stop: bool) -> torch.Tensor:
+        return f.new_zeros(f.shape[0], len(signatures) + stop, dtype=torch.float)  # (B, 2)
+
+
 SELECTORS = {"transformer": TransformerSelector, "mlp": MLPSelector, "conv": ConvSelector}
+STOP_GO = ("confidence", "selector")  # how a stop-or-go node decides: ours, or as any node
+KINDS = {**SELECTORS, "confidence": ConfidenceSelector}
 
 
 def make_selector(name: str, channels: int, sig_dim: int, d_model=64, n_head=4,
                   exit_confidence=True) -> Selector:
-    if name not in SELECTORS:
+    if name not in KINDS:
         raise ValueError(f"unknown selector {name!r}; choose one of: {', '.join(SELECTORS)}")
-    return SELECTORS[name](channels, sig_dim, d_model, n_head, exit_confidence)
+    return KINDS[name](channels, sig_dim, d_model, n_head, exit_confidence)
 
 
 # ----------------------------------------------------------------------------- the decision

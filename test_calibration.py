@@ -28,7 +28,7 @@ NOISE = 1.5
 def toy_trie(seed=0, **kw) -> JulietNet:
     """Siblings at depths 1 and 2 (as conftest.grown_trie), so samples of a batch take different paths."""
     torch.manual_seed(seed)
-    net = JulietNet(tiny_backbone(), selector="mlp", d_model=16, n_head=2, **kw)
+    net = JulietNet(tiny_backbone(), selector="mlp", d_model=16, n_head=2, **{"stop_go": "selector", **kw})
     net.add_child(net.root)
     net.add_child(net.node("0/0"))
     net.add_child(net.node("0/1"))

@@ -53,7 +53,8 @@ def test_thop_counts_the_selectors_attention_by_hand(monkeypatch):
     MultiheadAttention rule THOP 0.1.1 counts each as 0."""
     torch.manual_seed(0)
     E, L = 16, 3
-    net = JulietNet(make_backbone("resnet18"), selector="transformer", d_model=E, n_head=2)
+    net = JulietNet(make_backbone("resnet18"), selector="transformer", stop_go="selector", d_model=E,
+                    n_head=2)
     leaf = "0/0/0/0/0"
     with_op = measure.path_macs(net, leaf)
     monkeypatch.setattr(measure, "thop_custom_ops", dict)
@@ -102,7 +103,7 @@ def test_thop_and_flop_counter_agree_on_every_path(routed):
 def test_flop_counter_sees_the_transformer_selectors():
     """In eval under no_grad the fused encoder kernel is invisible to FlopCounterMode; `countable` prevents that."""
     torch.manual_seed(0)
-    net = JulietNet(make_backbone("resnet18"), selector="transformer")
+    net = JulietNet(make_backbone("resnet18"), selector="transformer", stop_go="selector")
     leaf = "0/0/0/0/0"
     fc_parts = measure.node_macs(net, count=measure.flop_counter_macs)
     thop_macs, fc = measure.path_macs(net, leaf), measure.path_macs(net, leaf, parts=fc_parts)

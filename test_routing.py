@@ -9,9 +9,11 @@ from torch.utils.data import DataLoader, TensorDataset
 
 import data
 import exits
+import recipes
+from backbones import make_backbone
 from conftest import grown_trie, routed_trie, varied_batch
 from losses import exits_of, route_loss
-from routers import confidence_features, decide, stops
+from routers import ConfidenceSelector, TransformerSelector, confidence_features, decide, stops
 from trie import STOP, JulietNet
 
 
@@ -165,7 +167,7 @@ def test_exit_confidence_starts_as_the_papers_selector_and_learns_from_route_los
     logits, record = net(x, return_record=True)
     route_loss(net, record, logits, y).backward()
     assert all(n.selector.confidence.weight.grad.abs().sum() > 0 for n in (r.node for r in exits_of(record)))
-    paper = JulietNet(r18, exit_confidence=False)
+    paper = JulietNet(r18, exit_confidence=False, stop_go="selector")
     assert paper.root.selector is None or paper.root.selector.confidence is None
     assert grown_trie(r18, exit_confidence=False).root.selector.confidence is None
 
@@ -208,3 +210,29 @@ def test_the_inference_decision_is_the_choice_that_training_would_run():
                 want = torch.where(stop, logits.shape[1] - 1, logits[:, :-1].argmax(-1))
             assert torch.equal(c.run, c.top1) and torch.equal(c.run, want), (has_stop, t)
             assert torch.equal(c.P, logits.softmax(-1))
+
+
+def test_a_stop_or_go_node_decides_on_its_exits_confidence_and_a_grown_one_by_its_selector(r18):
+    """stop_go="confidence" (ours): a node that only chooses between stopping and its one stage branch
+    has P_stop = sigmoid(b + w . confidence features of its exit), no transformer; a node with siblings
+    gets the selector, which takes over the stop logit's parameters; pruned back, the reverse."""
+    torch.manual_seed(0)
+    net = JulietNet(r18).eval()
+    assert {type(n.selector).__name__ for n in net.nodes() if n.selector} == {"ConfidenceSelector"}
+    with torch.no_grad():
+        net.root.selector.stop_bias.fill_(0.3)
+        net.root.selector.confidence.weight.copy_(torch.tensor([[2.0, -1.0, 0.5]]))
+        f, exit_logits = torch.randn(5, 64, 8, 8), torch.randn(5, 10)
+        P = net.root.selector(f, net.signatures(net.root), True, exit_logits).softmax(-1)
+    want = torch.sigmoid(0.3 + confidence_features(exit_logits) @ torch.tensor([2.0, -1.0, 0.5]))
+    assert torch.allclose(P[:, -1], want, atol=1e-6)
+    net.add_child(net.root)  # a sibling: the root now chooses among stage branches
+    assert isinstance(net.root.selector, TransformerSelector)
+    assert net.root.selector.stop_bias.item() == pytest.approx(0.3)
+    assert torch.equal(net.root.selector.confidence.weight, torch.tensor([[2.0, -1.0, 0.5]]))
+    rebuilt = JulietNet.from_structure(net.structure(), make_backbone("resnet18"))
+    rebuilt.load_state_dict(net.state_dict())  # the selectors' kinds follow from the structure
+    net.remove_child(net.root, net.node("0/1"))
+    assert isinstance(net.root.selector, ConfidenceSelector) and net.root.selector.stop_bias == 0.3
+    paper = recipes.defaults(recipe="paper")["stop_go"]
+    assert isinstance(JulietNet(r18, stop_go=paper).root.selector, TransformerSelector)

@@ -80,7 +80,7 @@ class TrieNode(nn.Module):
 def check_options(backbone, prebuild, **o) -> None:
     """JulietNet's arguments, each bad one named in a ValueError."""
     names = {"selector": routers.SELECTORS, "policy": POLICIES, "train_depth": TRAIN_DEPTHS,
-             "stop_rule": routers.STOP_RULES}
+             "stop_rule": routers.STOP_RULES, "stop_go": routers.STOP_GO}
     for name, allowed in names.items():
         if o[name] not in allowed:
             raise ValueError(f"unknown {name} {o[name]!r}; choose one of: {', '.join(allowed)}")
@@ -108,6 +108,8 @@ class JulietNet(nn.Module):
     train_depth "full" (ours: training samples run to a leaf whatever they decide) or "routed"
     exit_confidence  stop logits also read the exit's confidence (ours; routers.py)
     stop_rule   "half" (ours: P_stop >= 1/2 stops, else the best stage branch) or "argmax" (Alg. 1)
+    stop_go     how a node whose only choice is stop or go on decides: "confidence" (ours: a logistic
+                read of its exit's confidence, routers.ConfidenceSelector) or "selector" (as any node)
     stage_grad  share of the exits' and selectors' gradient that reaches the stages (ours: 0)
     stop_threshold  the held-out operating point at inference (calibrate.py); None: stop_rule
     init_from   a static model of the same backbone whose weights seed the prebuilt chain
@@ -115,8 +117,8 @@ class JulietNet(nn.Module):
 
     def __init__(self, backbone, selector="transformer", policy="top1", prebuild: int | None = None,
                  stop=True, d_model=64, n_head=4, ema_beta=0.99, usage_beta=None,
-                 train_depth="full", exit_confidence=True, stop_rule="half", stage_grad=0.0,
-                 stop_threshold=None, init_from=None):
+                 train_depth="full", exit_confidence=True, stop_rule="half", stop_go="confidence",
+                 stage_grad=0.0, stop_threshold=None, init_from=None):
         super().__init__()
         prebuild = len(backbone.stages) if prebuild is None else prebuild
         self.backbone = backbone
@@ -124,7 +126,7 @@ class JulietNet(nn.Module):
                             n_head=n_head, ema_beta=ema_beta,
                             usage_beta=ema_beta if usage_beta is None else usage_beta,
                             train_depth=train_depth, exit_confidence=exit_confidence,
-                            stop_rule=stop_rule, stage_grad=stage_grad,
+                            stop_rule=stop_rule, stop_go=stop_go, stage_grad=stage_grad,
                             stop_threshold=stop_threshold)
         check_options(backbone, prebuild, **self.options)
         self.tau = 1.0  # Gumbel temperature; the training loop anneals it (losses.gumbel_tau)
@@ -260,9 +262,9 @@ class JulietNet(nn.Module):
         return self.head(self.adapt(f.mean((2, 3))))
 
     def reads_exit(self, node: TrieNode) -> bool:
-        """Whether `node`'s selector reads its exit: exit_confidence, or a held-out calibration."""
+        """Whether `node`'s selector reads its exit: its confidence read, or a held-out calibration."""
         return (node.has_stop and len(node.branches) > 1
-                and (self.options["exit_confidence"] or node.selector.calibrated))
+                and (node.selector.confidence is not None or node.selector.calibrated))
 
     def signatures(self, node: TrieNode) -> torch.Tensor:
         """Each stage branch's weight signature (§4.1): its sig conv's mean weights -> (K_s, S)."""
@@ -321,13 +323,23 @@ class JulietNet(nn.Module):
             stop = TrieNode(f"{parent.node_id}/{STOP}", parent.depth, nn.Identity(), is_stop=True)
         if stop is not None:
             parent.branches[STOP] = stop.to(device)
-        if parent.selector is None and len(parent.branches) > 1:
-            o, stages = self.options, self.backbone.stages
-            selector = routers.make_selector(o["selector"], stages[parent.depth].channels,
-                                             stages[d].sig_dim, o["d_model"], o["n_head"],
-                                             o["exit_confidence"])
-            parent.selector = selector.to(device)
+        self.ensure_selector(parent)
         return child
+
+    def ensure_selector(self, node: TrieNode) -> None:
+        """N.PS of the kind `node`'s choice needs (stop or go on alone: `stop_go`), kept if it is of
+        that kind already; a new one takes over the old one's stop logit parameters."""
+        o, stages = self.options, self.backbone.stages
+        stop_go = len(node.branches) == 2 and node.has_stop and o["stop_go"] == "confidence"
+        kind = "confidence" if stop_go else o["selector"]
+        if len(node.branches) < 2 or type(node.selector) is routers.KINDS[kind]:
+            return
+        selector = routers.make_selector(kind, stages[node.depth].channels,
+                                         stages[node.depth + 1].sig_dim, o["d_model"],
+                                         o["n_head"], o["exit_confidence"])
+        if node.selector is not None:  # the stop logit's offset, confidence read and calibration
+            selector.load_state_dict(node.selector.state_dict(), strict=False)
+        node.selector = selector.to(node.alpha.device)
 
     def remove_child(self, parent: TrieNode, child: TrieNode) -> None:
         """Delete `child` and its subtree (Alg. 3 line 3); a parent left without stage branches is a
@@ -336,6 +348,7 @@ class JulietNet(nn.Module):
         if not parent.stage_branches:
             parent.branches.clear()
             parent.selector = None
+        self.ensure_selector(parent)
 
     def structure(self) -> dict:
         """The trie as JSON-able data: enough, with the backbone, to rebuild it (from_structure)."""
@@ -358,7 +371,7 @@ class JulietNet(nn.Module):
         if (backbone.name, backbone.num_classes) != (s["backbone"], s["num_classes"]):
             raise ValueError(f"the structure is of {s['backbone']} with {s['num_classes']} "
                              f"classes, the backbone {backbone.name} with {backbone.num_classes}")
-        net = cls(backbone, prebuild=1, **s["options"])
+        net = cls(backbone, prebuild=1, **{"stop_go": "selector", **s["options"]})  # older runs
         templates, _ = backbone.initial()  # one constructor call; load_state_dict sets the weights
         for c in s["adapters"]:  # first, in their original order: net.parameters() keeps its order
             net.ensure_adapter(c)
