@@ -17,6 +17,7 @@ same process. Memory of one step: `step_peak_memory` (the CUDA allocator's peak 
 GPU; on CPU the peak of live tensors from torch.profiler's allocation events).
 """
 
+import collections
 import contextlib
 import copy
 import functools
@@ -204,13 +205,14 @@ def timed(steps: dict, repeats: int, warmup: int, device) -> dict:
 
 
 def benchmark(backbone_name, input_size=32, batch=128, repeats=15, warmup=3, device="cpu",
-              run_dir=None, num_classes=10, selector="transformer") -> dict:
+              run_dir=None, num_classes=10, selector="transformer", images=200) -> dict:
     """Train-step and inference-batch wall time, static vs Juliet, one process, interleaved (§6.1
     Table 5). juliet_chain: a fresh chain whose selectors all run but never stop early (the worst
     case); juliet_run: `run_dir`'s trained trie, on its test images where its loader exists.
     Returns {"models": {name: {"train", "inference": _spread, "conv_bwd_share", "peak_train_mb",
-    "top_ops"}}, "ratios": {name: {"train", "inference"}} (median / static median), settings}."""
-    x = trained = None
+    "top_ops"}}, "ratios": {name: {"train", "inference"}} (median / static median), settings}; with
+    a run also "latency" (batch 1 over `images` test images) and "parts" (breakdown at 1 and B)."""
+    x = ones = trained = None
     if run_dir is not None:
         config, trained = load_run(run_dir, device)
         if not isinstance(trained, JulietNet):
@@ -220,6 +222,7 @@ def benchmark(backbone_name, input_size=32, batch=128, repeats=15, warmup=3, dev
         with contextlib.suppress(UsageError):  # routing as learned needs real images
             test = run_test_loader(config).dataset
             x = torch.stack([test[i][0] for i in range(batch)]) if len(test) >= batch else None
+            ones = torch.stack([test[i][0] for i in range(min(images, len(test)))])
     torch.manual_seed(0)
     models = {"static": static_model(backbone_name, num_classes).to(device)}
     chain = JulietNet(make_backbone(backbone_name, num_classes), selector=selector).to(device)
@@ -266,22 +269,109 @@ def benchmark(backbone_name, input_size=32, batch=128, repeats=15, warmup=3, dev
         macs = measure.expected_macs(trained, counts, input_size)["expected_macs_per_sample"]
         out["executed_macs"] = {"static": measure.paper_macs(models["static"], input_size)[0],
                                 "juliet_run": macs}
-        out["node_profile"] = node_profile(trained, x, repeats)
+        ones = (measure.random_images(images, input_size) if ones is None else ones).to(device)
+        out["latency"] = latency({k: models[k] for k in ("static", "juliet_chain", "juliet_run")},
+                                 trained, ones)
+        counts = {leaf: len(i) for leaf, i in leaf_groups(trained, ones, False).items()}
+        out["executed_macs"]["juliet_run_batch1"] = measure.expected_macs(
+            trained, counts, input_size)["expected_macs_per_sample"]
+        out["latency_ratios"] = {k: v["median_s"] / out["latency"]["static"]["median_s"]
+                                 for k, v in out["latency"].items()}
+        out["parts"] = {"1": breakdown(trained, list(ones[:, None]), 5),
+                        str(batch): breakdown(trained, [x], repeats)}
     return out
 
 
-def node_profile(net, x, repeats=10) -> dict:
-    """Where an inference batch's time goes: per node, its stage and its selector (mean over
-    `repeats` after one warm-up), and the rest: partitioning, exits, bookkeeping, the hooks."""
-    parts = {f"{node.node_id} {part}": module for node in net.nodes()
-             for part, module in (("stage", node.sub), ("selector", node.selector))
-             if module is not None and not isinstance(module, torch.nn.Identity)}
-    with measure.evaluating(net), torch.no_grad():
-        net(x)  # warm-up
-        with measure.module_timer(parts) as seconds:
-            total = timed({"net": (lambda: net(x), None)}, repeats, 0, x.device)["net"]["median_s"]
-    parts = {k: s / repeats for k, s in seconds.items()}  # a module may run twice per batch
-    return {"total_s": total, "parts_s": parts, "rest_s": total - sum(parts.values())}
+@contextlib.contextmanager
+def part_timer(net):
+    """{part: seconds} of `net`'s forward passes while the block runs, each part's own time (what
+    runs nested in it taken out): the stem, each stage depth, the selectors, the exits they read,
+    the leaves (GAP, adapter) and routing (the rest of forward, route and choose: deciding,
+    partitioning, gathering, the head). Wrapped calls synchronise the device."""
+    seconds, inner, patched, device = collections.Counter(), [], [], measure.device_of(net)
+
+    def wrap(owner, name, part):
+        fn = getattr(owner, name)
+
+        def timed(*args, **kwargs):
+            measure.sync(device)
+            t0 = time.perf_counter()
+            inner.append(0.0)
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                measure.sync(device)
+                dt = time.perf_counter() - t0
+                seconds[part] += dt - inner.pop()
+                if inner:
+                    inner[-1] += dt
+        setattr(owner, name, timed)  # an instance attribute: delattr restores the method
+        patched.append((owner, name))
+
+    for node in (n for n in net.nodes() if not n.is_stop):
+        wrap(node.sub, "forward", f"stage {node.depth}" if node.depth else "stem")
+        if node.selector is not None:
+            wrap(node.selector, "forward", "selectors")
+    for name, part in (("exit", "exits"), ("leaf", "leaves"), ("forward", "routing"),
+                       ("route", "routing"), ("choose", "routing")):
+        wrap(net, name, part)
+    try:
+        yield seconds
+    finally:
+        for owner, name in patched:
+            delattr(owner, name)
+
+
+def breakdown(net, batches: list, repeats: int) -> dict:
+    """Where inference time goes, per batch of `batches`: each part measured (part_timer), and the
+    whole passes timed without the timers, interleaved; the fastest of `repeats` of each (load on
+    the machine only adds time), the parts of the fastest timed pass."""
+    passes, device = [], measure.device_of(net)
+
+    def run():
+        measure.sync(device)
+        t0 = time.perf_counter()
+        [net(b) for b in batches]
+        measure.sync(device)
+        return (time.perf_counter() - t0) / len(batches)
+    with measure.evaluating(net), torch.inference_mode():
+        run()  # warm-up
+        for _ in range(repeats):
+            total = run()
+            with part_timer(net) as seconds:
+                passes.append((run(), total, {k: v / len(batches) for k, v in seconds.items()}))
+    order = lambda k: (k != "stem", not k.startswith("stage"), k)  # noqa: E731
+    parts = min(passes, key=lambda p: p[0])[2]
+    parts = {k: parts[k] for k in sorted(parts, key=order)}
+    return {"total_s": min(p[1] for p in passes), "parts_s": parts, "sum_s": sum(parts.values())}
+
+
+def latency(models: dict, net, images, warmup=5) -> dict:
+    """Batch 1, as a deployed model is called: each image through each model in turn (static,
+    chain, juliet, oracle, then the next image), under inference_mode; _spread per model over the
+    images. The oracle runs each image's own path as plain sequential code."""
+    from tqdm import tqdm
+
+    with measure.evaluating(net), torch.inference_mode():
+        _, paths = net(images, return_paths=True)
+    path = [net.path(p.removesuffix("/" + STOP)) for p in paths]
+    oracle = lambda x, i: net.exit(functools.reduce(lambda h, n: n.sub(h), path[i], x))  # noqa
+    fns = {**{k: lambda x, i, m=m: m(x) for k, m in models.items()}, "oracle": oracle}
+    times = {k: [] for k in fns}
+    flags = [measure.evaluating(m) for m in models.values()]
+    with contextlib.ExitStack() as stack, torch.inference_mode():
+        for f in flags:
+            stack.enter_context(f)
+        for i in tqdm(range(-warmup, len(images)), desc="batch 1", leave=False):
+            x = images[max(i, 0)][None]
+            for k, fn in fns.items():
+                measure.sync(x.device)
+                t0 = time.perf_counter()
+                fn(x, max(i, 0))
+                measure.sync(x.device)
+                if i >= 0:
+                    times[k].append(time.perf_counter() - t0)
+    return {k: _spread(ts) for k, ts in times.items()}
 
 
 def format_bench(result) -> str:
@@ -302,7 +392,7 @@ def format_bench(result) -> str:
     lines = [title, ""] + ["| " + " | ".join(row) + " |" for row in rows]
     if "juliet_over_oracle" not in r["ratios"]:
         return "\n".join(lines)
-    q, m, p = r["ratios"], r["executed_macs"], r["node_profile"]
+    q, m, p = r["ratios"], r["executed_macs"], r["parts"]
     lines += ["", "| | train step | inference |", "|---|---|---|"]
     ratio = lambda k, m: f"{q[k][m]:.3f}x" if m in q[k] else "n/a (batch 1)"
     lines += [f"| {label} | {ratio(k, 'train')} | {ratio(k, 'inference')} |"
@@ -310,11 +400,25 @@ def format_bench(result) -> str:
                                ("juliet_run", "juliet / static"), ("oracle", "oracle / static"))]
     lines.append(f"| executed MACs, juliet / static | | {m['juliet_run'] / m['static']:.3f}x "
                  f"({m['juliet_run'] / 1e6:.2f} M / {m['static'] / 1e6:.2f} M) |")
-    lines += ["", f"inference batch, where the time goes (ms; total {1e3 * p['total_s']:.2f}):", "",
-              "| node part | ms | share |", "|---|---|---|"]
-    lines += [f"| {k} | {1e3 * v:.2f} | {v / p['total_s']:.0%} |" for k, v in p["parts_s"].items()]
-    lines.append(f"| rest: partitioning, exits, bookkeeping, hooks | {1e3 * p['rest_s']:.2f} | "
-                 f"{p['rest_s'] / p['total_s']:.0%} |")
+    lat, n1 = r["latency"], r["latency"]["static"]["n"]
+    lines += ["", f"batch 1 (deployment): median ms per image over {n1} test images, "
+              "inference_mode, interleaved", "",
+              "| model | ms | / static | executed MACs / static |", "|---|---|---|---|"]
+    macs = {"juliet_run": f"{m['juliet_run_batch1'] / m['static']:.3f}x", "oracle": "the same"}
+    for k, v in lat.items():
+        lines.append(f"| {labels[k]} | {1e3 * v['median_s']:.3f} | "
+                     f"{r['latency_ratios'][k]:.3f}x | {macs.get(k, '1.000x')} |")
+    over = lat["juliet_run"]["median_s"] / lat["oracle"]["median_s"]
+    lines.append(f"| juliet / oracle (routing overhead) | | {over:.3f}x | |")
+    heads = [f"batch {b}: ms, share" for b in p]
+    lines += ["", "where the trained trie's inference time goes (each part timed, nested out):",
+              "", "| part | " + " | ".join(heads) + " |", "|---" * (1 + len(p)) + "|"]
+    for part in dict.fromkeys(k for v in p.values() for k in v["parts_s"]):
+        lines.append(f"| {part} | " + " | ".join(
+            f"{1e3 * v['parts_s'].get(part, 0):.3f} ({v['parts_s'].get(part, 0) / v['sum_s']:.0%})"
+            for v in p.values()) + " |")
+    lines.append("| sum of parts / total timed without timers | " + " | ".join(
+        f"{1e3 * v['sum_s']:.3f} / {1e3 * v['total_s']:.3f}" for v in p.values()) + " |")
     return "\n".join(lines)
 
 

@@ -181,6 +181,19 @@ def test_inference_mode_gives_the_no_grad_logits_and_paths(routed):
     assert pa == pb and torch.equal(a, b) and len(set(pa)) >= 3
 
 
+def test_the_inference_breakdown_times_each_part_and_they_sum_to_the_total(routed):
+    """bench.breakdown, at batch 32 and at batch 1: the stem, each stage, the selectors, the exits, the
+    leaves and routing, each timed on its own (nested parts out), sum to the passes timed without the
+    timers within 10%; the timers are gone afterwards."""
+    net, x, _ = routed
+    for batches in ([x], list(x[:8, None])):
+        r = bench.breakdown(net, batches, repeats=7)
+        want = {"stem", "stage 1", "stage 2", "selectors", "exits", "leaves", "routing"}
+        assert want <= set(r["parts_s"]) and all(v > 0 for v in r["parts_s"].values())
+        assert r["sum_s"] == pytest.approx(r["total_s"], rel=0.10)
+    assert not any("forward" in vars(m) for m in net.modules()) and "route" not in vars(net)
+
+
 def test_the_oracle_runs_each_leafs_samples_down_its_path_and_agrees_with_the_trie(routed):
     """The oracle of --bench: plain sequential code per leaf group gives the trie's own logits."""
     net, x, paths = routed
@@ -329,12 +342,13 @@ def test_profile_of_a_finished_run_and_table4(tmp_path, capsys):
     assert b["val"]["macs"] <= 5e6 and 0 <= b["t"] <= 1
 
     # --bench on the run: static, the chain, the trained trie and its oracle, with the node profile
-    one = bench.benchmark("resnet18", batch=1, repeats=1, warmup=1, run_dir=str(juliet))
+    one = bench.benchmark("resnet18", batch=1, repeats=1, warmup=1, run_dir=str(juliet), images=3)
     assert set(one["models"]["juliet_run"]) == {"inference"} and "n/a (batch 1)" in bench.format_bench(one)
-    r = bench.benchmark("resnet18", batch=8, repeats=1, warmup=1, run_dir=str(juliet))
+    r = bench.benchmark("resnet18", batch=8, repeats=1, warmup=1, run_dir=str(juliet), images=3)
     assert set(r["models"]) == {"static", "juliet_chain", "juliet_run", "oracle"}
     q = r["ratios"]
     ratio = q["juliet_run"]["inference"] / q["oracle"]["inference"]
     assert q["juliet_over_oracle"]["inference"] == pytest.approx(ratio)
     assert 0 < r["executed_macs"]["juliet_run"] < 1.1 * r["executed_macs"]["static"]
-    assert r["node_profile"]["parts_s"] and "juliet / oracle" in bench.format_bench(r)
+    assert r["latency"]["oracle"]["n"] == 3 and set(r["parts"]) == {"1", "8"}
+    assert "juliet / oracle" in bench.format_bench(r)
