@@ -53,11 +53,13 @@ def confidence_features(exit_logits: torch.Tensor) -> torch.Tensor:
     return torch.stack([top2[:, 0], top2[:, 0] - top2[:, -1], entropy], -1)
 
 
-def calibration_features(exit_logits: torch.Tensor, prev_logits: torch.Tensor | None = None):
-    """(B, 5): confidence_features and two reads of the exit before it on the path (0 where there
-    is none): whether it predicted the same class, and its probability of this exit's class
-    (consecutive exits that agree are rarely wrong together; PABEE's "patience")."""
-    conf = confidence_features(exit_logits)  # (B, 3)
+def calibration_features(exit_logits: torch.Tensor, prev_logits: torch.Tensor | None = None,
+                         conf: torch.Tensor | None = None):
+    """(B, 5): confidence_features (`conf`, if computed already) and two reads of the exit before it
+    on the path (0 where there is none): whether it predicted the same class, and its probability
+    of this exit's class (consecutive exits that agree are rarely wrong together; PABEE's
+    "patience")."""
+    conf = confidence_features(exit_logits) if conf is None else conf  # (B, 3)
     if prev_logits is None:
         return torch.cat([conf, conf.new_zeros(len(conf), 2)], 1)
     pred = exit_logits.argmax(-1, keepdim=True)  # (B, 1)
@@ -97,24 +99,23 @@ class Selector(nn.Module):
 
     def forward(self, f, signatures, stop: bool, exit_logits=None, prev_logits=None):
         logits = self.logits(f, signatures, stop)  # (B, K)
-        if stop:  # the stop branch is last
-            offset = self.stop_bias
-            if self.confidence is not None and exit_logits is not None:
-                read = self.confidence(confidence_features(exit_logits))  # (B, 1)
-                offset = offset + read.to(logits.dtype)
-            logits = torch.cat([logits[:, :-1], logits[:, -1:] + offset], 1)
-            if self.calibrated:
-                logits = self.calibrate(logits, exit_logits, prev_logits)
-        return logits
+        if not stop:
+            return logits
+        conf = None if exit_logits is None else confidence_features(exit_logits)  # (B, 3)
+        offset = self.stop_bias  # the stop branch is last
+        if self.confidence is not None and conf is not None:
+            offset = offset + self.confidence(conf).to(logits.dtype)  # (B, 1)
+        logits = torch.cat([logits[:, :-1], logits[:, -1:] + offset], 1)
+        return self.calibrate(logits, exit_logits, prev_logits, conf) if self.calibrated else logits
 
-    def calibrate(self, logits, exit_logits, prev_logits=None) -> torch.Tensor:
+    def calibrate(self, logits, exit_logits, prev_logits=None, conf=None) -> torch.Tensor:
         """P_stop replaced by sigmoid(d'), d' = a d + w . calibration_features + b, d its log-odds
         (the stop logit minus the stage logits' logsumexp); stage branches keep their odds."""
         a, w, b = self.calibration[0], self.calibration[1:-1], self.calibration[-1]
         go = logits[:, :-1].float().logsumexp(-1)  # (B,)
         d = a * (logits[:, -1].float() - go) + b
         if exit_logits is not None:
-            d = d + calibration_features(exit_logits, prev_logits) @ w
+            d = d + calibration_features(exit_logits, prev_logits, conf) @ w
         return torch.cat([logits[:, :-1], (d + go)[:, None].to(logits.dtype)], 1)
 
     def branch_tokens(self, signatures: torch.Tensor, stop: bool) -> torch.Tensor:
@@ -174,14 +175,30 @@ class ConvSelector(Selector):
 
 class ConfidenceSelector(Selector):
     """Ours, where the only choice is stop or go on (`JulietNet(stop_go="confidence")`): P_stop =
-    sigmoid(b + w . confidence_features(exit)), a learned confidence exit (Shallow-Deep Networks);
-    no transformer to pay per call. The stage branch's logit is 0; the exit is always read."""
+    sigmoid(b + w . confidence_features(exit)), a learned confidence exit (Shallow-Deep Networks),
+    with no transformer to pay per call; calibrated, its stop log-odds d' = a d + w' .
+    calibration_features + b' as any selector's. The same arithmetic as `Selector.forward` on the
+    logits [0, d], in a few ops: a decision per node is what batch-1 latency pays for."""
 
     def __init__(self, channels, sig_dim, d_model=64, n_head=4, exit_confidence=True):
         super().__init__(channels, 0, d_model, exit_confidence=True)
+        self.register_buffer("margin", torch.tensor([[1.0, 1.0], [0.0, -1.0]]), persistent=False)
 
-    def logits(self, f: torch.Tensor, signatures: torch.Tensor, stop: bool) -> torch.Tensor:
-        return f.new_zeros(f.shape[0], len(signatures) + stop, dtype=torch.float)  # (B, 2)
+    def forward(self, f, signatures, stop: bool, exit_logits=None, prev_logits=None):
+        p = exit_logits.float().softmax(-1)  # (B, classes)
+        top, cls = p.topk(2, -1)  # (B, 2)
+        entropy = torch.special.entr(p).sum(-1, keepdim=True) / math.log(p.shape[1])  # (B, 1)
+        x = torch.cat([top @ self.margin, entropy], 1)  # (B, 3) confidence_features
+        d = self.stop_bias + F.linear(x, self.confidence.weight, self.confidence.bias)  # (B, 1)
+        if self.calibrated:
+            c = self.calibration
+            if prev_logits is not None:  # calibration_features' reads of the exit before
+                prev = prev_logits.float().softmax(-1).nan_to_num(0.0)  # (B, classes)
+                pred = cls[:, :1]  # (B, 1) this exit's class
+                agree = (prev.argmax(-1, keepdim=True) == pred) & (prev.sum(-1, keepdim=True) > 0)
+                x = torch.cat([x, agree.float(), prev.gather(1, pred)], 1)  # (B, 5)
+            d = c[0] * d + c[-1] + x @ c[1:1 + x.shape[1], None]
+        return F.pad(d, (1, 0))  # (B, 2): go on (0), stop (d)
 
 
 SELECTORS = {"transformer": TransformerSelector, "mlp": MLPSelector, "conv": ConvSelector}
@@ -212,17 +229,29 @@ def stops(p_stop: torch.Tensor, p_stage: torch.Tensor | None, t: float | None) -
     """The stop rule, wherever it is applied (routing, training, the exit tables): with a threshold
     t, stop where P_stop >= t (t >= 1: never; the "half" rule is t = 1/2); without one, Alg. 1's
     argmax: stop where P_stop beats the best stage branch's P (`p_stage`)."""
-    return p_stop > p_stage if t is None else (p_stop >= t) & bool(t < 1)
+    if t is None:
+        return p_stop > p_stage
+    return p_stop >= t if t < 1 else torch.zeros_like(p_stop, dtype=torch.bool)
 
 
-def decide(logits, has_stop: bool, t: float | None, gumbel_tau=None, full=False) -> Choice:
+def decide(logits, has_stop: bool, t: float | None, gumbel_tau=None, full=False,
+           lean=False) -> Choice:
     """Alg. 1 line 5. Without a threshold: top-1 over every branch, or in training with policy
     "gumbel" (`gumbel_tau`) a hard Gumbel-softmax sample. With one (the knob; 1/2 under the "half"
     rule): stop where P_stop >= t, else the best stage branch. In full-depth training (`full`) a
-    stage branch runs whatever the decision says."""
+    stage branch runs whatever the decision says. `lean` (inference, nothing recorded, no
+    gradient): `run` alone, the same, in a few ops."""
     P = logits.float().softmax(-1)  # Eq. 1: (B_n, K)
     n_stage = P.shape[1] - has_stop
     staged = has_stop and t is not None  # stop or go, then a stage branch
+    if lean and not staged:
+        return Choice(P.argmax(-1), None, None, None)
+    if lean:
+        stop = stops(P[:, -1], None, t)  # (B_n,); then the best stage branch, or the only one
+        if n_stage == 1:
+            return Choice(stop.long(), None, None, None)
+        go = logits[:, :n_stage].float().softmax(-1).argmax(-1)
+        return Choice(torch.where(stop, n_stage, go), None, None, None)
     scope = logits[:, :n_stage] if (full or staged) else logits  # the branches that may run
     if gumbel_tau is not None:
         y = F.gumbel_softmax(scope.float(), tau=gumbel_tau)  # (B_n, K') a relaxed sample

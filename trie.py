@@ -161,7 +161,9 @@ class JulietNet(nn.Module):
         leaves = self.route(self.root, x, rows, t, rec)  # pre-order
         idx = torch.cat([leaf.rows.idx for leaf in leaves])  # (B,) batch index of each row
         z = torch.cat([leaf.z for leaf in leaves])  # (B, W) in leaf order
-        logits = self.head(z.new_empty(z.shape).index_copy(0, idx, z))  # (B, classes), batch order
+        if len(leaves) > 1:  # one leaf: the batch was never split, its rows are in batch order
+            z = z.new_empty(z.shape).index_copy(0, idx, z)
+        logits = self.head(z)  # (B, classes), batch order
         out = [logits]
         if return_paths:
             leaf_of = torch.cat([torch.full_like(lf.rows.idx, k) for k, lf in enumerate(leaves)])
@@ -192,11 +194,12 @@ class JulietNet(nn.Module):
         reads_exit = node.has_stop and (rec is not None or self.reads_exit(node))
         exit_logits = self.exit(read) if reads_exit else None  # (B_n, classes)
         seen = None if exit_logits is None else exit_logits.detach()  # routing never bends the exit
-        sigs = self.signatures(node)  # (K_s, S)
+        sigs = self.signatures(node) if hasattr(node.selector, "sig_proj") else None  # (K_s, S)
         logits = node.selector(read, sigs, node.has_stop, seen, rows.prev)  # line 4: (B_n, K)
         gumbel = self.training and self.options["policy"] == "gumbel"
         full = self.training and self.options["train_depth"] == "full"
-        c = decide(logits, node.has_stop, t, self.tau if gumbel else None, full)  # line 5
+        lean = rec is None and rows.gate is None  # inference: only the choice is needed
+        c = decide(logits, node.has_stop, t, self.tau if gumbel else None, full, lean)  # line 5
         rows = rows._replace(prev=rows.prev if seen is None else seen,
                              gate=None if rows.gate is None else straight_through(rows.gate, c.q))
         if rec is not None:
