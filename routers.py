@@ -192,10 +192,10 @@ class ConfidenceSelector(Selector):
         d = self.stop_bias + F.linear(x, self.confidence.weight, self.confidence.bias)  # (B, 1)
         if self.calibrated:
             c = self.calibration
-            if prev_logits is not None:  # calibration_features' reads of the exit before
-                prev = prev_logits.float().softmax(-1).nan_to_num(0.0)  # (B, classes)
+            if prev_logits is not None:  # calibration_features' reads of the exit before (a real
+                prev = prev_logits.float().softmax(-1)  # exit here: no NaN rows), (B, classes)
                 pred = cls[:, :1]  # (B, 1) this exit's class
-                agree = (prev.argmax(-1, keepdim=True) == pred) & (prev.sum(-1, keepdim=True) > 0)
+                agree = prev.argmax(-1, keepdim=True) == pred
                 x = torch.cat([x, agree.float(), prev.gather(1, pred)], 1)  # (B, 5)
             d = c[0] * d + c[-1] + x @ c[1:1 + x.shape[1], None]
         return F.pad(d, (1, 0))  # (B, 2): go on (0), stop (d)
@@ -266,6 +266,25 @@ def decide(logits, has_stop: bool, t: float | None, gumbel_tau=None, full=False,
         if not full:  # the decision runs; its probability is P_stop, or (1 - P_stop) q
             run, q = top1, torch.where(stop, P[:, -1], (1 - P[:, -1]) * q)
     return Choice(run, top1, q, P)
+
+
+def run_sub(sub: nn.Module, x: torch.Tensor, training: bool) -> torch.Tensor:
+    """sub(x), except that a lone training sample (routing makes sub-batches of one) is normalised
+    with BatchNorm's running statistics: batch statistics of one value per channel are undefined."""
+    if not (training and x.shape[0] == 1):
+        return sub(x)
+    norms = [m for m in sub.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    bns = [m.eval() for m in norms if m.training]
+    try:
+        return sub(x)
+    finally:
+        for m in bns:
+            m.train()
+
+
+def grad_scale(x: torch.Tensor, g: float) -> torch.Tensor:
+    """x in the forward pass (exactly), g times its gradient in the backward pass."""
+    return x if g == 1.0 else x.detach() if g == 0.0 else x.detach() + g * (x - x.detach())
 
 
 def straight_through(gate: torch.Tensor, q: torch.Tensor) -> torch.Tensor:

@@ -34,7 +34,7 @@ import torch.nn as nn
 
 import routers
 from grow_prune import split_sides, track_growth, update_alpha
-from routers import STOP, Record, Routed, Rows, decide, partition, straight_through
+from routers import STOP, Record, Routed, Rows, decide, grad_scale, partition, run_sub
 
 POLICIES = ("top1", "gumbel")  # §4.1's deterministic top-1; §5.3's annealed Gumbel
 TRAIN_DEPTHS = ("full", "routed")  # ours: every training sample runs to a leaf; the paper's
@@ -108,8 +108,8 @@ class JulietNet(nn.Module):
     train_depth "full" (ours: training samples run to a leaf whatever they decide) or "routed"
     exit_confidence  stop logits also read the exit's confidence (ours; routers.py)
     stop_rule   "half" (ours: P_stop >= 1/2 stops, else the best stage branch) or "argmax" (Alg. 1)
-    stop_go     how a node whose only choice is stop or go on decides: "confidence" (ours: a logistic
-                read of its exit's confidence, routers.ConfidenceSelector) or "selector" (as any node)
+    stop_go     how a node that only chooses to stop or go on decides: "confidence" (ours: a
+                logistic read of its exit's confidence, routers.ConfidenceSelector) or "selector"
     stage_grad  share of the exits' and selectors' gradient that reaches the stages (ours: 0)
     stop_threshold  the held-out operating point at inference (calibrate.py); None: stop_rule
     init_from   a static model of the same backbone whose weights seed the prebuilt chain
@@ -153,17 +153,18 @@ class JulietNet(nn.Module):
             raise ValueError(f"stop_threshold must be in [0, 1], got {stop_threshold}")
         B = x.shape[0]
         rec = Record([], [], (B, tuple(x.shape[-2:]))) if self.training or return_record else None
-        ones = torch.ones(B, device=x.device)
+        ones = torch.ones(B, device=x.device) if torch.is_grad_enabled() or self.training else None
         rows = Rows(torch.arange(B, device=x.device), ones if torch.is_grad_enabled() else None,
                     ones.bool() if self.training else None, None)
         held_out = None if self.training else self.options["stop_threshold"]  # operating point
         t = next((v for v in (stop_threshold, held_out) if v is not None), self.rule)
         leaves = self.route(self.root, x, rows, t, rec)  # pre-order
-        idx = torch.cat([leaf.rows.idx for leaf in leaves])  # (B,) batch index of each row
-        z = torch.cat([leaf.z for leaf in leaves])  # (B, W) in leaf order
-        if len(leaves) > 1:  # one leaf: the batch was never split, its rows are in batch order
-            z = z.new_empty(z.shape).index_copy(0, idx, z)
-        logits = self.head(z)  # (B, classes), batch order
+        idx, z = leaves[0].rows.idx, leaves[0].z  # one leaf: the batch was never split
+        if len(leaves) > 1:
+            idx = torch.cat([leaf.rows.idx for leaf in leaves])  # (B,) batch index of each row
+            z = torch.cat([leaf.z for leaf in leaves])  # (B, W) in leaf order
+            z = z.new_empty(z.shape).index_copy(0, idx, z)  # batch order
+        logits = self.head(z)  # (B, classes)
         out = [logits]
         if return_paths:
             leaf_of = torch.cat([torch.full_like(lf.rows.idx, k) for k, lf in enumerate(leaves)])
@@ -191,17 +192,19 @@ class JulietNet(nn.Module):
         if len(node.branches) == 1:
             return None, rows
         read = grad_scale(f, self.options["stage_grad"]) if self.training else f  # exits, selector
-        reads_exit = node.has_stop and (rec is not None or self.reads_exit(node))
-        exit_logits = self.exit(read) if reads_exit else None  # (B_n, classes)
+        selector, stop = node.selector, node.has_stop
+        reads = stop and (rec is not None or self.reads_exit(node))
+        exit_logits = self.exit(read) if reads else None  # (B_n, classes)
         seen = None if exit_logits is None else exit_logits.detach()  # routing never bends the exit
-        sigs = self.signatures(node) if hasattr(node.selector, "sig_proj") else None  # (K_s, S)
-        logits = node.selector(read, sigs, node.has_stop, seen, rows.prev)  # line 4: (B_n, K)
+        tokens = not isinstance(selector, routers.ConfidenceSelector)
+        sigs = self.signatures(node) if tokens else None  # (K_s, S)
+        logits = selector(read, sigs, stop, seen, rows.prev)  # line 4: (B_n, K)
         gumbel = self.training and self.options["policy"] == "gumbel"
         full = self.training and self.options["train_depth"] == "full"
         lean = rec is None and rows.gate is None  # inference: only the choice is needed
-        c = decide(logits, node.has_stop, t, self.tau if gumbel else None, full, lean)  # line 5
-        rows = rows._replace(prev=rows.prev if seen is None else seen,
-                             gate=None if rows.gate is None else straight_through(rows.gate, c.q))
+        c = decide(logits, stop, t, self.tau if gumbel else None, full, lean)  # line 5
+        gate = None if rows.gate is None else routers.straight_through(rows.gate, c.q)
+        rows = rows._replace(prev=rows.prev if seen is None else seen, gate=gate)
         if rec is not None:
             rows = self.record(node, c, exit_logits, read, rows, rec)  # line 6, the losses' input
         return c.run, rows
@@ -265,7 +268,7 @@ class JulietNet(nn.Module):
         return self.head(self.adapt(f.mean((2, 3))))
 
     def reads_exit(self, node: TrieNode) -> bool:
-        """Whether `node`'s selector reads its exit: its confidence read, or a held-out calibration."""
+        """Whether `node`'s selector reads its exit: a confidence read or a held-out calibration."""
         return (node.has_stop and len(node.branches) > 1
                 and (node.selector.confidence is not None or node.selector.calibrated))
 
@@ -390,25 +393,3 @@ class JulietNet(nn.Module):
 
 
 FORMAT = "juliet-trie/2"  # /1 named the branches `child`, a stop branch before later stage ones
-
-
-# ----------------------------------------------------------------------------- Alg. 1's helpers
-
-
-def run_sub(sub: nn.Module, x: torch.Tensor, training: bool) -> torch.Tensor:
-    """sub(x), except that a lone training sample (routing makes sub-batches of one) is normalised
-    with BatchNorm's running statistics: batch statistics of one value per channel are undefined."""
-    if not (training and x.shape[0] == 1):
-        return sub(x)
-    norms = [m for m in sub.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
-    bns = [m.eval() for m in norms if m.training]
-    try:
-        return sub(x)
-    finally:
-        for m in bns:
-            m.train()
-
-
-def grad_scale(x: torch.Tensor, g: float) -> torch.Tensor:
-    """x in the forward pass (exactly), g times its gradient in the backward pass."""
-    return x if g == 1.0 else x.detach() if g == 0.0 else x.detach() + g * (x - x.detach())
