@@ -17,13 +17,11 @@ same process. Memory of one step: `step_peak_memory` (the CUDA allocator's peak 
 GPU; on CPU the peak of live tensors from torch.profiler's allocation events).
 """
 
-import collections
 import contextlib
 import copy
 import functools
 import itertools
 import os
-import statistics
 import time
 
 import torch
@@ -33,9 +31,11 @@ import measure
 from backbones import make_backbone, static_model
 from checkpoints import load_run
 from data import run_test_loader
+from deploy import breakdown, format_deployment, latency, spread
 from losses import juliet_loss
+from routers import run_sub
 from runs import UsageError
-from trie import STOP, JulietNet, run_sub
+from trie import STOP, JulietNet
 
 MODES = ("train", "inference")
 
@@ -171,12 +171,6 @@ def step_peak_memory(model, input_size=32, batch=128, train=True, device="cpu", 
 # ----------------------------------------------------------------------------- wall time
 
 
-def _spread(ts):
-    q1, _, q3 = statistics.quantiles(ts, n=4, method="inclusive") if len(ts) > 1 else (ts[0],) * 3
-    return {"median_s": statistics.median(ts), "min_s": min(ts), "max_s": max(ts), "iqr_s": q3 - q1,
-            "n": len(ts)}
-
-
 def _no_early_exit(net):
     """The worst-case routing overhead: every selector runs, but the stop branch gets -inf."""
     def hook(selector, inputs, logits):
@@ -201,7 +195,7 @@ def timed(steps: dict, repeats: int, warmup: int, device) -> dict:
             measure.sync(device)
             if r >= warmup:
                 times[key].append(time.perf_counter() - t0)
-    return {key: _spread(ts) for key, ts in times.items()}
+    return {key: spread(ts) for key, ts in times.items()}
 
 
 def benchmark(backbone_name, input_size=32, batch=128, repeats=15, warmup=3, device="cpu",
@@ -282,98 +276,6 @@ def benchmark(backbone_name, input_size=32, batch=128, repeats=15, warmup=3, dev
     return out
 
 
-@contextlib.contextmanager
-def part_timer(net):
-    """{part: seconds} of `net`'s forward passes while the block runs, each part's own time (what
-    runs nested in it taken out): the stem, each stage depth, the selectors, the exits they read,
-    the leaves (GAP, adapter) and routing (the rest of forward, route and choose: deciding,
-    partitioning, gathering, the head). Wrapped calls synchronise the device."""
-    seconds, inner, patched, device = collections.Counter(), [], [], measure.device_of(net)
-
-    def wrap(owner, name, part):
-        fn = getattr(owner, name)
-
-        def timed(*args, **kwargs):
-            measure.sync(device)
-            t0 = time.perf_counter()
-            inner.append(0.0)
-            try:
-                return fn(*args, **kwargs)
-            finally:
-                measure.sync(device)
-                dt = time.perf_counter() - t0
-                seconds[part] += dt - inner.pop()
-                if inner:
-                    inner[-1] += dt
-        setattr(owner, name, timed)  # an instance attribute: delattr restores the method
-        patched.append((owner, name))
-
-    for node in (n for n in net.nodes() if not n.is_stop):
-        wrap(node.sub, "forward", f"stage {node.depth}" if node.depth else "stem")
-        if node.selector is not None:
-            wrap(node.selector, "forward", "selectors")
-    for name, part in (("exit", "exits"), ("leaf", "leaves"), ("forward", "routing"),
-                       ("route", "routing"), ("choose", "routing")):
-        wrap(net, name, part)
-    try:
-        yield seconds
-    finally:
-        for owner, name in patched:
-            delattr(owner, name)
-
-
-def breakdown(net, batches: list, repeats: int) -> dict:
-    """Where inference time goes, per batch of `batches`: each part measured (part_timer), and the
-    whole passes timed without the timers, interleaved; the fastest of `repeats` of each (load on
-    the machine only adds time), the parts of the fastest timed pass."""
-    passes, device = [], measure.device_of(net)
-
-    def run():
-        measure.sync(device)
-        t0 = time.perf_counter()
-        [net(b) for b in batches]
-        measure.sync(device)
-        return (time.perf_counter() - t0) / len(batches)
-    with measure.evaluating(net), torch.inference_mode():
-        run()  # warm-up
-        for _ in range(repeats):
-            total = run()
-            with part_timer(net) as seconds:
-                passes.append((run(), total, {k: v / len(batches) for k, v in seconds.items()}))
-    order = lambda k: (k != "stem", not k.startswith("stage"), k)  # noqa: E731
-    parts = min(passes, key=lambda p: p[0])[2]
-    parts = {k: parts[k] for k in sorted(parts, key=order)}
-    return {"total_s": min(p[1] for p in passes), "parts_s": parts, "sum_s": sum(parts.values())}
-
-
-def latency(models: dict, net, images, warmup=5) -> dict:
-    """Batch 1, as a deployed model is called: each image through each model in turn (static,
-    chain, juliet, oracle, then the next image), under inference_mode; _spread per model over the
-    images. The oracle runs each image's own path as plain sequential code."""
-    from tqdm import tqdm
-
-    with measure.evaluating(net), torch.inference_mode():
-        _, paths = net(images, return_paths=True)
-    path = [net.path(p.removesuffix("/" + STOP)) for p in paths]
-    oracle = lambda x, i: net.exit(functools.reduce(lambda h, n: n.sub(h), path[i], x))  # noqa
-    fns = {**{k: lambda x, i, m=m: m(x) for k, m in models.items()}, "oracle": oracle}
-    times = {k: [] for k in fns}
-    flags = [measure.evaluating(m) for m in models.values()]
-    with contextlib.ExitStack() as stack, torch.inference_mode():
-        for f in flags:
-            stack.enter_context(f)
-        for i in tqdm(range(-warmup, len(images)), desc="batch 1", leave=False):
-            x = images[max(i, 0)][None]
-            for k, fn in fns.items():
-                measure.sync(x.device)
-                t0 = time.perf_counter()
-                fn(x, max(i, 0))
-                measure.sync(x.device)
-                if i >= 0:
-                    times[k].append(time.perf_counter() - t0)
-    return {k: _spread(ts) for k, ts in times.items()}
-
-
 def format_bench(result) -> str:
     """Table 5 as markdown: median [min-max] (IQR) seconds, and Juliet / static."""
     r, names = result, list(result["models"])
@@ -392,7 +294,7 @@ def format_bench(result) -> str:
     lines = [title, ""] + ["| " + " | ".join(row) + " |" for row in rows]
     if "juliet_over_oracle" not in r["ratios"]:
         return "\n".join(lines)
-    q, m, p = r["ratios"], r["executed_macs"], r["parts"]
+    q, m = r["ratios"], r["executed_macs"]
     lines += ["", "| | train step | inference |", "|---|---|---|"]
     ratio = lambda k, m: f"{q[k][m]:.3f}x" if m in q[k] else "n/a (batch 1)"
     lines += [f"| {label} | {ratio(k, 'train')} | {ratio(k, 'inference')} |"
@@ -400,26 +302,7 @@ def format_bench(result) -> str:
                                ("juliet_run", "juliet / static"), ("oracle", "oracle / static"))]
     lines.append(f"| executed MACs, juliet / static | | {m['juliet_run'] / m['static']:.3f}x "
                  f"({m['juliet_run'] / 1e6:.2f} M / {m['static'] / 1e6:.2f} M) |")
-    lat, n1 = r["latency"], r["latency"]["static"]["n"]
-    lines += ["", f"batch 1 (deployment): median ms per image over {n1} test images, "
-              "inference_mode, interleaved", "",
-              "| model | ms | / static | executed MACs / static |", "|---|---|---|---|"]
-    macs = {"juliet_run": f"{m['juliet_run_batch1'] / m['static']:.3f}x", "oracle": "the same"}
-    for k, v in lat.items():
-        lines.append(f"| {labels[k]} | {1e3 * v['median_s']:.3f} | "
-                     f"{r['latency_ratios'][k]:.3f}x | {macs.get(k, '1.000x')} |")
-    over = lat["juliet_run"]["median_s"] / lat["oracle"]["median_s"]
-    lines.append(f"| juliet / oracle (routing overhead) | | {over:.3f}x | |")
-    heads = [f"batch {b}: ms, share" for b in p]
-    lines += ["", "where the trained trie's inference time goes (each part timed, nested out):",
-              "", "| part | " + " | ".join(heads) + " |", "|---" * (1 + len(p)) + "|"]
-    for part in dict.fromkeys(k for v in p.values() for k in v["parts_s"]):
-        lines.append(f"| {part} | " + " | ".join(
-            f"{1e3 * v['parts_s'].get(part, 0):.3f} ({v['parts_s'].get(part, 0) / v['sum_s']:.0%})"
-            for v in p.values()) + " |")
-    lines.append("| sum of parts / total timed without timers | " + " | ".join(
-        f"{1e3 * v['sum_s']:.3f} / {1e3 * v['total_s']:.3f}" for v in p.values()) + " |")
-    return "\n".join(lines)
+    return "\n".join([*lines, "", format_deployment(r, labels)])
 
 
 def bench_cells(r, n, key) -> list[str]:
