@@ -6,6 +6,7 @@ import hashlib
 import math
 import os
 import pickle
+import statistics
 import subprocess
 import sys
 
@@ -97,6 +98,8 @@ def test_one_epoch_writes_the_run_directory(tmp_path, backbone="resnet18"):
     epoch = read_json(out / "epoch_1.json")
     assert all(k in epoch for k in EPOCH_KEYS + JULIET_EPOCH_KEYS), set(EPOCH_KEYS + JULIET_EPOCH_KEYS) - set(epoch)
     assert all(k in final for k in FINAL_KEYS)
+    times = [read_json(out / f"epoch_{e}.json")["time_train_s"] for e in range(1, final["epochs"] + 1)]
+    assert final["time_train_epoch_s"] == statistics.median(times)  # training wall time per epoch
     assert epoch["n_nodes"] > len(make_backbone(backbone).stages)  # stop children, plus growth at threshold 0
     assert any(e["kind"] == "grow" for e in epoch["events"])
     assert math.isnan(epoch["energy_train_j"]) and epoch["energy_train_status"]  # no NVML on CPU: NaN + reason

@@ -11,16 +11,17 @@ static backbone.
 Every epoch (`fit`): train_one_epoch (growth, Alg. 2, every --grow-every mini-batches), evaluate on
 the 10% validation split, end_epoch (the pruning sweep, Alg. 3, every --prune-every epochs),
 ReduceLROnPlateau on the validation loss, one log line, epoch_<k>.json and checkpoint.pt. At the
-end: the kept model (`keep_and_calibrate`), the test set, final.json and the plots. The run
-directory (runs.py) is never overwritten, and bad input fails with one line before any file is
-made. FLOPs are reported two ways (README "Results on real images"): `*_paper_convention_macs` is
-THOP on one dummy input, `*_executed_macs*` what the routed samples ran.
+end: the kept model (`keep_and_calibrate`), the test set, final.json (and its median training wall
+time per epoch) and the plots. Run directories are never overwritten; bad input fails in one line
+before any file is made. FLOPs two ways (README "Results on real images"): paper convention (THOP,
+one dummy input) and executed (what the routed samples ran).
 """
 
 import contextlib
 import os
 import time
 from collections import Counter
+from statistics import median
 
 import torch
 import torch.nn.functional as F
@@ -268,6 +269,8 @@ def final_eval(model, test_loader, args, progress: dict) -> dict:
     final |= {"flops_paper_convention_macs": macs, "params": measure.total_params(model),
               "epochs": progress["epoch"], "best_val_top1": progress["best_val_top1"],
               "train_size": progress["train_size"]}
+    hist = progress["history"]  # the median training wall time of an epoch:
+    final["time_train_epoch_s"] = median(h["time_train_s"] for h in hist) if hist else None
     # training MACs per epoch (§5.1's 3 x forward): the static backbone's beside Juliet's executed
     # ones, which in full-depth training run exits and selectors on top of every stage
     juliet = isinstance(model, JulietNet)
@@ -276,9 +279,8 @@ def final_eval(model, test_loader, args, progress: dict) -> dict:
     final["train_flops_epoch_static_macs"] = 3 * static * progress["train_size"]
     if not juliet:  # a static model executes everything for every sample
         return final | {"test_executed_macs_per_sample": macs}
-    if progress["history"]:
-        final["train_flops_epoch_executed_macs"] = \
-            progress["history"][-1]["train_flops_epoch_executed_macs"]
+    if hist:
+        final["train_flops_epoch_executed_macs"] = hist[-1]["train_flops_epoch_executed_macs"]
     exp = measure.expected_macs(model, res["test_leaf_counts"], args.input_size)
     final |= {"test_paths": exp["paths"],
               "executed_params": measure.executed_params(model, res["test_leaf_counts"])}
