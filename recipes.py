@@ -58,10 +58,10 @@ TABLE3 = TABLE2 | dict(dataset="imagenet", backbone="resnet101", input_size=224,
 PROTOCOLS = {"cifar": TABLE2, "imagenet": TABLE3}
 RECIPES = {
     "ours": {},
-    "paper": dict(train_depth="routed", exit_confidence=False, stop_rule="argmax", stop_go="selector",
-                  stage_grad=1.0, exit_weight=0.0, route_weight=0.0, split_weight=0.0, grow_prune="both",
-                  grow_statistic="sigma2", usage_horizon=0.0, prune_kept=False, calibrate=False,
-                  keep="last", holdout=0),
+    "paper": dict(train_depth="routed", exit_confidence=False, stop_rule="argmax",
+                  stop_go="selector", stage_grad=1.0, exit_weight=0.0, route_weight=0.0,
+                  split_weight=0.0, grow_prune="both", grow_statistic="sigma2", usage_horizon=0.0,
+                  prune_kept=False, calibrate=False, keep="last", holdout=0),
 }
 
 

@@ -43,7 +43,7 @@ train_cifar.main(train_cifar.parse_args(sys.argv[1:]))
 """
 ARGS = ["--grow-prune", "both", "--dataset", "synthetic", "--set", "synthetic_size=200", "--batch-size", "16",
         "--workers", "0", "--quiet", "--threads", "1", "--selector", "mlp", "--grow-every", "2", "--theta-grow",
-        "0", "--prune-every", "2", "--t-min", "1", "--seed", "3",
+        "0", "--prune-every", "2", "--t-min", "1", "--seed", "3", "--set", "stop_go=selector",
         "--set", "limit_batches=4"]  # 4 steps an epoch; grow at even steps. The default statistic and sibling
 
 

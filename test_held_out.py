@@ -64,7 +64,8 @@ def test_no_decision_reads_the_test_set(tmp_path, protocol):
     epoch, pruned nodes, calibration, operating point and kept model, bit for bit."""
     test_part = "test" if protocol == "cifar" else "val"
     script = train_cifar if protocol == "cifar" else train_imagenet
-    extra = ["--dataset", "imagefolder"] if protocol == "cifar" else ["--set", "holdout=12", "--lr", "0.01", "--prebuild", "5"]
+    extra = ["--dataset", "imagefolder"] if protocol == "cifar" else ["--set", "holdout=12", "--lr", "0.01", "--prebuild", "5",
+                                                                      "--set", "stop_go=selector"]  # so that it prunes
     finals = []
     for name in ("real", "scrambled"):
         root = write_folder(tmp_path / name, {"train": 16, test_part: 6}, seed=0)
