@@ -13,7 +13,8 @@ import recipes
 from backbones import make_backbone
 from conftest import grown_trie, routed_trie, varied_batch
 from losses import exits_of, route_loss
-from routers import ConfidenceSelector, TransformerSelector, confidence_features, decide, stops
+from routers import (ConfidenceSelector, Selector, TransformerSelector, confidence_features, decide,
+                     stops)
 from trie import STOP, JulietNet
 
 
@@ -236,3 +237,23 @@ def test_a_stop_or_go_node_decides_on_its_exits_confidence_and_a_grown_one_by_it
     assert isinstance(net.root.selector, ConfidenceSelector) and net.root.selector.stop_bias == 0.3
     paper = recipes.defaults(recipe="paper")["stop_go"]
     assert isinstance(JulietNet(r18, stop_go=paper).root.selector, TransformerSelector)
+
+
+def test_the_confidence_rule_is_the_generic_selector_arithmetic_on_go_and_stop_logits():
+    """ConfidenceSelector.forward computes, in one pass, what Selector.forward computes from the logits
+    [0, 0] (go on, stop): the stop offset and confidence read, then the calibration with the previous exit."""
+    torch.manual_seed(0)
+    sel = ConfidenceSelector(64, 0)
+    with torch.no_grad():
+        sel.confidence.weight.copy_(torch.tensor([[2.0, -1.0, 0.5]]))
+        sel.confidence.bias.fill_(-0.3)
+        sel.stop_bias.fill_(0.2)
+    f, exit_logits, prev = torch.randn(6, 64, 8, 8), 3 * torch.randn(6, 10), 3 * torch.randn(6, 10)
+    generic = lambda *a: Selector.forward(sel, *a)  # noqa: E731
+    sel.logits = lambda f, sig, stop: f.new_zeros(len(f), 2)  # the generic path's stage and stop logits
+    for calibration in (None, torch.tensor([1.1, 0.1, 0.2, 0.3, 0.4, 0.5, -0.1])):
+        if calibration is not None:
+            sel.set_calibration(calibration)
+        for p in (None, prev):
+            torch.testing.assert_close(ConfidenceSelector.forward(sel, f, None, True, exit_logits, p),
+                                       generic(f, None, True, exit_logits, p), rtol=0, atol=1e-6)
