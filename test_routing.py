@@ -13,8 +13,14 @@ import recipes
 from backbones import make_backbone
 from conftest import grown_trie, routed_trie, varied_batch
 from losses import exits_of, route_loss
-from routers import (ConfidenceSelector, Selector, TransformerSelector, confidence_features, decide,
-                     stops)
+from routers import (
+    ConfidenceSelector,
+    Selector,
+    TransformerSelector,
+    confidence_features,
+    decide,
+    stops,
+)
 from trie import STOP, JulietNet
 
 
