@@ -280,7 +280,8 @@ def format_bench(result) -> str:
     """Table 5 as markdown: median [min-max] (IQR) seconds, and Juliet / static."""
     r, names = result, list(result["models"])
     labels = {"static": "static", "juliet_chain": "Juliet chain (all selectors, no early exit)",
-              "juliet_run": "Juliet (trained run)", "oracle": "oracle (its paths, no routing)"}
+              "juliet_run": "Juliet (trained run)", "oracle": "oracle (its paths, no routing)",
+              "oracle_exits": "oracle and the exits its decisions read"}
     rows = [["metric", "static"] + [h for n in names[1:] for h in (labels[n], "ratio")]]
     rows.append(["---"] * len(rows[0]))
     for key, label in (("train", "train step (s)"), ("inference", "inference batch (s)"),

@@ -3,6 +3,7 @@ the static model and the oracle, and where inference time goes, part by part. `p
 --run RUN` reports both (bench.benchmark).
 
     latency({"static": static, "juliet_run": net}, net, images)  # median per image, interleaved
+    oracles(net, images)  # its paths without routing; and with the exits its decisions read
     breakdown(net, [x], repeats=5)  # {"parts_s": {"stem": s, "stage 1": s, ..., "routing": s}, ...}
 
 Every part is timed on its own (`part_timer` wraps the stages, selectors, exits, leaves and the
@@ -96,17 +97,32 @@ def breakdown(net, batches: list, repeats: int) -> dict:
             "sum_s": sum(parts.values())}
 
 
-def latency(models: dict, net, images, warmup=5) -> dict:
-    """Batch 1, as a deployed model is called: each image through each model in turn (static,
-    chain, juliet, oracle, then the next image), under inference_mode; _spread per model over the
-    images. The oracle runs each image's own path as plain sequential code."""
-    from tqdm import tqdm
-
+def oracles(net, images) -> dict:
+    """Per image i of `images`, fn(x, i): "oracle" runs the image's own path (as the trained trie
+    routes it) as plain sequential code; "oracle_exits" also computes the exit at each node whose
+    decision reads one: the floor of any rule that reads exits (juliet's time above it is the
+    rule's own arithmetic and routing). Both return the trie's logits."""
     with measure.evaluating(net), torch.inference_mode():
         _, paths = net(images, return_paths=True)
     path = [net.path(p.removesuffix("/" + STOP)) for p in paths]
+
+    def oracle_exits(x, i):
+        for n in path[i][:-1]:
+            x = n.sub(x)
+            if net.reads_exit(n):
+                net.exit(x)
+        return net.exit(path[i][-1].sub(x))
     oracle = lambda x, i: net.exit(functools.reduce(lambda h, n: n.sub(h), path[i], x))  # noqa
-    fns = {**{k: lambda x, i, m=m: m(x) for k, m in models.items()}, "oracle": oracle}
+    return {"oracle": oracle, "oracle_exits": oracle_exits}
+
+
+def latency(models: dict, net, images, warmup=5) -> dict:
+    """Batch 1, as a deployed model is called: each image through each model in turn (static,
+    chain, juliet, then the oracles, then the next image), under inference_mode; spread per model
+    over the images."""
+    from tqdm import tqdm
+
+    fns = {**{k: lambda x, i, m=m: m(x) for k, m in models.items()}, **oracles(net, images)}
     times = {k: [] for k in fns}
     flags = [measure.evaluating(m) for m in models.values()]
     with contextlib.ExitStack() as stack, torch.inference_mode():
@@ -131,13 +147,16 @@ def format_deployment(r, labels: dict) -> str:
               "inference_mode, interleaved", "",
               "| model | median ms (mean) | / static: median (mean) | executed MACs / static |",
               "|---|---|---|---|"]
-    macs = {"juliet_run": f"{m['juliet_run_batch1'] / m['static']:.3f}x", "oracle": "the same"}
+    macs = {"juliet_run": f"{m['juliet_run_batch1'] / m['static']:.3f}x", "oracle": "the same",
+            "oracle_exits": "the same, and exits"}
     for k, v in lat.items():
         mean = v["mean_s"] / lat["static"]["mean_s"]
         lines.append(f"| {labels[k]} | {1e3 * v['median_s']:.3f} ({1e3 * v['mean_s']:.3f}) | "
                      f"{r['latency_ratios'][k]:.3f}x ({mean:.3f}x) | {macs.get(k, '1.000x')} |")
-    over = [lat["juliet_run"][s] / lat["oracle"][s] for s in ("median_s", "mean_s")]
-    lines.append(f"| juliet / oracle (routing overhead) | | {over[0]:.3f}x ({over[1]:.3f}x) | |")
+    for base, label in (("oracle", "oracle (routing overhead)"),
+                        ("oracle_exits", "oracle and exits (the rule and routing)")):
+        over = [lat["juliet_run"][s] / lat[base][s] for s in ("median_s", "mean_s")]
+        lines.append(f"| juliet / {label} | | {over[0]:.3f}x ({over[1]:.3f}x) | |")
     heads = [f"batch {b}: ms, share" for b in p]
     lines += ["", "where the trained trie's inference time goes (each part timed, nested out):",
               "", "| part | " + " | ".join(heads) + " |", "|---" * (1 + len(p)) + "|"]

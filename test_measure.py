@@ -1,5 +1,6 @@
 """Measurement: FLOPs both ways (measure.py), memory and wall time (bench.py), energy (energy.py), and the profile.py CLI."""
 
+import collections
 import copy
 import json
 import math
@@ -13,6 +14,7 @@ import torch
 import bench
 import checkpoints
 import data
+import deploy
 import energy
 import measure
 import profile as prof  # Juliet's profile.py, first on sys.path
@@ -20,7 +22,7 @@ import train_cifar
 from backbones import make_backbone, static_model
 from conftest import REPO, cifar_args, read_json, routed_trie, varied_batch
 from routers import make_selector
-from trie import JulietNet
+from trie import STOP, JulietNet
 
 assert hasattr(prof, "profile_run"), "the stdlib profile module shadowed Juliet's profile.py"
 
@@ -210,6 +212,30 @@ def test_the_oracle_runs_each_leafs_samples_down_its_path_and_agrees_with_the_tr
     assert opt.state  # it trained
 
 
+def test_the_batch1_oracles_give_the_tries_logits_and_the_floor_reads_each_exit_its_rule_does(routed):
+    """deploy.oracles: per image, its own path; "oracle_exits" also computes every exit the
+    decisions on that path read (the floor of the batch-1 table), and nothing else."""
+    net, x, paths = routed
+    fns = deploy.oracles(net, x)
+    with torch.no_grad():
+        logits, record = net(x, return_record=True)
+    read = collections.Counter(int(i) for r in record.routed if r.exit is not None for i in r.idx)
+    calls = []
+    net.exit = lambda f: calls.append(len(f)) or JulietNet.exit(net, f)
+    try:
+        with torch.inference_mode():
+            for i in range(len(x)):
+                for name, fn in fns.items():
+                    calls.clear()
+                    torch.testing.assert_close(fn(x[i:i + 1], i)[0], logits[i], rtol=0, atol=1e-5)
+                    stopped = paths[i].endswith("/" + STOP)
+                    want = 1 if name == "oracle" else read[i] + (not stopped)
+                    assert len(calls) == want, (name, paths[i], calls)
+    finally:
+        del net.exit
+    assert sum(read.values()) > len(x)  # decisions that read exits, on most paths more than one
+
+
 def test_no_early_exit_sends_everyone_to_full_depth():
     torch.manual_seed(0)
     net = bench._no_early_exit(JulietNet(make_backbone("resnet18"), selector="mlp")).eval()
@@ -346,6 +372,7 @@ def test_profile_of_a_finished_run_and_table4(tmp_path, capsys):
     assert set(one["models"]["juliet_run"]) == {"inference"} and "n/a (batch 1)" in bench.format_bench(one)
     r = bench.benchmark("resnet18", batch=8, repeats=1, warmup=1, run_dir=str(juliet), images=3)
     assert set(r["models"]) == {"static", "juliet_chain", "juliet_run", "oracle"}
+    assert set(r["latency"]) == {"static", "juliet_chain", "juliet_run", "oracle", "oracle_exits"}
     q = r["ratios"]
     ratio = q["juliet_run"]["inference"] / q["oracle"]["inference"]
     assert q["juliet_over_oracle"]["inference"] == pytest.approx(ratio)
