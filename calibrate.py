@@ -18,10 +18,13 @@ across nodes. Everything is fitted on an exit table (exits.py) of held-out data.
     calibrate_net(net, val_loader, device, stop_tolerance=0.5)  # {"calibration", ...}
 """
 
+import collections
+
 import torch
 import torch.nn.functional as F
+from tqdm import tqdm
 
-from exits import exit_table, juliet_exits, knob, score
+from exits import collapse_message, exit_table, juliet_exits, knob, leaf_ids, score
 from routers import IDENTITY
 
 
@@ -98,7 +101,8 @@ def operating_point(table: dict, tolerance: float) -> dict:
 
 def calibrate_net(net, val_loader, device, stop_tolerance: float, input_size=32, quiet=False):
     """A trained trie's held-out stop policy, on the validation set: fit every stop decision
-    (`calibrate`), then set the operating point (`operating_point`). Returns what was chosen."""
+    (`calibrate`), then set the operating point (`operating_point`); warn if validation's routing
+    there has collapsed onto one leaf. Returns what was chosen."""
     for node in net.nodes():
         if node.selector is not None:
             node.selector.set_calibration(IDENTITY)
@@ -109,5 +113,10 @@ def calibrate_net(net, val_loader, device, stop_tolerance: float, input_size=32,
     table = exit_table(net, val_loader, device, input_size, quiet=quiet)
     point = operating_point(table, stop_tolerance)
     net.set_operating_point(point["t"])
+    leaves = collections.Counter(leaf_ids(table, juliet_exits(table, point["t"])))
+    collapsed = collapse_message(leaves, len(net.leaves()))  # training's untuned rule: not warned
+    if collapsed:
+        tqdm.write(f"warning: at the operating point calibrated on validation, {collapsed}")
     return {"calibration": {k: [round(float(c), 4) for c in v] for k, v in fits.items()},
-            "val_operating_point": point, "stop_tolerance": stop_tolerance}
+            "val_operating_point": point, "stop_tolerance": stop_tolerance,
+            "routing_collapsed": collapsed is not None}

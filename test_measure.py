@@ -331,6 +331,9 @@ def test_profile_of_a_finished_run_and_table4(tmp_path, capsys):
     juliet, static = tmp_path / "juliet", tmp_path / "static"
     final = train_cifar.main(cifar_args(juliet, *common, "--stop-tolerance", "100"))  # stops early
     train_cifar.main(cifar_args(static, *common, "--static"))
+    said, collapsed = capsys.readouterr().out, final["evaluated_checkpoint"]["routing_collapsed"]
+    assert "warning: epoch" not in said  # the untuned rule's routing is not the run's: --calibrate
+    assert ("at the operating point calibrated on validation, routing has collapsed" in said) == collapsed
 
     p = prof.profile_run(str(juliet))
     # the run's executed MACs, against each test image alone through the kept model under THOP

@@ -232,7 +232,7 @@ def fit(model, loaders, args, progress: dict, state: dict, on_epoch=None) -> Non
 def end_of_epoch(model, args, log: dict, progress: dict, opt) -> dict:
     """A trie's epoch end: a collapse warning, and Alg. 3's ageing and sweep."""
     warning = exits.collapse_message(log["val_leaf_counts"], len(model.leaves()))
-    if warning:
+    if warning and not args.calibrate:  # else the stop rule is untuned: calibrate_net warns
         tqdm.write(f"warning: epoch {progress['epoch']}: {warning}")
     pruned = end_epoch(model, grow_prune_config(args), progress["epoch"], progress["step"], opt)
     if pruned:
