@@ -48,8 +48,8 @@ IDENTITY = torch.tensor([1.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0])  # [a, w_1..w_5, b]
 def confidence_features(exit_logits: torch.Tensor) -> torch.Tensor:
     """(B, classes) -> (B, 3): an exit's max softmax, top-2 margin and entropy / log(classes)."""
     p = exit_logits.float().softmax(-1)  # (B, classes)
-    top2 = p.topk(min(2, p.shape[1]), dim=-1).values  # (B, 2)
-    entropy = -(p * p.clamp_min(1e-12).log()).sum(-1) / math.log(max(2, p.shape[1]))  # (B,)
+    top2 = p.topk(min(2, p.shape[1]), dim=-1).values  # (B, 2); one class: (B, 1)
+    entropy = torch.special.entr(p).sum(-1) / math.log(max(2, p.shape[1]))  # (B,)
     return torch.stack([top2[:, 0], top2[:, 0] - top2[:, -1], entropy], -1)
 
 
@@ -178,26 +178,19 @@ class ConfidenceSelector(Selector):
     sigmoid(b + w . confidence_features(exit)), a learned confidence exit (Shallow-Deep Networks),
     with no transformer to pay per call; calibrated, its stop log-odds d' = a d + w' .
     calibration_features + b' as any selector's. The same arithmetic as `Selector.forward` on the
-    logits [0, d], in a few ops: a decision per node is what batch-1 latency pays for."""
+    logits [0, d], without the generic path's ops: a decision per node is what batch-1 latency
+    pays for."""
 
     def __init__(self, channels, sig_dim, d_model=64, n_head=4, exit_confidence=True):
         super().__init__(channels, 0, d_model, exit_confidence=True)
-        self.register_buffer("margin", torch.tensor([[1.0, 1.0], [0.0, -1.0]]), persistent=False)
 
     def forward(self, f, signatures, stop: bool, exit_logits=None, prev_logits=None):
-        p = exit_logits.float().softmax(-1)  # (B, classes)
-        top, cls = p.topk(2, -1)  # (B, 2)
-        entropy = torch.special.entr(p).sum(-1, keepdim=True) / math.log(p.shape[1])  # (B, 1)
-        x = torch.cat([top @ self.margin, entropy], 1)  # (B, 3) confidence_features
-        d = self.stop_bias + F.linear(x, self.confidence.weight, self.confidence.bias)  # (B, 1)
+        x = confidence_features(exit_logits)  # (B, 3)
+        d = self.stop_bias + self.confidence(x)  # (B, 1) the stop log-odds
         if self.calibrated:
-            c = self.calibration
-            if prev_logits is not None:  # calibration_features' reads of the exit before (a real
-                prev = prev_logits.float().softmax(-1)  # exit here: no NaN rows), (B, classes)
-                pred = cls[:, :1]  # (B, 1) this exit's class
-                agree = prev.argmax(-1, keepdim=True) == pred
-                x = torch.cat([x, agree.float(), prev.gather(1, pred)], 1)  # (B, 5)
-            d = c[0] * d + c[-1] + x @ c[1:1 + x.shape[1], None]
+            c = self.calibration  # [a, w_1..w_5, b]
+            x = calibration_features(exit_logits, prev_logits, x)  # (B, 5)
+            d = c[0] * d + c[-1] + x @ c[1:-1, None]
         return F.pad(d, (1, 0))  # (B, 2): go on (0), stop (d)
 
 

@@ -14,6 +14,7 @@ from backbones import make_backbone
 from conftest import grown_trie, routed_trie, varied_batch
 from losses import exits_of, route_loss
 from routers import (
+    STOP_GO,
     ConfidenceSelector,
     Selector,
     TransformerSelector,
@@ -263,3 +264,16 @@ def test_the_confidence_rule_is_the_generic_selector_arithmetic_on_go_and_stop_l
         for p in (None, prev):
             torch.testing.assert_close(ConfidenceSelector.forward(sel, f, None, True, exit_logits, p),
                                        generic(f, None, True, exit_logits, p), rtol=0, atol=1e-6)
+
+
+def test_a_one_class_trie_trains_and_infers_with_either_stop_decision():
+    """One class (the data loader warns, and training goes on): the confidence features of a
+    one-logit exit are defined (max softmax 1, margin 0, entropy 0), so every stop decision runs."""
+    torch.manual_seed(0)
+    x = varied_batch(8, torch.Generator().manual_seed(3))
+    for stop_go in STOP_GO:
+        net = JulietNet(make_backbone("resnet18", num_classes=1), selector="mlp", stop_go=stop_go)
+        logits, record = net.train()(x, return_record=True)
+        assert logits.shape == (8, 1) and all(torch.isfinite(r.P).all() for r in record.routed)
+        with torch.no_grad():
+            assert net.eval()(x).shape == (8, 1)
