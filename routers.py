@@ -45,27 +45,27 @@ STOP_RULES = {"half": 0.5, "argmax": None}  # stop rule -> the threshold it is (
 IDENTITY = torch.tensor([1.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0])  # [a, w_1..w_5, b]: no calibration
 
 
-def confidence_features(exit_logits: torch.Tensor) -> torch.Tensor:
-    """(B, classes) -> (B, 3): an exit's max softmax, top-2 margin and entropy / log(classes)."""
+def confidence_features(exit_logits: torch.Tensor, prev_logits: torch.Tensor | None = None):
+    """(B, 3): an exit's max softmax, top-2 margin and entropy / log(classes). Given the exit before
+    it on the path, `prev_logits` (NaN rows: none), (B, 5): also whether that one predicted the same
+    class, and its probability of this exit's class (0 where there is none; consecutive exits that
+    agree are rarely wrong together, PABEE's "patience")."""
     p = exit_logits.float().softmax(-1)  # (B, classes)
     top2 = p.topk(min(2, p.shape[1]), dim=-1).values  # (B, 2); one class: (B, 1)
-    entropy = torch.special.entr(p).sum(-1) / math.log(max(2, p.shape[1]))  # (B,)
-    return torch.stack([top2[:, 0], top2[:, 0] - top2[:, -1], entropy], -1)
+    entropy = torch.special.entr(p).sum(-1, keepdim=True) / math.log(max(2, p.shape[1]))  # (B, 1)
+    x = [top2[:, :1], top2[:, :1] - top2[:, -1:], entropy]
+    if prev_logits is not None:
+        pred = p.argmax(-1, keepdim=True)  # (B, 1)
+        prev = prev_logits.float().softmax(-1).nan_to_num(0.0)  # (B, classes)
+        agree = (prev.argmax(-1, keepdim=True) == pred) & (prev.sum(-1, keepdim=True) > 0)  # (B, 1)
+        x += [agree.float(), prev.gather(1, pred)]
+    return torch.cat(x, 1)
 
 
-def calibration_features(exit_logits: torch.Tensor, prev_logits: torch.Tensor | None = None,
-                         conf: torch.Tensor | None = None):
-    """(B, 5): confidence_features (`conf`, if computed already) and two reads of the exit before it
-    on the path (0 where there is none): whether it predicted the same class, and its probability
-    of this exit's class (consecutive exits that agree are rarely wrong together; PABEE's
-    "patience")."""
-    conf = confidence_features(exit_logits) if conf is None else conf  # (B, 3)
-    if prev_logits is None:
-        return torch.cat([conf, conf.new_zeros(len(conf), 2)], 1)
-    pred = exit_logits.argmax(-1, keepdim=True)  # (B, 1)
-    prev = prev_logits.float().softmax(-1).nan_to_num(0.0)  # (B, classes); NaN rows: no exit
-    agree = (prev.argmax(-1, keepdim=True) == pred) & (prev.sum(-1, keepdim=True) > 0)  # (B, 1)
-    return torch.cat([conf, agree.float(), prev.gather(1, pred)], 1)
+def calibration_features(exit_logits: torch.Tensor, prev_logits: torch.Tensor | None = None):
+    """(B, 5): confidence_features with the exit before it (0 where there is none: the root)."""
+    x = confidence_features(exit_logits, prev_logits)
+    return x if prev_logits is not None else F.pad(x, (0, 2))
 
 
 # ----------------------------------------------------------------------------- selectors
@@ -101,22 +101,27 @@ class Selector(nn.Module):
         logits = self.logits(f, signatures, stop)  # (B, K)
         if not stop:
             return logits
-        conf = None if exit_logits is None else confidence_features(exit_logits)  # (B, 3)
+        prev = prev_logits if self.calibrated else None  # only the calibration reads it
+        x = None if exit_logits is None else confidence_features(exit_logits, prev)  # (B, 3 or 5)
         offset = self.stop_bias  # the stop branch is last
-        if self.confidence is not None and conf is not None:
-            offset = offset + self.confidence(conf).to(logits.dtype)  # (B, 1)
+        if self.confidence is not None and x is not None:
+            offset = offset + self.confidence(x[:, :3]).to(logits.dtype)  # (B, 1)
         logits = torch.cat([logits[:, :-1], logits[:, -1:] + offset], 1)
-        return self.calibrate(logits, exit_logits, prev_logits, conf) if self.calibrated else logits
+        return self.calibrate(logits, x) if self.calibrated else logits
 
-    def calibrate(self, logits, exit_logits, prev_logits=None, conf=None) -> torch.Tensor:
-        """P_stop replaced by sigmoid(d'), d' = a d + w . calibration_features + b, d its log-odds
-        (the stop logit minus the stage logits' logsumexp); stage branches keep their odds."""
-        a, w, b = self.calibration[0], self.calibration[1:-1], self.calibration[-1]
-        go = logits[:, :-1].float().logsumexp(-1)  # (B,)
-        d = a * (logits[:, -1].float() - go) + b
-        if exit_logits is not None:
-            d = d + calibration_features(exit_logits, prev_logits, conf) @ w
-        return torch.cat([logits[:, :-1], (d + go)[:, None].to(logits.dtype)], 1)
+    def calibrate(self, logits, x: torch.Tensor | None = None) -> torch.Tensor:
+        """P_stop replaced by sigmoid(d'), d' = `refit`(d, x), d its log-odds (the stop logit minus
+        the stage logits' logsumexp) and x the exit's confidence_features (None: no exit read);
+        stage branches keep their odds."""
+        go = logits[:, :-1].float().logsumexp(-1, keepdim=True)  # (B, 1)
+        d = self.refit(logits[:, -1:].float() - go, x)
+        return torch.cat([logits[:, :-1], (d + go).to(logits.dtype)], 1)
+
+    def refit(self, d: torch.Tensor, x: torch.Tensor | None = None) -> torch.Tensor:
+        """The calibrated stop log-odds d' = a d + w . x + b, (B, 1), from d (B, 1) and the
+        features x (B, 3 or 5: the two reads of an earlier exit are 0 where there is none)."""
+        dx = d if x is None else torch.cat([d, x], 1)  # (B, 1 + F)
+        return F.linear(dx, self.calibration[None, :dx.shape[1]], self.calibration[-1:])
 
     def branch_tokens(self, signatures: torch.Tensor, stop: bool) -> torch.Tensor:
         tokens = self.sig_proj(signatures)  # (K_s, d)
@@ -185,12 +190,12 @@ class ConfidenceSelector(Selector):
         super().__init__(channels, 0, d_model, exit_confidence=True)
 
     def forward(self, f, signatures, stop: bool, exit_logits=None, prev_logits=None):
-        x = confidence_features(exit_logits)  # (B, 3)
-        d = self.stop_bias + self.confidence(x)  # (B, 1) the stop log-odds
+        prev = prev_logits if self.calibrated else None  # only the calibration reads it
+        x = confidence_features(exit_logits, prev)  # (B, 3), calibrated after the root (B, 5)
+        b = self.confidence.bias + self.stop_bias
+        d = F.linear(x[:, :3], self.confidence.weight, b)  # (B, 1) the stop log-odds
         if self.calibrated:
-            c = self.calibration  # [a, w_1..w_5, b]
-            x = calibration_features(exit_logits, prev_logits, x)  # (B, 5)
-            d = c[0] * d + c[-1] + x @ c[1:-1, None]
+            d = self.refit(d, x)
         return F.pad(d, (1, 0))  # (B, 2): go on (0), stop (d)
 
 
