@@ -212,6 +212,18 @@ def test_the_oracle_runs_each_leafs_samples_down_its_path_and_agrees_with_the_tr
     assert opt.state  # it trained
 
 
+def test_the_batch1_latency_times_each_model_on_a_block_of_images_in_turn(routed):
+    """deploy.latency: a warm-up, then `block` consecutive images through one model before the
+    next, so no model runs right after another with its weights (the oracle before the floor)."""
+    net, x, _ = routed
+    calls, models = [], {k: torch.nn.Identity() for k in ("a", "b")}
+    for k, m in models.items():
+        m.register_forward_pre_hook(lambda m, args, k=k: calls.append(k))
+    r = deploy.latency(models, net, x[:5], warmup=1, block=2)
+    assert calls == ["a", "b"] + ["a", "a", "b", "b"] * 2 + ["a", "b"]
+    assert {k: v["n"] for k, v in r.items()} == dict.fromkeys(("a", "b", "oracle", "oracle_exits"), 5)
+
+
 def test_the_batch1_oracles_give_the_tries_logits_and_the_floor_reads_each_exit_its_rule_does(routed):
     """deploy.oracles: per image, its own path; "oracle_exits" also computes every exit the
     decisions on that path read (the floor of the batch-1 table), and nothing else."""
