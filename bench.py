@@ -31,7 +31,7 @@ import measure
 from backbones import make_backbone, static_model
 from checkpoints import load_run
 from data import run_test_loader
-from deploy import breakdown, format_deployment, latency, spread
+from deploy import breakdown, fold_exits, format_deployment, latency, spread
 from losses import juliet_loss
 from routers import run_sub
 from runs import UsageError
@@ -203,6 +203,7 @@ def benchmark(backbone_name, input_size=32, batch=128, repeats=15, warmup=3, dev
     """Train-step and inference-batch wall time, static vs Juliet, one process, interleaved (§6.1
     Table 5). juliet_chain: a fresh chain whose selectors all run but never stop early (the worst
     case); juliet_run: `run_dir`'s trained trie, on its test images where its loader exists.
+    Inference times the tries as served (deploy.fold_exits), a train step the trie as trained.
     Returns {"models": {name: {"train", "inference": _spread, "conv_bwd_share", "peak_train_mb",
     "top_ops"}}, "ratios": {name: {"train", "inference"}} (median / static median), settings}; with
     a run also "latency" (batch 1 over `images` test images) and "parts" (breakdown at 1 and B)."""
@@ -229,12 +230,15 @@ def benchmark(backbone_name, input_size=32, batch=128, repeats=15, warmup=3, dev
     # routing, and its inference (and the oracle's groups) would time another trie. At batch 1
     # there is no train step: BatchNorm cannot normalise one sample by its batch statistics.
     modes = MODES if batch > 1 else ("inference",)
-    steps = {(name, mode): make_step(copy.deepcopy(m) if mode == "train" else m, x, mode == "train")
+    # Inference times the tries as served (deploy.fold_exits: the exits folded), training a copy
+    served = {k: fold_exits(m) if isinstance(m, JulietNet) else m for k, m in models.items()}
+    steps = {(name, mode): make_step(copy.deepcopy(m) if mode == "train" else served[name], x,
+                                     mode == "train")
              for mode in modes for name, m in models.items()}
     if trained is not None:  # the oracle trains its own copy: the trie's weights stay as trained
         models["oracle"] = copy.deepcopy(trained)
         for mode in modes:
-            own = copy.deepcopy(trained) if mode == "train" else models["oracle"]
+            own = copy.deepcopy(trained) if mode == "train" else fold_exits(trained)
             steps[("oracle", mode)] = oracle_step(own, x, mode == "train")
     times = timed(steps, repeats, warmup, device)
     out = {"backbone": backbone_name, "input_size": input_size, "batch": batch,
@@ -264,15 +268,15 @@ def benchmark(backbone_name, input_size=32, batch=128, repeats=15, warmup=3, dev
         out["executed_macs"] = {"static": measure.paper_macs(models["static"], input_size)[0],
                                 "juliet_run": macs}
         ones = (measure.random_images(images, input_size) if ones is None else ones).to(device)
-        out["latency"] = latency({k: models[k] for k in ("static", "juliet_chain", "juliet_run")},
-                                 trained, ones)
+        out["latency"] = latency({k: served[k] for k in ("static", "juliet_chain", "juliet_run")},
+                                 served["juliet_run"], ones)
         counts = {leaf: len(i) for leaf, i in leaf_groups(trained, ones, False).items()}
         out["executed_macs"]["juliet_run_batch1"] = measure.expected_macs(
             trained, counts, input_size)["expected_macs_per_sample"]
         out["latency_ratios"] = {k: v["median_s"] / out["latency"]["static"]["median_s"]
                                  for k, v in out["latency"].items()}
-        out["parts"] = {"1": breakdown(trained, list(ones[:, None]), 5),
-                        str(batch): breakdown(trained, [x], repeats)}
+        out["parts"] = {"1": breakdown(served["juliet_run"], list(ones[:, None]), 5),
+                        str(batch): breakdown(served["juliet_run"], [x], repeats)}
     return out
 
 

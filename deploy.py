@@ -1,7 +1,8 @@
 """What a deployed trie costs per image (§6.1; §6.4: FLOPs are not time): batch-1 latency against
 the static model and the oracle, and where inference time goes, part by part. `profile.py --bench
---run RUN` reports both (bench.benchmark).
+--run RUN` reports both (bench.benchmark), on the trie as it is served:
 
+    served = fold_exits(net)  # a copy: each exit's adapter and the head as one Linear
     latency({"static": static, "juliet_run": net}, net, images)  # median per image, in blocks
     oracles(net, images)  # its paths without routing; and with the exits its decisions read
     breakdown(net, [x], repeats=5)  # {"parts_s": {"stem": s, "stage 1": s, ..., "routing": s}, ...}
@@ -13,11 +14,13 @@ routing is what the trie does beyond running modules (deciding, partitioning, ga
 
 import collections
 import contextlib
+import copy
 import functools
 import statistics
 import time
 
 import torch
+import torch.nn as nn
 
 import measure
 from trie import STOP
@@ -28,6 +31,28 @@ def spread(ts) -> dict:
     q1, _, q3 = statistics.quantiles(ts, n=4, method="inclusive") if len(ts) > 1 else (ts[0],) * 3
     return {"median_s": statistics.median(ts), "mean_s": statistics.fmean(ts), "min_s": min(ts),
             "max_s": max(ts), "iqr_s": q3 - q1, "n": len(ts)}
+
+
+def fold_exits(net):
+    """A copy of the trie `net` to serve, in eval mode: each exit's adapter (§4.1) and the head's
+    Linear as one Linear (C -> classes), and the head an identity, so every exit and leaf runs one
+    small map where it ran a (C, head width) and a (head width, classes) one. The same logits up to
+    float rounding (both maps are linear; routing reads the same exits), fewer MACs (its counts
+    count the folded maps), for inference only: the original keeps training and checkpoints."""
+    served = copy.deepcopy(net).eval()
+    head = [m for m in served.head.modules() if isinstance(m, nn.Linear)][-1]  # eval: Dropout = id
+    for key in [str(served.backbone.head_width), *served.adapters]:  # the head width: no adapter
+        adapter = served.adapters[key] if key in served.adapters else None
+        folded = nn.Linear(int(key), head.out_features).to(head.weight.device)
+        with torch.no_grad():
+            if adapter is None:
+                folded.load_state_dict(head.state_dict())
+            else:  # head(A x + a) = (H A) x + (H a + h)
+                folded.weight.copy_(head.weight @ adapter.weight)
+                folded.bias.copy_(head.weight @ adapter.bias + head.bias)
+        served.adapters[key] = folded
+    served.head = nn.Identity()
+    return served
 
 
 @contextlib.contextmanager

@@ -212,6 +212,27 @@ def test_the_oracle_runs_each_leafs_samples_down_its_path_and_agrees_with_the_tr
     assert opt.state  # it trained
 
 
+def test_the_served_copy_folds_each_exit_into_one_map_and_routes_and_predicts_alike(routed):
+    """deploy.fold_exits: each adapter and the head become one Linear (C -> classes) in a copy; it
+    gives the trie's paths and logits (to float rounding) at batch 32 and 1, the exits cost a
+    fraction of their MACs, and the trie itself is untouched."""
+    net, x, paths = routed
+    before = copy.deepcopy(net.state_dict())
+    served = deploy.fold_exits(net)
+    assert not served.training and isinstance(served.head, torch.nn.Identity)
+    with measure.evaluating(net), torch.inference_mode():
+        want = net(x)
+        logits, got = served(x, return_paths=True)
+        ones = torch.cat([served(x[i:i + 1]) for i in range(4)])
+    assert got == paths
+    torch.testing.assert_close(logits, want, rtol=0, atol=1e-5)
+    torch.testing.assert_close(ones, want[:4], rtol=0, atol=1e-5)
+    folded, full = measure.node_macs(served), measure.node_macs(net)  # at the head width: the head
+    assert all(0 < folded[k]["exit"] <= full[k]["exit"] for k in full)
+    assert sum(v["exit"] for v in folded.values()) < 0.2 * sum(v["exit"] for v in full.values())
+    assert all(torch.equal(v, net.state_dict()[k]) for k, v in before.items())
+
+
 def test_the_batch1_latency_times_each_model_on_a_block_of_images_in_turn(routed):
     """deploy.latency: a warm-up, then `block` consecutive images through one model before the
     next, so no model runs right after another with its weights (the oracle before the floor)."""
