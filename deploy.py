@@ -42,15 +42,12 @@ def fold_exits(net):
     served = copy.deepcopy(net).eval()
     head = [m for m in served.head.modules() if isinstance(m, nn.Linear)][-1]  # eval: Dropout = id
     for key in [str(served.backbone.head_width), *served.adapters]:  # the head width: no adapter
-        adapter = served.adapters[key] if key in served.adapters else None
-        folded = nn.Linear(int(key), head.out_features).to(head.weight.device)
-        with torch.no_grad():
-            if adapter is None:
-                folded.load_state_dict(head.state_dict())
-            else:  # head(A x + a) = (H A) x + (H a + h)
-                folded.weight.copy_(head.weight @ adapter.weight)
-                folded.bias.copy_(head.weight @ adapter.bias + head.bias)
-        served.adapters[key] = folded
+        w, b = head.weight, head.bias
+        if key in served.adapters:  # head(A x + a) = (H A) x + (H a + h)
+            w, b = w @ served.adapters[key].weight, w @ served.adapters[key].bias + b
+        served.adapters[key] = nn.utils.skip_init(nn.Linear, int(key), head.out_features)
+        served.adapters[key].weight = nn.Parameter(w.detach().clone())
+        served.adapters[key].bias = nn.Parameter(b.detach().clone())
     served.head = nn.Identity()
     return served
 
