@@ -3,9 +3,9 @@ the static model and the oracle, and where inference time goes, part by part. `p
 --run RUN` reports both (bench.benchmark), on the trie as it is served:
 
     served = fold_exits(net)  # a copy: each exit's adapter and the head as one Linear
-    latency({"static": static, "juliet_run": net}, net, images)  # median per image, in blocks
-    oracles(net, images)  # its paths without routing; and with the exits its decisions read
-    breakdown(net, [x], repeats=5)  # {"parts_s": {"stem": s, "stage 1": s, ..., "routing": s}, ...}
+    latency({"static": static, "juliet_run": served}, served, images)  # per image, in blocks
+    oracles(served, images)  # its paths without routing; and with the exits its decisions read
+    breakdown(served, [x], repeats=5)  # {"parts_s": {"stem": s, ..., "routing": s}, ...}
 
 Every part is timed on its own (`part_timer` wraps the stages, selectors, exits, leaves and the
 forward pass; a part's time leaves out what runs nested in it), so the parts add up to the pass:
