@@ -204,8 +204,9 @@ def update_split(node: "TrieNode", x: torch.Tensor, beta: float) -> None:
 
 @torch.no_grad()
 def update_alpha(kids: list["TrieNode"], top1: torch.Tensor, alive: torch.Tensor, beta: float):
-    """Alg. 1 line 6: alpha <- beta alpha + (1 - beta) x the share of the node's samples that
-    choose the branch (one update a batch; `alive`: the samples top-1 sends to the node)."""
+    """Alg. 1 line 6 and Eq. 3 (Alg. 1's lambda is 1 - beta): alpha <- beta alpha + (1 - beta) x
+    the share of the node's samples that choose the branch (one update a batch; `alive`: the
+    samples top-1 sends to the node)."""
     w = alive.float()  # (B_n,) the samples top-1 sends to this node
     frac = torch.bincount(top1, weights=w, minlength=len(kids)) / w.sum().clamp(min=1)  # (K,)
     for kid, share in zip(kids, frac):

@@ -5,7 +5,7 @@ its exit's logits, each sample's leaf depth), and `juliet_loss` adds them to the
 default recipe's weights:
 
     logits, record = net(x, return_record=True)
-    loss = juliet_loss(net, record, logits, y)  # exit_weight=0, route_weight=0: the paper's loss
+    loss = juliet_loss(net, record, logits, y)  # ours; exit, route, split weights 0: the paper's
 
   exit_loss           ours: deep supervision of every exit (BranchyNet)
   route_loss          ours: stop decisions as cost-sensitive classification at a price lambda_c

@@ -106,7 +106,7 @@ def forward_pass(net, x, node, t, prev=None):
         i = len(kids) - 1 if t < 1 and P[-1] >= t else int(P[:-1].argmax())
     else:
         i = int(P.argmax())                                                # line 5
-    return forward_pass(net, f, kids[i], t, prev if read is None else read)  # lines 6-7
+    return forward_pass(net, f, kids[i], t, prev if read is None else read)  # line 7 (6: alpha)
 
 
 @pytest.mark.parametrize("t", [1.0, "operating point", "argmax"])

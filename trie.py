@@ -12,7 +12,8 @@ own samples. No per-sample Python loop; no branch runs on samples that did not c
 
     line 2   f <- N.sub(x)                   run_sub
     line 3   a leaf returns f                JulietNet.leaf (GAP, the §4.1 adapter)
-    line 4   P <- softmax(N.PS(f))           JulietNet.choose -> the selector's logits (Eq. 1)
+    line 4   P <- softmax(N.PS(f))           JulietNet.choose: the selector's logits; Eq. 1's
+                                            softmax opens routers.decide
     line 5   i* <- argmax_i P_i              routers.decide (with the stop rule and the knob)
     line 6   alpha EMA of each child         grow_prune.update_alpha, in training (Alg. 3 reads it)
     line 7   FORWARDPASS(f, N.children[i*])  routers.partition: a sub-batch per chosen branch
@@ -105,6 +106,8 @@ class JulietNet(nn.Module):
     prebuild    nodes in the initial chain (§5.3: 5 for ResNet-18, 10 for ResNet-101); all stages
     stop        every internal node has a stop branch (ours: how a path ends early)
     ema_beta    EMA decay per step of sigma^2, the split share and (no usage_beta given) alpha
+    usage_beta  alpha's EMA decay per step (Eq. 3's beta; Alg. 1's lambda is 1 - beta); None:
+                ema_beta. train_cifar.py passes grow_prune.usage_decay (our usage horizon)
     train_depth "full" (ours: training samples run to a leaf whatever they decide) or "routed"
     exit_confidence  stop logits also read the exit's confidence (ours; routers.py)
     stop_rule   "half" (ours: P_stop >= 1/2 stops, else the best stage branch) or "argmax" (Alg. 1)
