@@ -17,11 +17,11 @@ same process. Memory of one step: `step_peak_memory` (the CUDA allocator's peak 
 GPU; on CPU the peak of live tensors from torch.profiler's allocation events).
 """
 
-import contextlib
 import copy
 import functools
 import itertools
 import os
+import sys
 import time
 
 import torch
@@ -182,8 +182,8 @@ def _no_early_exit(net):
 
 
 def timed(steps: dict, repeats: int, warmup: int, device) -> dict:
-    """{key: _spread of the seconds of steps[key]}, interleaved (static, juliet, static, ...): drift
-    hits all alike."""
+    """{key: deploy.spread of the seconds of steps[key]}, interleaved (static, juliet, static, ...):
+    drift hits all alike."""
     from tqdm import trange
 
     times = {key: [] for key in steps}
@@ -201,10 +201,12 @@ def timed(steps: dict, repeats: int, warmup: int, device) -> dict:
 def benchmark(backbone_name, input_size=32, batch=128, repeats=15, warmup=3, device="cpu",
               run_dir=None, num_classes=10, selector="transformer", images=200) -> dict:
     """Train-step and inference-batch wall time, static vs Juliet, one process, interleaved (§6.1
-    Table 5). juliet_chain: a fresh chain whose selectors all run but never stop early (the worst
-    case); juliet_run: `run_dir`'s trained trie, on its test images where its loader exists.
+    Table 5). static: a fresh backbone (the same ops as a trained one); juliet_chain: a fresh chain,
+    with `run_dir`'s options where given, whose selectors all run but never stop early (the worst
+    case); juliet_run: `run_dir`'s trained trie, on its test images where its loader exists (else
+    random images, with a warning: they do not follow its learned routes).
     Inference times the tries as served (deploy.fold_exits), a train step the trie as trained.
-    Returns {"models": {name: {"train", "inference": _spread, "conv_bwd_share", "peak_train_mb",
+    Returns {"models": {name: {"train", "inference": spread, "conv_bwd_share", "peak_train_mb",
     "top_ops"}}, "ratios": {name: {"train", "inference"}} (median / static median), settings}; with
     a run also "latency" (batch 1 over `images` test images) and "parts" (breakdown at 1 and B)."""
     x = ones = trained = None
@@ -214,13 +216,16 @@ def benchmark(backbone_name, input_size=32, batch=128, repeats=15, warmup=3, dev
             raise UsageError(f"{run_dir} is a static run; --run needs a Juliet run")
         backbone_name, num_classes, input_size = (
             config[k] for k in ("backbone", "num_classes", "input_size"))
-        with contextlib.suppress(UsageError):  # routing as learned needs real images
+        try:  # routing as learned needs real images
             test = run_test_loader(config).dataset
             x = torch.stack([test[i][0] for i in range(batch)]) if len(test) >= batch else None
             ones = torch.stack([test[i][0] for i in range(min(images, len(test)))])
+        except UsageError as e:
+            print(f"warning: timing random images, not {run_dir}'s test set ({e})", file=sys.stderr)
     torch.manual_seed(0)
     models = {"static": static_model(backbone_name, num_classes).to(device)}
-    chain = JulietNet(make_backbone(backbone_name, num_classes), selector=selector).to(device)
+    options = {"selector": selector} if trained is None else trained.options  # the run's recipe
+    chain = JulietNet(make_backbone(backbone_name, num_classes), **options).to(device)
     models["juliet_chain"] = _no_early_exit(chain)
     if trained is not None:
         models["juliet_run"] = trained
@@ -243,7 +248,8 @@ def benchmark(backbone_name, input_size=32, batch=128, repeats=15, warmup=3, dev
     times = timed(steps, repeats, warmup, device)
     out = {"backbone": backbone_name, "input_size": input_size, "batch": batch,
            "repeats": repeats, "warmup": warmup, "device": str(device),
-           "threads": torch.get_num_threads(), "input": source, "models": {},
+           "threads": torch.get_num_threads(), "input": source, "chain_options": chain.options,
+           "models": {},
            "ratios": {n: {m: times[(n, m)]["median_s"] / times[("static", m)]["median_s"]
                           for m in modes} for n in models}}
     for name, model in models.items():
@@ -267,6 +273,7 @@ def benchmark(backbone_name, input_size=32, batch=128, repeats=15, warmup=3, dev
         macs = measure.expected_macs(trained, counts, input_size)["expected_macs_per_sample"]
         out["executed_macs"] = {"static": measure.paper_macs(models["static"], input_size)[0],
                                 "juliet_run": macs}
+        out["latency_input"] = "random N(0,1)" if ones is None else "the run's test set"
         ones = (measure.random_images(images, input_size) if ones is None else ones).to(device)
         out["latency"] = latency({k: served[k] for k in ("static", "juliet_chain", "juliet_run")},
                                  served["juliet_run"], ones)
@@ -275,8 +282,9 @@ def benchmark(backbone_name, input_size=32, batch=128, repeats=15, warmup=3, dev
             trained, counts, input_size)["expected_macs_per_sample"]
         out["latency_ratios"] = {k: v["median_s"] / out["latency"]["static"]["median_s"]
                                  for k, v in out["latency"].items()}
-        out["parts"] = {"1": breakdown(served["juliet_run"], list(ones[:, None]), 5),
-                        str(batch): breakdown(served["juliet_run"], [x], repeats)}
+        out["parts"] = {"1": breakdown(served["juliet_run"], list(ones[:, None]), 5)}
+        if batch > 1:  # at --batch 1 the 200-image breakdown is the batch-1 one
+            out["parts"][str(batch)] = breakdown(served["juliet_run"], [x], repeats)
     return out
 
 

@@ -97,7 +97,8 @@ def part_timer(net):
 def breakdown(net, batches: list, repeats: int) -> dict:
     """Where inference time goes, per batch of `batches`: each part measured (part_timer) and the
     timed passes whole (`total_s`), and passes without the timers (`untimed_s`: the timers' own
-    cost is the difference), interleaved; the fastest of `repeats` (load only adds time)."""
+    cost is the difference), interleaved; the fastest of `repeats` (load only adds time), and
+    how many batches each pass ran."""
     passes, device = [], measure.device_of(net)
 
     def run():
@@ -116,7 +117,7 @@ def breakdown(net, batches: list, repeats: int) -> dict:
     total, _, parts = min(passes, key=lambda p: p[0])
     parts = {k: parts[k] for k in sorted(parts, key=order)}
     return {"total_s": total, "untimed_s": min(p[1] for p in passes), "parts_s": parts,
-            "sum_s": sum(parts.values())}
+            "sum_s": sum(parts.values()), "batches": len(batches)}
 
 
 def oracles(net, images) -> dict:
@@ -170,7 +171,9 @@ def latency(models: dict, net, images, warmup=5, block=20) -> dict:
 def format_deployment(r, labels: dict) -> str:
     """The batch-1 table and the breakdown of `bench.benchmark(run_dir=...)` as markdown."""
     m, p, lat = r["executed_macs"], r["parts"], r["latency"]
-    lines = [f"batch 1 (deployment): median ms per image over {lat['static']['n']} test images, "
+    real = r.get("latency_input") == "the run's test set"
+    what = "test images" if real else "random N(0,1) images (no learned routes)"
+    lines = [f"batch 1 (deployment): median ms per image over {lat['static']['n']} {what}, "
               "inference_mode, in blocks of 20 images per model", "",
               "| model | median ms (mean) | / static: median (mean) | executed MACs / static |",
               "|---|---|---|---|"]

@@ -406,6 +406,9 @@ def test_profile_of_a_finished_run_and_table4(tmp_path, capsys):
     # --bench on the run: static, the chain, the trained trie and its oracle, with the node profile
     one = bench.benchmark("resnet18", batch=1, repeats=1, warmup=1, run_dir=str(juliet), images=3)
     assert set(one["models"]["juliet_run"]) == {"inference"} and "n/a (batch 1)" in bench.format_bench(one)
+    assert one["parts"]["1"]["batches"] == 3  # batch 1: the breakdown over the images, not one
+    # the chain is the run's recipe (its selectors, its stop), only fresh
+    assert one["chain_options"] == checkpoints.load_run(str(juliet), "cpu")[1].options
     r = bench.benchmark("resnet18", batch=8, repeats=1, warmup=1, run_dir=str(juliet), images=3)
     assert set(r["models"]) == {"static", "juliet_chain", "juliet_run", "oracle"}
     assert set(r["latency"]) == {"static", "juliet_chain", "juliet_run", "oracle", "oracle_exits"}
