@@ -144,7 +144,7 @@ def latency(models: dict, net, images, warmup=5, block=20) -> dict:
     turn (static, chain, juliet, then the oracles), then the next block, under inference_mode;
     spread per model over the images. A model runs after its own calls, as on a server, and never
     after another with its weights: one image at a time through each in turn, the oracle warmed
-    the caches for the floor, which then took 0.89x the oracle's time for the same work."""
+    the caches for the floor, which then took 0.89-0.91x the oracle's time for the same work."""
     from tqdm import tqdm
 
     fns = {**{k: lambda x, i, m=m: m(x) for k, m in models.items()}, **oracles(net, images)}
