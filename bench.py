@@ -273,7 +273,7 @@ def benchmark(backbone_name, input_size=32, batch=128, repeats=15, warmup=3, dev
         macs = measure.expected_macs(trained, counts, input_size)["expected_macs_per_sample"]
         out["executed_macs"] = {"static": measure.paper_macs(models["static"], input_size)[0],
                                 "juliet_run": macs}
-        out["latency_input"] = "random N(0,1)" if ones is None else "the run's test set"
+        out["latency_input"] = "random N(0,1) images" if ones is None else "test images"
         ones = (measure.random_images(images, input_size) if ones is None else ones).to(device)
         out["latency"] = latency({k: served[k] for k in ("static", "juliet_chain", "juliet_run")},
                                  served["juliet_run"], ones)

@@ -171,9 +171,8 @@ def latency(models: dict, net, images, warmup=5, block=20) -> dict:
 def format_deployment(r, labels: dict) -> str:
     """The batch-1 table and the breakdown of `bench.benchmark(run_dir=...)` as markdown."""
     m, p, lat = r["executed_macs"], r["parts"], r["latency"]
-    real = r.get("latency_input") == "the run's test set"
-    what = "test images" if real else "random N(0,1) images (no learned routes)"
-    lines = [f"batch 1 (deployment): median ms per image over {lat['static']['n']} {what}, "
+    lines = [f"batch 1 (deployment): median ms per image over {lat['static']['n']} "
+             f"{r['latency_input']}, "
               "inference_mode, in blocks of 20 images per model", "",
               "| model | median ms (mean) | / static: median (mean) | executed MACs / static |",
               "|---|---|---|---|"]

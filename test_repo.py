@@ -89,10 +89,11 @@ def test_imports_run_one_way_without_a_cycle():
 
 def test_lines_functions_and_files_a_reader_can_hold():
     """At most 100 characters a line and 400 lines a file; no function of a model file over 40
-    lines; the source within 3,650 lines of code (cloc's count: the rest is docstrings citing the
+    lines; the source within 3,655 lines of code (cloc's count: the rest is docstrings citing the
     paper; 3,450 before the deployment benchmark, the confidence stop and its lean inference path,
     3,612 before the batch-1 floor and the collapse check at the calibrated operating point, 3,640
-    before the served copy with its exits folded).
+    before the served copy with its exits folded, 3,650 before --bench timed the run's own chain and
+    warned when it times random images).
     Budgets met by removing what the code does not need, never by packing statements."""
     for f in SOURCE:
         lines = open(os.path.join(REPO, f), encoding="utf8").read().splitlines()
@@ -106,7 +107,7 @@ def test_lines_functions_and_files_a_reader_can_hold():
             size = fn.end_lineno - fn.lineno + 1
             assert size <= 40, f"{f}: {fn.name} is {size} lines"
     code = {f: code_lines(os.path.join(REPO, f)) for f in SOURCE}
-    assert sum(code.values()) <= 3650, f"{sum(code.values())} lines of code: {code}"
+    assert sum(code.values()) <= 3655, f"{sum(code.values())} lines of code: {code}"
 
 
 GROWTH_SPLIT = {"split_share", "split_sides", "split_loss", "split_weight", "grow_split",
