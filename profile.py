@@ -176,7 +176,7 @@ def build_parser():
                    "224: ImageNet (§5.2)")
     p.add_argument("--num-classes", type=runs.positive, default=10)
     p.add_argument("--selector", default="transformer",
-                   help="transformer (§4.1), mlp, conv (§5.3)")
+                   help="transformer (§4.1), mlp, conv (§5.3); --bench --run: the run's own")
     p.add_argument("--batch", type=runs.positive, default=128, help="batch of memory and --bench")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--max-batches", type=runs.positive, help="RUN: count paths on N batches")
